@@ -1,0 +1,254 @@
+"""The job state machine. Every transition is one conditional UPDATE, so two processes racing on
+the same job cannot both win, and a final state never changes.
+
+    queued -> running -> succeeded | failed | canceled
+    queued -> canceled
+    running (lease expired) -> running (re-claimed, attempts + 1) | failed (attempts exhausted)
+
+``attempts`` is the fencing token: a claim returns it, and every later write of that run
+(progress, outputs, checkpoints, the final state) carries it and is refused once another run
+has claimed the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from shared.models import FINAL_STATUSES, Job, JobOutput, JobStatus, utcnow
+
+_FINAL = [s.value for s in FINAL_STATUSES]
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    attempt: int
+    lease_expires_at: datetime
+
+
+class LeaseLost(Exception):
+    """This run no longer owns the job (another run claimed it, or it reached a final state)."""
+
+
+def _fenced(job_id: str, attempt: int):
+    return and_(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.running.value)
+
+
+def claim(session: Session, job_id: str, owner: str, lease_s: float, now: datetime | None = None) -> Claim | None:
+    """Take the job if it is queued, or running under an expired lease, and attempts remain.
+
+    Returns the claim (with its fencing token) or None when another run holds the job or it is final.
+    """
+    now = now or utcnow()
+    expires = now + timedelta(seconds=lease_s)
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempts < Job.max_attempts,
+            Job.cancel_requested.is_(False),
+            or_(
+                Job.status == JobStatus.queued.value,
+                and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            status=JobStatus.running.value,
+            attempts=Job.attempts + 1,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            started_at=_coalesce_started(now),
+        )
+        .returning(Job.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    attempt = session.execute(stmt).scalar_one_or_none()
+    return None if attempt is None else Claim(job_id, attempt, expires)
+
+
+def _coalesce_started(now: datetime):
+    from sqlalchemy import func
+
+    return func.coalesce(Job.started_at, now)
+
+
+def heartbeat(session: Session, job_id: str, attempt: int, lease_s: float, now: datetime | None = None) -> bool:
+    """Renew the lease. Returns whether cancel was requested; raises LeaseLost if not ours any more."""
+    now = now or utcnow()
+    stmt = (
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(stmt).first()
+    if row is None:
+        raise LeaseLost(job_id)
+    return bool(row[0])
+
+
+def set_progress(session: Session, job_id: str, attempt: int, progress: float, detail: dict[str, Any] | None = None) -> None:
+    values: dict[str, Any] = {"progress": max(0.0, min(1.0, float(progress)))}
+    if detail is not None:
+        values["progress_detail"] = detail
+    res = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values).execution_options(synchronize_session=False))
+    if res.rowcount == 0:
+        raise LeaseLost(job_id)
+
+
+def set_checkpoint(session: Session, job_id: str, attempt: int, key: str) -> None:
+    """Point the job at its latest checkpoint (the pointer lives in the DB, not in storage)."""
+    res = session.execute(update(Job).where(_fenced(job_id, attempt)).values(checkpoint_key=key).execution_options(synchronize_session=False))
+    if res.rowcount == 0:
+        raise LeaseLost(job_id)
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    status: JobStatus,
+    *,
+    error: dict[str, Any] | None = None,
+    model_id: str | None = None,
+) -> None:
+    """running -> a final state, only for the run that holds the job."""
+    assert status in FINAL_STATUSES
+    values: dict[str, Any] = {
+        "status": status.value,
+        "finished_at": utcnow(),
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": error,
+    }
+    if status is JobStatus.succeeded:
+        values["progress"] = 1.0
+    if model_id is not None:
+        values["model_id"] = model_id
+    res = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values).execution_options(synchronize_session=False))
+    if res.rowcount == 0:
+        raise LeaseLost(job_id)
+
+
+def release(session: Session, job_id: str, attempt: int) -> bool:
+    """Give the job back to the queue at once (worker shutdown): running -> queued, attempt refunded."""
+    res = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
+def request_cancel(session: Session, job_id: str) -> None:
+    """queued -> canceled at once; running -> flag the run, which stops between steps."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(status=JobStatus.canceled.value, finished_at=now, cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running.value)
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def fail_exhausted(session: Session, now: datetime | None = None) -> list[str]:
+    """Jobs whose lease expired with no attempts left: they killed their worker every time."""
+    now = now or utcnow()
+    stmt = (
+        update(Job)
+        .where(
+            Job.status == JobStatus.running.value,
+            Job.lease_expires_at < now,
+            Job.attempts >= Job.max_attempts,
+        )
+        .values(
+            status=JobStatus.failed.value,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            error={"code": "attempts_exhausted", "message": "the job stopped its worker on every attempt"},
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.execute(stmt).scalars())
+
+
+def cancel_abandoned(session: Session, now: datetime | None = None) -> list[str]:
+    """Running jobs that were asked to cancel and whose run died: finish them as canceled."""
+    now = now or utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.status == JobStatus.running.value, Job.lease_expires_at < now, Job.cancel_requested.is_(True))
+        .values(status=JobStatus.canceled.value, finished_at=now, lease_owner=None, lease_expires_at=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.execute(stmt).scalars())
+
+
+def record_output(session: Session, job_id: str, attempt: int, *, row: int, index: int, seed: int, key: str,
+                  width: int, height: int, sha256: str) -> bool:
+    """Record one output once. Refused (LeaseLost) for a fenced-off run; a duplicate is a no-op.
+
+    Returns True if this call inserted the row.
+    """
+    # Lock the job row for this transaction so the fencing check and the insert are one step.
+    locked = session.execute(
+        select(Job.id).where(_fenced(job_id, attempt)).with_for_update()
+    ).first()
+    if locked is None:
+        raise LeaseLost(job_id)
+    dialect = session.get_bind().dialect.name
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = (
+        insert_fn(JobOutput)
+        .values(job_id=job_id, row=row, index=index, seed=seed, key=key, width=width, height=height,
+                sha256=sha256, attempt=attempt, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["job_id", "row", "index"])
+        .returning(JobOutput.id)
+    )
+    inserted = session.execute(stmt).first() is not None
+    if inserted:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(outputs_count=Job.outputs_count + 1)
+            .execution_options(synchronize_session=False)
+        )
+    return inserted
+
+
+def expired_or_orphaned(session: Session, stale_after_s: float, now: datetime | None = None) -> list[tuple[str, str]]:
+    """Jobs a sweeper should re-enqueue: running with an expired lease (attempts left), or queued
+    and not enqueued for ``stale_after_s`` (the broker may have lost the message)."""
+    now = now or utcnow()
+    stale = now - timedelta(seconds=stale_after_s)
+    rows = session.execute(
+        select(Job.id, Job.type).where(
+            or_(
+                and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now, Job.attempts < Job.max_attempts),
+                and_(Job.status == JobStatus.queued.value, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)),
+            )
+        )
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def mark_enqueued(session: Session, job_ids: list[str], now: datetime | None = None) -> None:
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now or utcnow())
+                        .execution_options(synchronize_session=False))

@@ -1,0 +1,44 @@
+"""Register a diffusers-format pipeline directory as a model: check it, copy it into the tenant's
+prefix in storage, record the row. Used by ``ldmq models import`` and by finished train jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.models import Model, Tenant, new_id
+from shared.pipelines import check_pipeline_files
+from shared.storage import Storage, model_prefix
+
+
+class TenantNotFound(LookupError):
+    pass
+
+
+def tenant_by_name(session: Session, name: str) -> Tenant:
+    tenant = session.scalars(select(Tenant).where(Tenant.name == name)).first()
+    if tenant is None:
+        raise TenantNotFound(f"no tenant named {name!r}; create one with `ldmq keys create --tenant {name}`")
+    return tenant
+
+
+def register_pipeline_dir(session: Session, storage: Storage, tenant_id: str, local_dir: Path, *,
+                          name: str, job_id: str | None = None, metrics: dict[str, Any] | None = None,
+                          extra_config: dict[str, Any] | None = None, model_id: str | None = None) -> Model:
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"{local_dir} is not a directory")
+    rel = [p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()]
+    index_path = local_dir / "model_index.json"
+    index = check_pipeline_files(rel, index_path.read_bytes() if index_path.exists() else None)
+    model_id = model_id or new_id()
+    prefix = model_prefix(tenant_id, model_id)
+    storage.upload_dir(local_dir, prefix)
+    model = Model(id=model_id, tenant_id=tenant_id, name=name, uri=storage.uri(prefix) + "/", key=prefix,
+                  job_id=job_id, config={"model_index": index, **(extra_config or {})}, metrics=metrics or {})
+    session.add(model)
+    session.flush()
+    return model

@@ -1,0 +1,54 @@
+"""API keys: ``ldmq_<prefix>_<secret>``. Stored as SHA-256 (keys are 256-bit random, so a fast
+hash is enough), looked up by prefix, compared in constant time, revocable."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.models import ApiKey, Tenant, utcnow
+
+KEY_PREFIX = "ldmq"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, tenant_name: str) -> str:
+    """Create (or reuse) the tenant and a new key for it; return the key (shown once)."""
+    tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).first()
+    if tenant is None:
+        tenant = Tenant(name=tenant_name, webhook_secret=secrets.token_hex(32))
+        session.add(tenant)
+        session.flush()
+    prefix = secrets.token_hex(6)
+    key = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+    session.add(ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_key(key)))
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, key: str) -> Tenant | None:
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        return None
+    row = session.scalars(select(ApiKey).where(ApiKey.prefix == parts[1])).first()
+    # Compare even when there is no row, so timing does not tell which prefixes exist.
+    expected = row.key_hash if row is not None else "0" * 64
+    ok = hmac.compare_digest(expected, hash_key(key))
+    if not ok or row is None or row.revoked_at is not None:
+        return None
+    return row.tenant
+
+
+def revoke_key(session: Session, prefix: str) -> bool:
+    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).first()
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = utcnow()
+    return True

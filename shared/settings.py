@@ -1,0 +1,76 @@
+"""One typed settings object for every ldmq process (env prefix ``LDMQ_``, also read from ``.env``).
+
+The embedded defaults need no server: SQLite and a local object folder under ``./var`` and a
+file-system Celery transport, so ``ldmq demo`` runs on a bare machine.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LDMQ_", env_file=".env", extra="ignore")
+
+    var_dir: Path = Field(default=Path("var"), description="Where embedded defaults keep their state.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default: SQLite under var_dir.")
+    broker_url: str = Field(default="", description="Celery broker URL; default: file-system transport.")
+    storage_url: str = Field(default="", description="s3://bucket/prefix or file:///path.")
+    s3_endpoint_url: str | None = Field(default=None, description="For MinIO or another S3 server.")
+    s3_region: str = "us-east-1"
+    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+
+    # Limits on what a client may send.
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    csv_max_rows: int = Field(default=10_000, ge=1)
+    prompt_max_chars: int = Field(default=1000, ge=1)
+    max_images_per_row: int = Field(default=16, ge=1)
+    max_images_per_job: int = Field(default=50_000, ge=1)
+    max_steps: int = Field(default=1000, ge=1)
+    max_image_size: int = Field(default=1024, ge=8)
+
+    # Jobs and leases (the database is the record of truth; a Celery message is a wake-up call).
+    lease_seconds: int = Field(default=60, ge=2)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    sample_time_limit_s: int = Field(default=6 * 3600, ge=1)
+    train_time_limit_s: int = Field(default=48 * 3600, ge=1)
+    requeue_after_s: float = Field(default=600.0, gt=0, description="Re-send a queued job's message after this long.")
+    sweep_interval_s: float = Field(default=15.0, gt=0)
+
+    # Worker.
+    worker_device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    pipeline_cache_size: int = Field(default=2, ge=1)
+    sample_batch_size: int = Field(default=16, ge=1)
+    worker_threads: int = Field(default=0, ge=0, description="torch threads; 0 = torch's default")
+
+    @field_validator("var_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir / 'ldmq.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of the file-system transport used when no broker URL is set."""
+        return self.var_dir / "broker"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or (self.var_dir / "objects").as_uri()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,349 @@
+"""Object storage behind one interface: S3 (boto3; MinIO, moto or AWS) and ``file://``.
+
+Keys are relative to the storage root (``s3://bucket/prefix`` or ``file:///dir``). Every object
+carries its SHA-256 (S3 user metadata, or a sidecar file) and reads verify it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from shared.settings import Settings, get_settings
+
+CHECKSUM_META = "sha256"
+
+
+class StorageError(Exception):
+    """The storage backend failed or is unreachable (the API answers 503)."""
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class ChecksumMismatch(StorageError):
+    pass
+
+
+class ObjectExists(StorageError):
+    """A conditional write (If-None-Match: *) found the key already written."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Storage(ABC):
+    scheme: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream",
+                  if_none_match: bool = False) -> str:
+        """Store ``data`` at ``key``; return its sha256. ``if_none_match`` never overwrites."""
+
+    @abstractmethod
+    def get_bytes(self, key: str, *, verify: bool = True) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (relative to the root), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def presigned_url(self, key: str, expires_s: int) -> str: ...
+
+    @abstractmethod
+    def uri(self, key: str = "") -> str: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise StorageError unless the backend answers."""
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
+        return self.put_bytes(key, Path(path).read_bytes(), content_type=content_type)
+
+    def upload_dir(self, local_dir: Path, prefix: str) -> list[str]:
+        keys = []
+        local_dir = Path(local_dir)
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            key = f"{prefix.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
+            self.put_file(key, path)
+            keys.append(key)
+        return keys
+
+    def download_dir(self, prefix: str, local_dir: Path) -> Path:
+        """Copy every object under ``prefix`` into ``local_dir`` (written atomically, verified)."""
+        prefix = prefix.rstrip("/") + "/"
+        keys = self.list(prefix)
+        if not keys:
+            raise ObjectNotFound(f"nothing stored under {self.uri(prefix)}")
+        local_dir = Path(local_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=local_dir.parent if local_dir.parent.exists() else None))
+        try:
+            for key in keys:
+                dest = tmp / key[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(self.get_bytes(key))
+            if local_dir.exists():
+                shutil.rmtree(local_dir)
+            local_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return local_dir
+
+    def copy_prefix(self, src: Storage, src_prefix: str, dest_prefix: str) -> list[str]:
+        src_prefix = src_prefix.rstrip("/") + "/"
+        keys = src.list(src_prefix)
+        out = []
+        for key in keys:
+            dest = f"{dest_prefix.rstrip('/')}/{key[len(src_prefix):]}"
+            self.put_bytes(dest, src.get_bytes(key, verify=False))
+            out.append(dest)
+        return out
+
+
+class FileStorage(Storage):
+    scheme = "file"
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key escapes the storage root: {key!r}")
+        return path
+
+    def put_bytes(self, key, data, *, content_type="application/octet-stream", if_none_match=False):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = sha256_hex(data)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        Path(tmp + ".sha256").write_text(digest)
+        if if_none_match:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent
+            except FileExistsError:
+                os.unlink(tmp)
+                os.unlink(tmp + ".sha256")
+                raise ObjectExists(key) from None
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+        os.replace(tmp + ".sha256", self._sidecar(path))
+        return digest
+
+    @staticmethod
+    def _sidecar(path: Path) -> Path:
+        return path.parent / f".{path.name}.sha256"
+
+    def get_bytes(self, key, *, verify=True):
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        side = self._sidecar(path)
+        if verify and side.exists() and side.read_text().strip() != sha256_hex(data):
+            raise ChecksumMismatch(key)
+        return data
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def list(self, prefix):
+        base = self.root
+        out = []
+        if not base.exists():
+            return out
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                rel = p.relative_to(base).as_posix()
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    def delete(self, key):
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        self._sidecar(path).unlink(missing_ok=True)
+
+    def presigned_url(self, key, expires_s):
+        # A local folder has no signing server: the embedded default hands out the file's URI.
+        return self._path(key).as_uri()
+
+    def uri(self, key=""):
+        return (self.root / key).as_uri() if key else self.root.as_uri() + "/"
+
+    def check(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")
+
+
+class S3Storage(Storage):
+    scheme = "s3"
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str = "us-east-1"):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        cfg = Config(
+            region_name=region,
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=3,
+            read_timeout=30,
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+        )
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
+
+    def _key(self, key: str) -> str:
+        key = key.lstrip("/")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    def _wrap(self, exc: Exception, key: str) -> StorageError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectNotFound(key)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return ObjectExists(key)
+        return StorageError(f"S3 {type(exc).__name__} on {key!r}: {exc}")
+
+    def put_bytes(self, key, data, *, content_type="application/octet-stream", if_none_match=False):
+        digest = sha256_hex(data)
+        kwargs = dict(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
+                      Metadata={CHECKSUM_META: digest})
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+        return digest
+
+    def get_bytes(self, key, *, verify=True):
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data = obj["Body"].read()
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+        expected = obj.get("Metadata", {}).get(CHECKSUM_META)
+        if verify and expected and expected != sha256_hex(data):
+            raise ChecksumMismatch(key)
+        return data
+
+    def exists(self, key):
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as exc:
+            err = self._wrap(exc, key)
+            if isinstance(err, ObjectNotFound):
+                return False
+            raise err from exc
+
+    def list(self, prefix):
+        out = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                out.extend(self._rel(o["Key"]) for o in page.get("Contents", []))
+        except Exception as exc:
+            raise self._wrap(exc, prefix) from exc
+        return sorted(out)
+
+    def delete(self, key):
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    def presigned_url(self, key, expires_s):
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=int(expires_s)
+        )
+
+    def uri(self, key=""):
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def check(self):
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise self._wrap(exc, "") from exc
+
+
+def storage_from_url(url: str, settings: Settings | None = None) -> Storage:
+    settings = settings or get_settings()
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"s3 URL needs a bucket: {url!r}")
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    if parsed.scheme == "file":
+        return FileStorage(Path(parsed.path))
+    raise ValueError(f"unknown storage URL scheme {parsed.scheme!r} in {url!r}; valid: s3://bucket/prefix, file:///path")
+
+
+@lru_cache(maxsize=8)
+def _cached(url: str, endpoint: str | None, region: str) -> Storage:
+    return storage_from_url(url, Settings(s3_endpoint_url=endpoint, s3_region=region))
+
+
+def get_storage(settings: Settings | None = None) -> Storage:
+    settings = settings or get_settings()
+    return _cached(settings.effective_storage_url, settings.s3_endpoint_url, settings.s3_region)
+
+
+# Key layout: everything a tenant owns lives under its own prefix.
+def job_prefix(tenant_id: str, job_id: str) -> str:
+    return f"{tenant_id}/jobs/{job_id}"
+
+
+def output_key(tenant_id: str, job_id: str, row: int, index: int) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/rows/{row:06d}/{index:03d}.png"
+
+
+def manifest_key(tenant_id: str, job_id: str) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/manifest.json"
+
+
+def model_prefix(tenant_id: str, model_id: str) -> str:
+    return f"{tenant_id}/models/{model_id}"
+
+
+def dataset_key(tenant_id: str, dataset_id: str, filename: str) -> str:
+    return f"{tenant_id}/datasets/{dataset_id}/{filename}"
+
+
+def checkpoint_prefix(tenant_id: str, job_id: str, step: int) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/checkpoints/step-{step:08d}"
+
+
+# Weight files that hold pickles: refused before any byte is read as a pickle.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -1,0 +1,113 @@
+"""The state machine against real Postgres: conditional UPDATEs, leases, fencing."""
+
+from datetime import timedelta
+
+import pytest
+
+from shared import jobstate
+from shared.db import session_scope
+from shared.jobstate import LeaseLost
+from shared.models import Job, JobStatus, utcnow
+
+
+@pytest.fixture
+def job_id(settings, make_tenant):
+    tid, _ = make_tenant()
+    with session_scope(settings) as s:
+        job = Job(tenant_id=tid, type="sample", params={}, max_attempts=2)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def status(settings, job_id):
+    with session_scope(settings) as s:
+        return s.get(Job, job_id)
+
+
+def test_claim_once_then_refused_while_lease_held(settings, job_id):
+    with session_scope(settings) as s:
+        c1 = jobstate.claim(s, job_id, "w1", 30)
+    with session_scope(settings) as s:
+        c2 = jobstate.claim(s, job_id, "w2", 30)
+    assert c1 is not None and c1.attempt == 1
+    assert c2 is None
+    assert status(settings, job_id).status == "running"
+
+
+def test_expired_lease_is_reclaimed_and_old_run_is_fenced(settings, job_id):
+    with session_scope(settings) as s:
+        c1 = jobstate.claim(s, job_id, "w1", 30)
+    later = utcnow() + timedelta(seconds=60)
+    with session_scope(settings) as s:
+        c2 = jobstate.claim(s, job_id, "w2", 30, now=later)
+    assert c2.attempt == 2
+    with session_scope(settings) as s, pytest.raises(LeaseLost):
+        jobstate.set_progress(s, job_id, c1.attempt, 0.5)
+    with session_scope(settings) as s, pytest.raises(LeaseLost):
+        jobstate.record_output(s, job_id, c1.attempt, row=1, index=0, seed=1, key="k", width=8, height=8, sha256="0")
+    with session_scope(settings) as s, pytest.raises(LeaseLost):
+        jobstate.finish(s, job_id, c1.attempt, JobStatus.succeeded)
+    with session_scope(settings) as s:
+        jobstate.finish(s, job_id, c2.attempt, JobStatus.succeeded)
+    assert status(settings, job_id).status == "succeeded"
+
+
+def test_final_state_never_changes(settings, job_id):
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, job_id, "w1", 30)
+        jobstate.finish(s, job_id, c.attempt, JobStatus.failed, error={"code": "x", "message": "y"})
+    with session_scope(settings) as s:
+        assert jobstate.claim(s, job_id, "w2", 30, now=utcnow() + timedelta(hours=1)) is None
+        jobstate.request_cancel(s, job_id)
+    assert status(settings, job_id).status == "failed"
+
+
+def test_outputs_are_recorded_once(settings, job_id):
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, job_id, "w1", 30)
+    args = dict(row=1, index=0, seed=5, key="k", width=8, height=8, sha256="0" * 64)
+    with session_scope(settings) as s:
+        assert jobstate.record_output(s, job_id, c.attempt, **args) is True
+    with session_scope(settings) as s:
+        assert jobstate.record_output(s, job_id, c.attempt, **args) is False
+    assert status(settings, job_id).outputs_count == 1
+
+
+def test_cancel_queued_is_immediate_and_running_is_flagged(settings, job_id, make_tenant):
+    with session_scope(settings) as s:
+        jobstate.request_cancel(s, job_id)
+    assert status(settings, job_id).status == "canceled"
+    tid, _ = make_tenant()
+    with session_scope(settings) as s:
+        j = Job(tenant_id=tid, type="sample", params={})
+        s.add(j)
+        s.flush()
+        jid = j.id
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, jid, "w", 30)
+        jobstate.request_cancel(s, jid)
+    with session_scope(settings) as s:
+        assert jobstate.heartbeat(s, jid, c.attempt, 30) is True
+    assert status(settings, jid).status == "running"
+
+
+def test_poison_job_fails_after_max_attempts(settings, job_id):
+    t = utcnow()
+    for i in range(2):
+        with session_scope(settings) as s:
+            assert jobstate.claim(s, job_id, f"w{i}", 5, now=t + timedelta(seconds=10 * i)) is not None
+    with session_scope(settings) as s:
+        assert jobstate.claim(s, job_id, "w3", 5, now=t + timedelta(seconds=100)) is None
+        failed = jobstate.fail_exhausted(s, now=t + timedelta(seconds=100))
+    assert failed == [job_id]
+    job = status(settings, job_id)
+    assert job.status == "failed" and job.error["code"] == "attempts_exhausted" and job.attempts == 2
+
+
+def test_release_requeues_without_spending_an_attempt(settings, job_id):
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, job_id, "w1", 30)
+        assert jobstate.release(s, job_id, c.attempt)
+    job = status(settings, job_id)
+    assert job.status == "queued" and job.attempts == 0
