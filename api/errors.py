@@ -1,0 +1,88 @@
+"""One error envelope for every 4xx/5xx: ``{"error": {"code", "message", "details"}}``.
+
+A dependency that is down (database, broker, storage) answers 503 with Retry-After, never 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.storage import StorageError
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 5
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details = details or []
+        self.headers = headers
+
+
+def not_found(what: str, ident: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} {ident!r} was not found")
+
+
+def error_response(status: int, code: str, message: str, details=None, headers=None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"code": code, "message": message, "details": details or []}})
+
+
+def _unavailable(what: str) -> JSONResponse:
+    return error_response(503, f"{what}_unavailable", f"the {what} is unreachable; retry shortly",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        out.append({"field": ".".join(loc), "message": err.get("msg", "invalid"), "type": err.get("type")})
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        return error_response(422, "invalid_request", "the request is invalid", _validation_details(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError):
+        log.warning("database unavailable: %s", exc.orig if hasattr(exc, "orig") else exc)
+        return _unavailable("database")
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_: Request, exc: DBAPIError):
+        if exc.connection_invalidated:
+            return _unavailable("database")
+        log.exception("database error")
+        return error_response(500, "internal_error", "an internal error occurred")
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(_: Request, exc: StorageError):
+        log.warning("storage unavailable: %s", exc)
+        return _unavailable("storage")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "an internal error occurred")

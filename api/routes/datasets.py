@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.routes.jobs import ERRORS
+from api.services import datasets as svc
+from shared.models import Dataset
+from shared.schemas import DatasetList, DatasetOut
+from shared.storage import get_storage
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def dataset_out(d: Dataset) -> DatasetOut:
+    return DatasetOut(id=d.id, name=d.name, num_images=d.num_images, created_at=d.created_at, info=d.info or {})
+
+
+@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS)
+async def upload_dataset(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                         file: Annotated[UploadFile, File(description="zip or tar(.gz) with metadata.csv/jsonl")],
+                         name: Annotated[str | None, Form()] = None) -> DatasetOut:
+    data = await file.read()
+    ds = svc.create_dataset(session, get_storage(settings), tenant, file.filename or "upload", data, name)
+    return dataset_out(ds)
+
+
+@router.get("", response_model=DatasetList, responses=ERRORS)
+def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetList:
+    return DatasetList(items=[dataset_out(d) for d in svc.list_datasets(session, tenant)])
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS)
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+    return dataset_out(svc.get_dataset(session, tenant, dataset_id))

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.routes.jobs import ERRORS
+from api.services import models as svc
+from api.services.jobs import get_model
+from shared.schemas import ImportModelRequest, ModelList, ModelOut
+from shared.storage import get_storage
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList, responses=ERRORS)
+def list_models(session: SessionDep, tenant: TenantDep) -> ModelList:
+    return ModelList(items=[svc.model_out(m) for m in svc.list_models(session, tenant)])
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)
+def get_model_route(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut:
+    return svc.model_out(get_model(session, tenant, model_id))
+
+
+@router.post("", status_code=201, response_model=ModelOut, responses=ERRORS)
+def import_model(req: ImportModelRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
+    model = svc.import_model(session, settings, get_storage(settings), tenant, req.source, req.name)
+    return svc.model_out(model)

@@ -1,0 +1,62 @@
+"""Operations: liveness, readiness (database, broker, storage), Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api import metrics
+from shared.db import get_engine
+from shared.queue import producer
+from shared.storage import get_storage
+
+router = APIRouter(tags=["operations"])
+log = logging.getLogger(__name__)
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+def _check_db(settings) -> None:
+    with get_engine(settings).connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _check_broker(settings) -> None:
+    with producer(settings).connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def _check_storage(settings) -> None:
+    get_storage(settings).check()
+
+
+@router.get("/readyz")
+def readyz(request: Request):
+    settings = request.app.state.settings
+    checks = {}
+    for name, fn in (("database", _check_db), ("broker", _check_broker), ("storage", _check_storage)):
+        try:
+            fn(settings)
+            checks[name] = "ok"
+        except Exception as exc:  # report every dependency, not just the first one down
+            log.warning("readiness: %s unreachable: %s", name, exc)
+            checks[name] = f"unreachable: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    if ok:
+        return {"status": "ready", "checks": checks}
+    return JSONResponse(status_code=503, headers={"Retry-After": "5"},
+                        content={"error": {"code": "not_ready", "message": "a dependency is unreachable",
+                                           "details": [{"dependency": k, "message": v} for k, v in checks.items() if v != "ok"]}})
+
+
+@router.get("/metrics")
+def metrics_route(request: Request) -> Response:
+    metrics.refresh(request.app.state.settings)
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,46 @@
+"""Datasets: an uploaded archive is validated whole before anything is stored."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError, not_found
+from shared.datasets import DatasetValidationError, inspect_archive
+from shared.models import Dataset, Tenant, new_id
+from shared.storage import Storage, dataset_key
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+def create_dataset(session: Session, storage: Storage, tenant: Tenant, filename: str, data: bytes,
+                   name: str | None) -> Dataset:
+    lower = filename.lower()
+    if not lower.endswith(ARCHIVE_SUFFIXES):
+        raise ApiError(422, "invalid_archive", f"{filename!r} is not a zip or tar(.gz) archive; "
+                       f"valid suffixes: {', '.join(ARCHIVE_SUFFIXES)}")
+    try:
+        info = inspect_archive(data, filename)
+    except DatasetValidationError as exc:
+        raise ApiError(422, "invalid_dataset", str(exc), list(exc.problems)) from None
+    ds_id = new_id()
+    suffix = next(s for s in ARCHIVE_SUFFIXES if lower.endswith(s))
+    key = dataset_key(tenant.id, ds_id, "archive" + suffix)
+    storage.put_bytes(key, data)
+    info_dict = info.as_dict() if hasattr(info, "as_dict") else dict(vars(info))
+    ds = Dataset(id=ds_id, tenant_id=tenant.id, name=name or filename, key=key,
+                 num_images=info_dict.get("num_images", 0), info=info_dict)
+    session.add(ds)
+    session.flush()
+    return ds
+
+
+def list_datasets(session: Session, tenant: Tenant) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at.desc())))
+
+
+def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
+    ds = session.get(Dataset, dataset_id)
+    if ds is None or ds.tenant_id != tenant.id:
+        raise not_found("dataset", dataset_id)
+    return ds

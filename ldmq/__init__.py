@@ -1,0 +1,1 @@
+"""ldmq: the command line (``ldmq``), the demo and the Python client."""

@@ -1,0 +1,1 @@
+"""The GPU/CPU side of ldmq: Celery tasks, sampling and training with torch and diffusers."""

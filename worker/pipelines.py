@@ -1,0 +1,101 @@
+"""Load diffusers text-to-image pipelines from storage, cached per worker process (LRU).
+
+Only safetensors weights are accepted: the file list is checked before anything is loaded, and
+``from_pretrained`` is told ``use_safetensors=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from shared.pipelines import check_pipeline_files
+from shared.settings import Settings
+from shared.storage import Storage
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu" or name.startswith("cuda"):
+        return name
+    raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def make_scheduler(name: str, base_config):
+    """A diffusers scheduler for sampling. DDPM is Algorithm 2; DDIM and DPM-Solver++ are faster.
+
+    ``clip_sample`` is forced off: in latent space clipping to [-1, 1] wrecks guided samples.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddpm":
+        return DDPMScheduler.from_config(base_config, clip_sample=False)
+    if name == "ddim":
+        return DDIMScheduler.from_config(base_config, clip_sample=False, set_alpha_to_one=False)
+    if name == "dpm-solver++":
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+
+
+def load_pipeline_dir(path: Path, device: str = "cpu"):
+    """Load a StableDiffusionPipeline-format directory after checking it holds no pickles."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    rel = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    index = (path / "model_index.json").read_bytes() if (path / "model_index.json").exists() else None
+    check_pipeline_files(rel, index)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        use_safetensors=True, local_files_only=True, dtype=dtype,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class PipelineCache:
+    """An LRU of loaded pipelines keyed by model id; the files are kept under ``cache_dir``."""
+
+    def __init__(self, cache_dir: Path, capacity: int = 2):
+        self.cache_dir = Path(cache_dir)
+        self.capacity = capacity
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, model_id: str, model_key: str, storage: Storage, device: str):
+        with self._lock:
+            if model_id in self._items:
+                self._items.move_to_end(model_id)
+                return self._items[model_id]
+            local = self.cache_dir / model_id
+            if not (local / "model_index.json").exists():
+                storage.download_dir(model_key, local)
+            pipe = load_pipeline_dir(local, device)
+            self.loads += 1
+            self._items[model_id] = pipe
+            while len(self._items) > self.capacity:
+                evicted, _ = self._items.popitem(last=False)
+                log.info("pipeline cache: evicted %s", evicted)
+            return pipe
+
+
+_CACHE: PipelineCache | None = None
+
+
+def pipeline_cache(settings: Settings) -> PipelineCache:
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = PipelineCache(settings.var_dir / "cache" / "models", settings.pipeline_cache_size)
+    return _CACHE
