@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.fn(args) or 0)
 
 

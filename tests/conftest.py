@@ -21,6 +21,10 @@ PG_ADMIN_URL = os.environ.get("LDMQ_TEST_PG_ADMIN", "postgresql+psycopg://postgr
 REDIS_URL = os.environ.get("LDMQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
 REPO = Path(__file__).resolve().parents[1]
 
+import logging  # noqa: E402
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -67,7 +71,11 @@ def redis_url():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3-protocol server (moto) on a free loopback port, stopped at the end."""
+    """A real S3-protocol server on loopback: the one .ci/run started (LDMQ_TEST_S3_ENDPOINT), or
+    moto on a free port, stopped at the end."""
+    if os.environ.get("LDMQ_TEST_S3_ENDPOINT"):
+        yield os.environ["LDMQ_TEST_S3_ENDPOINT"]
+        return
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -83,7 +91,7 @@ def s3_endpoint():
 def s3_bucket(s3_endpoint):
     import boto3
 
-    name = "ldmq-test"
+    name = f"ldmq-test-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 
@@ -173,3 +181,111 @@ def tiny_model(settings, tiny_pipeline_dir, make_tenant):
     with session_scope(settings) as s:
         model = register_pipeline_dir(s, get_storage(settings), tid, tiny_pipeline_dir, name="tiny")
     return tid, key, model.id
+
+
+class Proc:
+    """A child process in its own process group (so a test can SIGKILL/SIGSTOP the whole tree)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.p = subprocess.Popen([sys.executable, "-m", "ldmq.cli", *args], env=env, cwd=REPO,
+                                  stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def signal(self, sig) -> None:
+        import os
+
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 15) -> None:
+        import signal
+        import subprocess
+
+        if self.p.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.p.wait(10)
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``pred`` until it returns a truthy value (bounded): readiness, not a fixed sleep."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def stack(settings, tmp_path):
+    """Start real processes: ``ldmq api`` on a free port and ``ldmq worker``s on demand."""
+    import httpx
+
+    procs: list[Proc] = []
+    env = settings_env(settings)
+
+    class Stack:
+        def __init__(self):
+            self.env = env
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+
+        def start_api(self):
+            p = Proc(["api", "--port", str(self.port), "--log-level", "warning"], env, tmp_path / "api.log")
+            procs.append(p)
+
+            def up():
+                if p.p.poll() is not None:
+                    raise RuntimeError("api exited:\n" + p.output())
+                try:
+                    return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(up, 60, "the API to answer /healthz")
+            return p
+
+        def start_worker(self, name="w1", queues="sample,train", extra_env=None):
+            e = {**env, **(extra_env or {})}
+            p = Proc(["worker", "--queues", queues, "--name", f"{name}@%h", "--log-level", "info"], e,
+                     tmp_path / f"worker-{name}.log")
+            procs.append(p)
+            return p
+
+        def cli(self, *args) -> str:
+            import subprocess
+            import sys
+
+            r = subprocess.run([sys.executable, "-m", "ldmq.cli", *args], env=env, cwd=REPO, capture_output=True,
+                               text=True, timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+            return r.stdout
+
+    try:
+        yield Stack()
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture():
+    return wait_until

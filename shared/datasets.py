@@ -1,0 +1,385 @@
+"""Uploaded image-caption datasets: read and validate an archive without torch (stdlib + Pillow).
+
+An upload is a ``.zip``, ``.tar``, ``.tar.gz`` or ``.tgz`` archive holding images and exactly one
+``metadata.csv`` or ``metadata.jsonl`` whose rows have the columns ``file_name`` (the image's path,
+relative to the metadata file's folder) and ``text`` (its caption) — the layout of Hugging Face's
+``imagefolder``. The API calls :func:`inspect_archive` before storing anything; the worker reads the
+same archive with :func:`read_records`. Every problem found is reported, not only the first, as
+``{"file": <path in the archive or the archive's name>, "message": <for a person>}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import tarfile
+import warnings
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+REQUIRED_COLUMNS = ("file_name", "text")
+
+DEFAULT_MAX_IMAGES = 50_000
+DEFAULT_MAX_IMAGE_SIDE = 1024
+DEFAULT_MAX_CAPTION_CHARS = 1000
+DEFAULT_MAX_UNCOMPRESSED_BYTES = 2 * 1024**3
+MAX_REPORTED_PROBLEMS = 100
+
+
+class DatasetValidationError(ValueError):
+    """The archive is not a usable dataset. ``problems`` lists every problem found (up to a cap)."""
+
+    def __init__(self, problems: list[dict]):
+        self.problems = problems
+        head = "; ".join(f"{p['file']}: {p['message']}" for p in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        super().__init__(f"invalid dataset archive: {head}{more}")
+
+
+@dataclass
+class DatasetInfo:
+    """What an upload holds, as stored next to it and returned by ``POST /v1/datasets``."""
+
+    num_images: int
+    archive_format: str  # "zip" | "tar" | "tar.gz"
+    metadata_file: str  # path of metadata.csv / metadata.jsonl inside the archive
+    image_sizes: dict[str, int]  # "WxH" -> number of images
+    min_width: int
+    min_height: int
+    max_width: int
+    max_height: int
+    image_formats: dict[str, int]  # Pillow format ("PNG", "JPEG", …) -> count
+    num_distinct_captions: int
+    max_caption_chars: int
+    unlisted_files: list[str] = field(default_factory=list)  # files in the archive no row refers to
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Record:
+    """One row of the metadata, with its image's bytes."""
+
+    file_name: str
+    text: str
+    data: bytes
+
+
+def archive_format(filename: str) -> str:
+    """``zip``, ``tar`` or ``tar.gz`` from the file name; ValueError listing the valid suffixes."""
+    name = filename.lower()
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith(".tar.gz") or name.endswith(".tgz"):
+        return "tar.gz"
+    if name.endswith(".tar"):
+        return "tar"
+    raise ValueError(f"unsupported archive {filename!r}; valid suffixes: {', '.join(ARCHIVE_SUFFIXES)}")
+
+
+class _Archive:
+    """Regular files of a zip or tar archive by normalised path (directories and links skipped)."""
+
+    def __init__(self, data: bytes, filename: str, max_uncompressed_bytes: int):
+        self.format = archive_format(filename)
+        self._files: dict[str, object] = {}
+        self.problems: list[dict] = []
+        total = 0
+        if self.format == "zip":
+            if not zipfile.is_zipfile(io.BytesIO(data)):
+                raise DatasetValidationError([{"file": filename, "message": "not a valid zip archive"}])
+            self._zip = zipfile.ZipFile(io.BytesIO(data))
+            for info in self._zip.infolist():
+                if info.is_dir():
+                    continue
+                total += info.file_size
+                self._add(info.filename, info, filename)
+        else:
+            try:
+                self._tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz" if self.format == "tar.gz" else "r:")
+                members = self._tar.getmembers()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise DatasetValidationError(
+                    [{"file": filename, "message": f"not a valid {self.format} archive ({exc})"}]
+                ) from None
+            for info in members:
+                if info.isdir():
+                    continue
+                if not info.isfile():
+                    self.problems.append({"file": info.name, "message": "links and special files are not allowed"})
+                    continue
+                total += info.size
+                self._add(info.name, info, filename)
+        if total > max_uncompressed_bytes:
+            raise DatasetValidationError(
+                [{"file": filename, "message": f"uncompressed size {total} bytes exceeds {max_uncompressed_bytes}"}]
+            )
+
+    def _add(self, raw_name: str, info, filename: str) -> None:
+        name = _normalise(raw_name)
+        if name is None:
+            self.problems.append({"file": raw_name, "message": "absolute paths and '..' are not allowed"})
+            return
+        if _ignored(name):
+            return
+        if name in self._files:
+            self.problems.append({"file": name, "message": "appears more than once in the archive"})
+            return
+        self._files[name] = info
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def read(self, name: str) -> bytes:
+        info = self._files[name]
+        if self.format == "zip":
+            return self._zip.read(info)
+        fh = self._tar.extractfile(info)
+        assert fh is not None
+        return fh.read()
+
+
+def _normalise(name: str) -> str | None:
+    """Archive path -> normalised relative POSIX path; None for an absolute or escaping one."""
+    name = name.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return None
+    norm = posixpath.normpath(name)
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return norm.removeprefix("./")
+
+
+def _ignored(name: str) -> bool:
+    """macOS resource forks and hidden files that archivers add."""
+    parts = name.split("/")
+    return "__MACOSX" in parts or any(p.startswith(".") for p in parts)
+
+
+def _parse_metadata(raw: bytes, metadata_file: str) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """Rows ``(line/row number, {"file_name", "text"})`` of metadata.csv or .jsonl, and problems."""
+    problems: list[dict] = []
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return [], [{"file": metadata_file, "message": f"not UTF-8 text ({exc.reason} at byte {exc.start})"}]
+    rows: list[tuple[int, dict]] = []
+    if metadata_file.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = reader.fieldnames or []
+        if not _check_columns(columns, metadata_file, problems):
+            return [], problems
+        for i, row in enumerate(reader, start=1):
+            if None in row:
+                problems.append({"file": metadata_file, "message": f"row {i}: more cells than columns"})
+                continue
+            rows.append((i, {"file_name": row["file_name"], "text": row["text"]}))
+    else:
+        reported: set[frozenset] = set()
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append({"file": metadata_file, "message": f"line {i}: invalid JSON ({exc.msg})"})
+                continue
+            if not isinstance(obj, dict):
+                problems.append({"file": metadata_file, "message": f"line {i}: expected a JSON object"})
+                continue
+            if frozenset(obj) != frozenset(REQUIRED_COLUMNS):
+                if frozenset(obj) not in reported:  # once per distinct set of keys, not once per line
+                    reported.add(frozenset(obj))
+                    _check_columns(list(obj), metadata_file, problems, where=f"line {i}: ")
+                continue
+            if any(not isinstance(obj.get(c), str) for c in REQUIRED_COLUMNS):
+                problems.append({"file": metadata_file, "message": f"line {i}: file_name and text must be strings"})
+                continue
+            rows.append((i, {"file_name": obj["file_name"], "text": obj["text"]}))
+    if not rows and not problems:
+        problems.append({"file": metadata_file, "message": "has no rows"})
+    return rows, problems
+
+
+def _check_columns(columns, metadata_file: str, problems: list[dict], where: str = "") -> bool:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    unknown = [c for c in columns if c not in REQUIRED_COLUMNS]
+    if missing:
+        problems.append(
+            {"file": metadata_file, "message": f"{where}missing column(s) {', '.join(missing)}; "
+             f"required: {', '.join(REQUIRED_COLUMNS)}"}
+        )
+    if unknown:
+        problems.append(
+            {"file": metadata_file, "message": f"{where}unknown column(s) {', '.join(map(str, unknown))}; "
+             f"valid: {', '.join(REQUIRED_COLUMNS)}"}
+        )
+    return not missing and not unknown
+
+
+def _open_image(data: bytes, max_side: int) -> tuple[tuple[int, int], str]:
+    """(size, format) of an image that Pillow fully decodes; ValueError with the reason otherwise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                size, fmt = img.size, img.format
+                if max(size) > max_side:
+                    raise ValueError(f"image is {size[0]}x{size[1]}; the largest side allowed is {max_side}")
+                img.load()
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"not a decodable image ({type(exc).__name__})") from None
+        except (OSError, SyntaxError, EOFError) as exc:
+            raise ValueError(f"image data is corrupt ({exc})") from None
+    return size, fmt or "unknown"
+
+
+def _validate(
+    data: bytes,
+    filename: str,
+    *,
+    max_images: int,
+    max_image_side: int,
+    max_caption_chars: int,
+    max_uncompressed_bytes: int,
+    keep_bytes: bool,
+) -> tuple[DatasetInfo, list[Record]]:
+    archive = _Archive(data, filename, max_uncompressed_bytes)
+    problems = list(archive.problems)
+    names = archive.names()
+    meta = [n for n in names if posixpath.basename(n) in METADATA_NAMES]
+    if not meta:
+        raise DatasetValidationError(
+            problems + [{"file": filename, "message": f"no metadata file; expected one of {', '.join(METADATA_NAMES)}"}]
+        )
+    if len(meta) > 1:
+        raise DatasetValidationError(
+            problems + [{"file": m, "message": "more than one metadata file in the archive"} for m in meta]
+        )
+    metadata_file = meta[0]
+    root = posixpath.dirname(metadata_file)
+    rows, meta_problems = _parse_metadata(archive.read(metadata_file), metadata_file)
+    problems += meta_problems
+    if len(rows) > max_images:
+        raise DatasetValidationError(
+            problems + [{"file": metadata_file, "message": f"{len(rows)} rows; at most {max_images} images allowed"}]
+        )
+
+    sizes: Counter = Counter()
+    formats: Counter = Counter()
+    records: list[Record] = []
+    listed: set[str] = set()
+    captions: set[str] = set()
+    max_chars = 0
+    for line, row in rows:
+        where = f"row {line}" if metadata_file.endswith(".csv") else f"line {line}"
+        rel = _normalise(row["file_name"].strip())
+        text = row["text"]
+        if not text.strip():
+            problems.append({"file": metadata_file, "message": f"{where}: empty caption for {row['file_name']!r}"})
+        elif len(text) > max_caption_chars:
+            problems.append(
+                {"file": metadata_file, "message": f"{where}: caption has {len(text)} characters; at most {max_caption_chars}"}
+            )
+        if not row["file_name"].strip() or rel is None:
+            problems.append({"file": metadata_file, "message": f"{where}: bad file_name {row['file_name']!r}"})
+            continue
+        path = posixpath.join(root, rel) if root else rel
+        if path in listed:
+            problems.append({"file": metadata_file, "message": f"{where}: {row['file_name']!r} is listed twice"})
+            continue
+        listed.add(path)
+        if path not in names:
+            problems.append({"file": path, "message": f"listed in {metadata_file} ({where}) but not in the archive"})
+            continue
+        blob = archive.read(path)
+        try:
+            size, fmt = _open_image(blob, max_image_side)
+        except ValueError as exc:
+            problems.append({"file": path, "message": str(exc)})
+            continue
+        sizes[f"{size[0]}x{size[1]}"] += 1
+        formats[fmt] += 1
+        captions.add(text)
+        max_chars = max(max_chars, len(text))
+        records.append(Record(row["file_name"], text, blob if keep_bytes else b""))
+        if len(problems) >= MAX_REPORTED_PROBLEMS:
+            break
+    if problems:
+        raise DatasetValidationError(problems[:MAX_REPORTED_PROBLEMS])
+    widths = [int(k.split("x")[0]) for k in sizes]
+    heights = [int(k.split("x")[1]) for k in sizes]
+    info = DatasetInfo(
+        num_images=len(records),
+        archive_format=archive.format,
+        metadata_file=metadata_file,
+        image_sizes=dict(sizes),
+        min_width=min(widths),
+        min_height=min(heights),
+        max_width=max(widths),
+        max_height=max(heights),
+        image_formats=dict(formats),
+        num_distinct_captions=len(captions),
+        max_caption_chars=max_chars,
+        unlisted_files=sorted(n for n in names if n not in listed and n != metadata_file),
+    )
+    return info, records
+
+
+def inspect_archive(
+    data: bytes,
+    filename: str,
+    *,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+    max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
+) -> DatasetInfo:
+    """Validate an uploaded archive and describe it; raises :class:`DatasetValidationError` listing
+    every problem (unsupported archive, missing or duplicate metadata, bad columns, bad JSON lines,
+    empty captions, listed files missing from the archive, undecodable or oversized images).
+
+    ``filename`` (the upload's name) chooses the archive format by its suffix.
+    """
+    try:
+        archive_format(filename)
+    except ValueError as exc:
+        raise DatasetValidationError([{"file": filename, "message": str(exc)}]) from None
+    info, _ = _validate(
+        data,
+        filename,
+        max_images=max_images,
+        max_image_side=max_image_side,
+        max_caption_chars=max_caption_chars,
+        max_uncompressed_bytes=max_uncompressed_bytes,
+        keep_bytes=False,
+    )
+    return info
+
+
+def read_records(data: bytes, filename: str, **limits) -> tuple[DatasetInfo, list[Record]]:
+    """Validate as :func:`inspect_archive` does and return the rows with their image bytes, in
+    metadata order (the worker decodes them)."""
+    try:
+        archive_format(filename)
+    except ValueError as exc:
+        raise DatasetValidationError([{"file": filename, "message": str(exc)}]) from None
+    kwargs = dict(
+        max_images=DEFAULT_MAX_IMAGES,
+        max_image_side=DEFAULT_MAX_IMAGE_SIDE,
+        max_caption_chars=DEFAULT_MAX_CAPTION_CHARS,
+        max_uncompressed_bytes=DEFAULT_MAX_UNCOMPRESSED_BYTES,
+    )
+    unknown = set(limits) - set(kwargs)
+    if unknown:
+        raise TypeError(f"unknown limit(s) {', '.join(sorted(unknown))}; valid: {', '.join(kwargs)}")
+    kwargs.update(limits)
+    return _validate(data, filename, keep_bytes=True, **kwargs)

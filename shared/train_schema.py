@@ -1,0 +1,132 @@
+"""``TrainParams``: the body of ``POST /v1/jobs/train`` (pydantic v2, no torch).
+
+Contract fields: ``dataset``, ``base_model``, ``steps``, ``batch_size``, ``learning_rate``, ``seed``;
+everything else has a default. ``{"dataset": "builtin:digits"}`` alone gives the configuration
+measured to meet the quality bar on 2 CPU cores (see ``worker/bench_train.py``): an AutoencoderKL
+(32, 64, 64) with 2 latent channels (32×32 → 2×8×8, KL weight 1e-4), then a 1.3M-parameter U-Net
+(32, 64) with cross-attention on the frozen text encoder's token states, AdamW 1e-3 with 100 warm-up
+steps and cosine decay, gradient clipping 1.0, EMA and 10 % empty captions. Budgets are step counts,
+not wall time, so that a run is reproducible. Unknown fields are rejected (422).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN_DATASETS = ("builtin:digits",)
+SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
+
+
+class TrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # ---- contract fields --------------------------------------------------------------------
+    dataset: str = Field(
+        min_length=1, max_length=200, description='A dataset id from POST /v1/datasets, or "builtin:digits".'
+    )
+    base_model: str | None = Field(
+        default=None,
+        max_length=200,
+        description="A model id to fine-tune (only its U-Net is trained); null trains autoencoder and U-Net.",
+    )
+    steps: int = Field(default=2200, ge=1, le=1_000_000, description="U-Net optimisation steps.")
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Peak U-Net learning rate (AdamW).")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    # ---- autoencoder stage (not used with base_model) --------------------------------------
+    autoencoder_steps: int = Field(default=300, ge=1, le=1_000_000)
+    autoencoder_learning_rate: float = Field(default=2e-3, gt=0, le=1.0)
+    autoencoder_warmup_steps: int = Field(default=30, ge=0)
+    autoencoder_channels: list[int] = Field(
+        default=[32, 64, 64], min_length=2, max_length=5, description="Block widths; the image is downsampled 2× per block after the first."
+    )
+    latent_channels: int = Field(default=2, ge=1, le=16)
+    kl_weight: float = Field(
+        default=1e-4, ge=0, le=1.0, description="Weight of KL(q(z|x) ‖ N(0, I)) per latent element against per-pixel MSE."
+    )
+
+    # ---- U-Net --------------------------------------------------------------------------------
+    unet_channels: list[int] = Field(default=[32, 64], min_length=1, max_length=4)
+    layers_per_block: int = Field(default=1, ge=1, le=4)
+    resolution: int = Field(default=32, ge=8, le=1024, description="Training image side; a multiple of 8.")
+
+    # ---- optimisation -----------------------------------------------------------------------
+    warmup_steps: int = Field(default=100, ge=0, description="Linear warm-up, then cosine decay to 0 (each stage).")
+    weight_decay: float = Field(default=0.01, ge=0, le=1.0)
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Max global gradient norm; null: no clipping.")
+    ema: bool = Field(default=True, description="Keep an EMA of the U-Net weights; the saved model uses it.")
+    ema_max_decay: float = Field(default=0.9999, gt=0, lt=1)
+    ema_power: float = Field(
+        default=0.75, gt=0, le=1, description="EMA warm-up: decay = min(max_decay, 1 − (1 + step)^−power)."
+    )
+    min_snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-γ loss weighting; null: off.")
+    caption_dropout: float = Field(
+        default=0.1, ge=0, lt=1, description="Share of captions replaced by the empty caption (for guidance)."
+    )
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA, full precision on CPU."
+    )
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    checkpoint_every: int = Field(default=500, ge=1, description="Global steps (autoencoder + U-Net) between checkpoints.")
+    keep_checkpoints: int = Field(default=3, ge=1, le=100)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    validation_prompts: list[str] | None = Field(
+        default=None, max_length=32, description="Prompts of the sample grid; default: up to 10 of the dataset's captions."
+    )
+    eval_at_checkpoints: bool = Field(default=True, description="Evaluate (and store the evaluation) at each checkpoint.")
+    eval_scheduler: Literal["ddpm", "ddim", "dpm-solver++"] = "dpm-solver++"
+    eval_steps: int = Field(default=20, ge=1, le=1000)
+    eval_guidance_scale: float = Field(default=5.0, ge=0, le=50)
+    eval_num_samples: int = Field(default=200, ge=10, le=10_000, description="Generated images for accuracy / Fréchet.")
+    vlb_timesteps: int = Field(
+        default=50, ge=2, le=1000, description="VLB terms evaluated (L_0, plus a stratified estimate of the rest); 1000 = exact."
+    )
+    holdout_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of images held out for the VLB.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_builtin(cls, v: str) -> str:
+        if v.startswith("builtin:") and v not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown builtin dataset {v!r}; valid: {', '.join(BUILTIN_DATASETS)}")
+        return v
+
+    @field_validator("autoencoder_channels", "unet_channels")
+    @classmethod
+    def _channels(cls, v: list[int]) -> list[int]:
+        if any(c < 8 or c > 1024 or c % 8 for c in v):
+            raise ValueError("every channel count must be a multiple of 8 between 8 and 1024")
+        return v
+
+    @field_validator("validation_prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not p.strip() or len(p) > 1000 for p in v)):
+            raise ValueError("validation_prompts must be 1..32 non-empty prompts of at most 1000 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "TrainParams":
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8; got {self.resolution}")
+        if self.base_model is None:
+            down = 2 ** (len(self.autoencoder_channels) - 1)
+            if self.resolution % down:
+                raise ValueError(f"resolution {self.resolution} is not divisible by the autoencoder's factor {down}")
+            latent = self.resolution // down
+            unet_down = 2 ** (len(self.unet_channels) - 1)
+            if latent % unet_down:
+                raise ValueError(
+                    f"latent side {latent} is not divisible by the U-Net's downsampling factor {unet_down}"
+                )
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        """Global steps of the job: autoencoder (when trained here) plus U-Net."""
+        return self.steps + (0 if self.base_model is not None else self.autoencoder_steps)

@@ -1,0 +1,772 @@
+"""Train a text-to-image latent diffusion model; read it top to bottom, like nanoGPT's train.py.
+
+Without a base model there are two stages (Rombach et al. 2022):
+
+1. an ``AutoencoderKL`` learns to compress an image x (3×R×R in [−1, 1]) to a latent z (C×R/f×R/f)
+   and back: per-pixel MSE of the reconstruction plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) per latent
+   element (a small KL keeps the latent space tidy, not a VAE prior);
+2. the autoencoder is frozen, the training set is encoded once (posterior means and std-devs
+   cached), and a ``UNet2DConditionModel`` (ResNet blocks with cross-attention in the down and up
+   halves) learns ε_θ(z_t, t, τ(y)) with L_simple (Algorithm 1), on latents scaled to unit variance
+   (``scaling_factor`` = 1/std, saved in the VAE config as diffusers expects). τ(y) are the frozen
+   text encoder's token states, computed exactly as ``StableDiffusionPipeline.encode_prompt`` does,
+   so a plain-diffusers user samples what was trained. A share ``caption_dropout`` of captions is
+   replaced by the empty caption so that classifier-free guidance works.
+
+With ``base_model`` (a local diffusers StableDiffusionPipeline directory) only stage 2 runs, on that
+model's U-Net, with its own autoencoder, text encoder and noise schedule.
+
+Optimisation as diffusers' ``train_text_to_image.py``: AdamW, linear warm-up then cosine decay,
+gradient clipping, EMA weights (``diffusers.training_utils.EMAModel``), bf16 autocast on GPU, optional
+gradient checkpointing, optional Min-SNR-γ weighting. All randomness of training (batch order, t, ε,
+posterior samples, caption dropout) comes from one seeded ``torch.Generator`` whose state is part of
+every checkpoint, so a resumed run reproduces the uninterrupted one exactly (on the same device and
+thread count).
+
+Checkpoints (every ``checkpoint_every`` global steps, at the end of the autoencoder stage, at the end,
+and when asked to stop) are directories of safetensors files and JSON — never pickle:
+``state.json`` (step, stage, params, loss history, optimizer hyper-parameters, EMA scalars),
+``vae.safetensors``, ``unet.safetensors``, ``ema_unet.safetensors``, ``optimizer.safetensors``
+(AdamW's per-parameter tensors) and ``rng.safetensors`` (generator state, batch order), plus the
+evaluation at that point (``metrics.json``, ``loss_curve.png``, ``samples.png``).
+
+The result is a StableDiffusionPipeline-format directory (unet = EMA weights, vae, text_encoder,
+tokenizer, scheduler = DDPMScheduler with linear β 1e-4..0.02, T = 1000, clip_sample=False) that
+``diffusers.StableDiffusionPipeline.from_pretrained(dir)`` loads with no ldmq code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from shared.train_schema import TrainParams
+from worker import evaluation
+from worker.data import ImageCaptionDataset
+from worker.diffusion import GaussianDiffusion, mean_flat
+
+CHECKPOINT_FORMAT = 1
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
+GRID_IMAGES_PER_PROMPT = 8
+# Params that do not change the trained weights: a resumed job may differ in these.
+NON_TRAINING_FIELDS = {
+    "checkpoint_every",
+    "keep_checkpoints",
+    "validation_prompts",
+    "eval_at_checkpoints",
+    "eval_scheduler",
+    "eval_steps",
+    "eval_guidance_scale",
+    "eval_num_samples",
+    "vlb_timesteps",
+    "gradient_checkpointing",
+}
+
+
+class TrainingStopped(Exception):
+    """Raised when ``hooks.should_stop()`` said so; a checkpoint of the last step was saved first."""
+
+
+def _noop(*_args, **_kwargs):
+    return None
+
+
+@dataclass
+class TrainHooks:
+    """How the job runner talks to the loop. ``should_stop`` is called once per optimisation step,
+    so it must be cheap (throttle any database query in it)."""
+
+    progress: Callable[[dict], None] = _noop
+    should_stop: Callable[[], bool] = lambda: False
+    save_checkpoint: Callable[[int, Path], None] = _noop
+    latest_checkpoint: Callable[[], Path | None] = lambda: None
+
+
+@dataclass
+class TrainResult:
+    pipeline_dir: Path
+    metrics: dict
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+# ================================================================================================
+# Models
+# ================================================================================================
+
+
+def _norm_groups(channels) -> int:
+    return min(32, math.gcd(*channels))
+
+
+def make_autoencoder(params: TrainParams):
+    """AutoencoderKL: len(channels) blocks, downsampling 2× between them (32×32 → 8×8 for three)."""
+    from diffusers import AutoencoderKL
+
+    n = len(params.autoencoder_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(params.autoencoder_channels),
+        layers_per_block=1,
+        latent_channels=params.latent_channels,
+        norm_num_groups=_norm_groups(params.autoencoder_channels),
+        sample_size=params.resolution,
+    )
+
+
+def make_unet(params: TrainParams, *, in_channels: int, sample_size: int, cross_attention_dim: int):
+    """UNet2DConditionModel: ResNet blocks with cross-attention to the text in every down and up block."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(params.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=tuple(params.unet_channels),
+        layers_per_block=params.layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=_norm_groups(params.unet_channels),
+    )
+
+
+def make_noise_scheduler():
+    """What the saved pipeline samples with by default: DDPM (Algorithm 2), linear β 1e-4..0.02,
+    T = 1000, ε-prediction, and ``clip_sample=False`` (DDIM built from this config inherits it)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_start=BETA_START,
+        beta_end=BETA_END,
+        beta_schedule="linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        variance_type="fixed_small",
+        # Every sampler starts at t = T−1 (Lin et al. 2024); with "trailing" spacing steps_offset is
+        # unused, and 1 keeps StableDiffusionPipeline from rewriting the config with a deprecation.
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: list[str], device="cpu", batch_size: int = 256):
+    """Token states (N, L, D), exactly as ``StableDiffusionPipeline.encode_prompt``: pad to
+    ``tokenizer.model_max_length``, truncate, pass the attention mask when the encoder's config asks
+    for it, take the last hidden state; no mask goes to the U-Net."""
+    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+    out = []
+    for i in range(0, len(captions), batch_size):
+        tok = tokenizer(
+            captions[i : i + batch_size],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = tok.attention_mask.to(device) if use_mask else None
+        out.append(text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].to(text_encoder.dtype))
+    return torch.cat(out)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Learning rate for 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to 0
+    (as diffusers' ``get_cosine_schedule_with_warmup``)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BatchOrder:
+    """Indices of successive batches: a fresh random permutation of the data each epoch (from the
+    training generator); a batch that crosses an epoch boundary continues into the next one."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            if self.pos == self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+            take = min(need, self.n - self.pos)
+            parts.append(self.perm[self.pos : self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        return torch.cat(parts)
+
+
+# ================================================================================================
+# Checkpoints: safetensors + JSON, no pickle
+# ================================================================================================
+
+
+def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_checkpoint(
+    ckpt_dir: Path,
+    *,
+    state: dict,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    ema=None,
+    generator: torch.Generator,
+    batches: BatchOrder | None,
+) -> Path:
+    """Write one checkpoint directory (see the module docstring)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for name, module in modules.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, ckpt_dir / f"{name}.safetensors")
+    state = dict(state, format=CHECKPOINT_FORMAT)
+    if optimizer is not None:
+        tensors, meta = _optimizer_to_files(optimizer)
+        save_file(tensors, ckpt_dir / "optimizer.safetensors")
+        state["optimizer"] = meta
+    if ema is not None:
+        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, ckpt_dir / "ema_unet.safetensors")
+        state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    rng = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if batches is not None:
+        rng["batch_perm"] = batches.perm.clone()
+        state["batch_pos"] = batches.pos
+    save_file(rng, ckpt_dir / "rng.safetensors")
+    (ckpt_dir / "state.json").write_text(json.dumps(state, indent=1))
+    return ckpt_dir
+
+
+def read_checkpoint_state(ckpt_dir: Path) -> dict:
+    state = json.loads((Path(ckpt_dir) / "state.json").read_text())
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ckpt_dir}: checkpoint format {state.get('format')!r}; this code reads {CHECKPOINT_FORMAT}")
+    return state
+
+
+def _load_module(module: torch.nn.Module, path: Path) -> None:
+    module.load_state_dict(load_file(path), strict=True)
+
+
+def _restore(ckpt_dir: Path, state: dict, *, optimizer, ema, generator, batches: BatchOrder) -> None:
+    _optimizer_from_files(optimizer, load_file(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
+    if ema is not None:
+        shadow = load_file(ckpt_dir / "ema_unet.safetensors")
+        ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[str(i)] for i in range(len(shadow))]))
+    rng = load_file(ckpt_dir / "rng.safetensors")
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch_cpu"])
+    batches.perm, batches.pos = rng["batch_perm"], state["batch_pos"]
+
+
+def _check_resumable(state: dict, params: TrainParams) -> None:
+    saved = state["params"]
+    now = params.model_dump(mode="json")
+    diff = sorted(k for k in now if k not in NON_TRAINING_FIELDS and saved.get(k) != now[k])
+    if diff:
+        raise ValueError(f"cannot resume: the checkpoint was trained with other values of {', '.join(diff)}")
+
+
+# ================================================================================================
+# The run
+# ================================================================================================
+
+
+class _Run:
+    """What both stages share: params, device, hooks, clocks, loss history, checkpoint bookkeeping."""
+
+    def __init__(self, params: TrainParams, workdir: Path, hooks: TrainHooks, device: str, progress_every: int):
+        self.params, self.workdir, self.hooks, self.device = params, workdir, hooks, torch.device(device)
+        self.progress_every = progress_every
+        self.generator = torch.Generator().manual_seed(params.seed)
+        self.loss_history: dict[str, list[list[float]]] = {}
+        self.train_seconds = 0.0  # optimisation wall time only (no evaluation, no checkpoint I/O)
+        self.train_cpu_seconds = 0.0  # process CPU time of the same (all threads)
+        self.eval_seconds = 0.0
+        self.local_checkpoints: list[Path] = []
+        use_bf16 = params.mixed_precision == "bf16" or (params.mixed_precision == "auto" and self.device.type == "cuda")
+        self.autocast = (
+            (lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        )
+
+    def randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(self.device)
+
+    def report(self, *, stage, global_step, stage_step, stage_total, loss, lr, sec_per_step, later_seconds=0.0):
+        if stage_step % self.progress_every and stage_step != stage_total:
+            return
+        self.hooks.progress(
+            {
+                "stage": stage,
+                "step": global_step,
+                "total_steps": self.params.total_steps,
+                "stage_step": stage_step,
+                "stage_total_steps": stage_total,
+                "loss": loss,
+                "lr": lr,
+                "eta_s": (stage_total - stage_step) * sec_per_step + later_seconds,
+            }
+        )
+
+    def publish(self, ckpt_dir: Path, global_step: int) -> None:
+        """Hand a written checkpoint to the caller and keep the last K locally."""
+        self.hooks.save_checkpoint(global_step, ckpt_dir)
+        self.local_checkpoints.append(ckpt_dir)
+        while len(self.local_checkpoints) > self.params.keep_checkpoints:
+            shutil.rmtree(self.local_checkpoints.pop(0), ignore_errors=True)
+
+    def checkpoint_dir(self, global_step: int) -> Path:
+        return self.workdir / "checkpoints" / f"step-{global_step:08d}"
+
+
+def train(
+    params: TrainParams,
+    *,
+    workdir: Path,
+    dataset: ImageCaptionDataset,
+    base_model_dir: Path | None,
+    hooks: TrainHooks,
+    device: str = "cpu",
+    progress_every: int = 10,
+) -> TrainResult:
+    """Train (or resume, from ``hooks.latest_checkpoint()``) and return the pipeline and its metrics.
+
+    Raises :class:`TrainingStopped` when ``hooks.should_stop()`` (after saving a checkpoint), and
+    ValueError for inconsistent inputs (a base model with another prediction type, a checkpoint
+    trained with other params, a dataset at another resolution).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (params.base_model is None) != (base_model_dir is None):
+        raise ValueError("base_model_dir must be given exactly when params.base_model is set")
+    if dataset.resolution != params.resolution:
+        raise ValueError(f"dataset is {dataset.resolution}px but params.resolution is {params.resolution}")
+    run = _Run(params, workdir, hooks, device, progress_every)
+    dev = run.device
+    torch.manual_seed(params.seed)  # weight initialisation
+
+    # ---- resume? ------------------------------------------------------------------------------
+    resume_dir = hooks.latest_checkpoint()
+    resume_state = read_checkpoint_state(resume_dir) if resume_dir is not None else None
+    if resume_state is not None:
+        _check_resumable(resume_state, params)
+        run.loss_history = resume_state["loss_history"]
+        run.train_seconds = resume_state.get("train_seconds", 0.0)
+        run.train_cpu_seconds = resume_state.get("train_cpu_seconds", 0.0)
+
+    # ---- data: a held-out split for the VLB ----------------------------------------------------
+    train_set, heldout = dataset.split(params.holdout_fraction, seed=params.seed)
+    images = train_set.images.to(dev)
+
+    # ---- frozen parts: text encoder, and (with a base model) its autoencoder and schedule ---------
+    if base_model_dir is not None:
+        from diffusers import StableDiffusionPipeline
+
+        base = StableDiffusionPipeline.from_pretrained(
+            str(base_model_dir), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        tokenizer, text_encoder, vae, unet = base.tokenizer, base.text_encoder, base.vae, base.unet
+        noise_scheduler = base.scheduler
+        if noise_scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(
+                f"base model predicts {noise_scheduler.config.prediction_type!r}; ldmq trains 'epsilon' only"
+            )
+        noise_scheduler = make_scheduler_like(noise_scheduler)
+        del base
+    else:
+        from worker.text_encoder import load_text_encoder
+
+        tokenizer, text_encoder = load_text_encoder()
+        vae = make_autoencoder(params)
+        noise_scheduler = make_noise_scheduler()
+        unet = None
+    text_encoder.to(dev).requires_grad_(False).eval()
+    vae.to(dev)
+    diffusion = GaussianDiffusion.from_scheduler_config(noise_scheduler.config)
+    ctx_dim = text_encoder.config.hidden_size
+    latent_side = params.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    if unet is None:
+        unet = make_unet(params, in_channels=vae.config.latent_channels, sample_size=latent_side, cross_attention_dim=ctx_dim)
+    unet.to(dev)
+    if params.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+
+    # ============================================================================================
+    # Stage 1: autoencoder
+    # ============================================================================================
+    ae_steps = 0 if base_model_dir is not None else params.autoencoder_steps
+    ae_done = resume_state is not None and resume_state["stage"] == "unet"
+    if base_model_dir is None and ae_done:
+        _load_module(vae, resume_dir / "vae.safetensors")
+    elif base_model_dir is None:
+        unet_sec_per_step = _time_unet_step(unet, params, vae.config.latent_channels, latent_side, ctx_dim, dev)
+        vae.train().requires_grad_(True)
+        opt = torch.optim.AdamW(
+            vae.parameters(), lr=params.autoencoder_learning_rate, weight_decay=params.weight_decay
+        )
+        batches = BatchOrder(len(train_set), params.batch_size, run.generator)
+        start = 0
+        if resume_state is not None:  # stage == "autoencoder"
+            _load_module(vae, resume_dir / "vae.safetensors")
+            _restore(resume_dir, resume_state, optimizer=opt, ema=None, generator=run.generator, batches=batches)
+            start = resume_state["stage_step"]
+        history = run.loss_history.setdefault("autoencoder", [])
+        step_clock, cpu_clock = time.perf_counter(), time.process_time()
+        for step in range(start, ae_steps):
+            # -- one step: reconstruct a batch through a sampled latent
+            lr = lr_at(step, ae_steps, params.autoencoder_warmup_steps, params.autoencoder_learning_rate)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = images[batches.next().to(dev)]
+            with run.autocast():
+                posterior = vae.encode(x).latent_dist
+                z = posterior.mean + posterior.std * run.randn(posterior.mean.shape)
+                recon = vae.decode(z).sample
+            mse = F.mse_loss(recon.float(), x)
+            kl = (posterior.kl() / posterior.mean[0].numel()).mean()  # per latent element
+            loss = mse + params.kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if params.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), params.grad_clip)
+            opt.step()
+            # -- bookkeeping
+            run.train_seconds += time.perf_counter() - step_clock
+            run.train_cpu_seconds += time.process_time() - cpu_clock
+            history.append([step + 1, loss.item()])
+            sec = run.train_seconds / max(1, len(history))
+            run.report(
+                stage="autoencoder", global_step=step + 1, stage_step=step + 1, stage_total=ae_steps,
+                loss=loss.item(), lr=lr, sec_per_step=sec, later_seconds=params.steps * unet_sec_per_step,
+            )
+            last = step + 1 == ae_steps
+            stop = hooks.should_stop()
+            if stop or last or (step + 1) % params.checkpoint_every == 0:
+                _checkpoint_autoencoder(run, step + 1, vae, opt, batches, heldout, evaluate=not stop)
+            if stop:
+                raise TrainingStopped(f"stopped at step {step + 1}")
+            step_clock, cpu_clock = time.perf_counter(), time.process_time()
+        del opt
+    vae.eval().requires_grad_(False)
+
+    # ============================================================================================
+    # Stage 2: U-Net on cached latents
+    # ============================================================================================
+    # -- cache the training set's latent posteriors once; scale latents to unit variance
+    lat_mean, lat_std = _encode_posteriors(vae, images)
+    if base_model_dir is None:
+        # Var(z) of the posterior samples = Var(means) + E[posterior variance]
+        var = lat_mean.var().item() + (lat_std**2).mean().item()
+        vae.register_to_config(scaling_factor=1.0 / math.sqrt(var))
+    scaling = float(vae.config.scaling_factor)
+    # -- cache text embeddings of the distinct captions, and of the empty caption
+    distinct = sorted(set(train_set.captions))
+    lookup = {c: i for i, c in enumerate(distinct)}
+    caption_index = torch.tensor([lookup[c] for c in train_set.captions], device=dev)
+    caption_embeds = encode_captions(tokenizer, text_encoder, distinct, dev)
+    empty_embed = encode_captions(tokenizer, text_encoder, [""], dev)
+
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
+    ema = None
+    if params.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=params.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=params.ema_power)
+    batches = BatchOrder(len(train_set), params.batch_size, run.generator)
+    start = 0
+    if resume_state is not None and resume_state["stage"] == "unet":
+        _load_module(unet, resume_dir / "unet.safetensors")
+        _restore(resume_dir, resume_state, optimizer=opt, ema=ema, generator=run.generator, batches=batches)
+        start = resume_state["stage_step"]
+    history = run.loss_history.setdefault("unet", [])
+    frozen = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": noise_scheduler}
+    evaluator = _Evaluator(run, frozen, train_set, heldout, diffusion, empty_embed)
+    unet_train_start = run.train_seconds
+    step_clock, cpu_clock = time.perf_counter(), time.process_time()
+    final_metrics: dict = {}
+    for step in range(start, params.steps):
+        # -- Algorithm 1: z_0 ~ data, t ~ U{1..T}, ε ~ N(0, I); step on ‖ε − ε_θ(z_t, t, τ(y))‖²
+        lr = lr_at(step, params.steps, params.warmup_steps, params.learning_rate)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batches.next().to(dev)
+        z0 = (lat_mean[idx] + lat_std[idx] * run.randn(lat_mean[idx].shape)) * scaling
+        t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=run.generator).to(dev)
+        noise = run.randn(z0.shape)
+        drop = (torch.rand(len(idx), generator=run.generator) < params.caption_dropout).to(dev)
+        context = torch.where(drop[:, None, None], empty_embed, caption_embeds[caption_index[idx]])
+        z_t = diffusion.q_sample(z0, t, noise)
+        with run.autocast():
+            eps = unet(z_t, t, encoder_hidden_states=context).sample
+        per_example = mean_flat((eps.float() - noise) ** 2)  # L_simple
+        if params.min_snr_gamma is not None:  # Min-SNR-γ (Hang et al. 2023), ε-prediction form
+            snr = diffusion.snr(t)
+            per_example = per_example * snr.clamp(max=params.min_snr_gamma) / snr
+        loss = per_example.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if params.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), params.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        # -- bookkeeping
+        run.train_seconds += time.perf_counter() - step_clock
+        run.train_cpu_seconds += time.process_time() - cpu_clock
+        global_step = ae_steps + step + 1
+        history.append([global_step, loss.item()])
+        sec = (run.train_seconds - unet_train_start) / max(1, step + 1 - start)
+        run.report(
+            stage="unet", global_step=global_step, stage_step=step + 1, stage_total=params.steps,
+            loss=loss.item(), lr=lr, sec_per_step=sec,
+        )
+        last = step + 1 == params.steps
+        stop = hooks.should_stop()
+        if stop or last or global_step % params.checkpoint_every == 0:
+            state = _unet_state(run, global_step, step + 1, scaling)
+            ckpt = run.checkpoint_dir(global_step)
+            modules = {"unet": unet} if base_model_dir is not None else {"unet": unet, "vae": vae}
+            write_checkpoint(ckpt, state=state, modules=modules, optimizer=opt, ema=ema, generator=run.generator, batches=batches)
+            if not stop and (last or params.eval_at_checkpoints):
+                metrics = evaluator.evaluate(_ema_copy(unet, ema), ckpt)
+                if last:
+                    final_metrics = metrics
+            run.publish(ckpt, global_step)
+        if stop:
+            raise TrainingStopped(f"stopped at step {global_step}")
+        step_clock, cpu_clock = time.perf_counter(), time.process_time()
+
+    if start == params.steps:  # resumed from the final checkpoint: only the evaluation is left
+        ckpt = run.checkpoint_dir(ae_steps + params.steps)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        final_metrics = evaluator.evaluate(_ema_copy(unet, ema), ckpt)
+
+    # ============================================================================================
+    # The product: a plain diffusers StableDiffusionPipeline directory
+    # ============================================================================================
+    pipe = _pipeline(_ema_copy(unet, ema), frozen)
+    pipeline_dir = workdir / "pipeline"
+    if pipeline_dir.exists():
+        shutil.rmtree(pipeline_dir)
+    pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+
+    eval_dir = workdir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    artifacts = {}
+    for name in ("loss_curve.png", "samples.png", "metrics.json"):
+        src = run.checkpoint_dir(ae_steps + params.steps) / name
+        if src.exists():
+            artifacts[name] = Path(shutil.copy(src, eval_dir / name))
+    (eval_dir / "loss_history.json").write_text(json.dumps(run.loss_history))
+    artifacts["loss_history.json"] = eval_dir / "loss_history.json"
+    metrics = dict(final_metrics)
+    metrics.update(
+        {
+            "final_loss_unet": _tail_mean(run.loss_history.get("unet", [])),
+            "final_loss_autoencoder": _tail_mean(run.loss_history.get("autoencoder", [])) if ae_steps else None,
+            "train_wall_s": round(run.train_seconds, 2),
+            "train_cpu_s": round(run.train_cpu_seconds, 2),
+            "eval_wall_s": round(run.eval_seconds, 2),
+            "scaling_factor": scaling,
+            "unet_params": sum(p.numel() for p in unet.parameters()),
+            "autoencoder_params": sum(p.numel() for p in vae.parameters()),
+        }
+    )
+    return TrainResult(pipeline_dir=pipeline_dir, metrics=metrics, artifacts=artifacts)
+
+
+# ================================================================================================
+# Helpers of the run
+# ================================================================================================
+
+
+def make_scheduler_like(scheduler):
+    """A DDPMScheduler with the base model's training schedule (its config may belong to another class)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+def _tail_mean(history, n: int = 50):
+    vals = [v for _, v in history[-n:]]
+    return float(sum(vals) / len(vals)) if vals else None
+
+
+@torch.no_grad()
+def _encode_posteriors(vae, images: torch.Tensor, batch_size: int = 256):
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch_size):
+        post = vae.encode(images[i : i + batch_size]).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _time_unet_step(unet, params, channels, side, ctx_dim, device) -> float:
+    """Seconds of one U-Net training step (forward + backward, no update), for the ETA of stage 1."""
+    b = params.batch_size
+    z, ctx = torch.zeros(b, channels, side, side, device=device), torch.zeros(b, 8, ctx_dim, device=device)
+    t = torch.zeros(b, dtype=torch.long, device=device)
+    seconds = []
+    for _ in range(3):
+        clock = time.perf_counter()
+        unet(z, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
+        seconds.append(time.perf_counter() - clock)
+    unet.zero_grad(set_to_none=True)
+    return min(seconds[1:])
+
+
+def _ema_copy(unet, ema):
+    """A copy of the U-Net holding the EMA weights (or the raw weights without EMA), in eval mode."""
+    model = copy.deepcopy(unet).eval().requires_grad_(False)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    if hasattr(model, "disable_gradient_checkpointing"):
+        model.disable_gradient_checkpointing()
+    return model
+
+
+def _pipeline(unet, frozen: dict):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=frozen["vae"],
+        text_encoder=frozen["text_encoder"],
+        tokenizer=frozen["tokenizer"],
+        unet=unet,
+        scheduler=frozen["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _unet_state(run: _Run, global_step: int, stage_step: int, scaling: float) -> dict:
+    return {
+        "stage": "unet",
+        "global_step": global_step,
+        "stage_step": stage_step,
+        "params": run.params.model_dump(mode="json"),
+        "loss_history": run.loss_history,
+        "train_seconds": run.train_seconds,
+        "train_cpu_seconds": run.train_cpu_seconds,
+        "scaling_factor": scaling,
+    }
+
+
+def _checkpoint_autoencoder(run: _Run, step: int, vae, opt, batches, heldout, *, evaluate: bool) -> None:
+    state = {
+        "stage": "autoencoder",
+        "global_step": step,
+        "stage_step": step,
+        "params": run.params.model_dump(mode="json"),
+        "loss_history": run.loss_history,
+        "train_seconds": run.train_seconds,
+        "train_cpu_seconds": run.train_cpu_seconds,
+    }
+    ckpt = run.checkpoint_dir(step)
+    write_checkpoint(ckpt, state=state, modules={"vae": vae}, optimizer=opt, generator=run.generator, batches=batches)
+    if evaluate and (run.params.eval_at_checkpoints or step == run.params.autoencoder_steps):
+        clock = time.perf_counter()
+        vae.eval()
+        with torch.no_grad():
+            x = heldout.images.to(run.device)
+            recon = torch.cat([vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)])
+        vae.train()
+        mse = F.mse_loss(recon, x).item()
+        n = min(16, len(x))
+        pairs = torch.stack([x[:n], recon[:n]], dim=1).reshape(2 * n, *x.shape[1:])
+        evaluation.image_grid_png((pairs.cpu() + 1) / 2, ckpt / "samples.png", ncol=8)
+        evaluation.loss_curve_png(run.loss_history, ckpt / "loss_curve.png")
+        (ckpt / "metrics.json").write_text(json.dumps({"step": step, "autoencoder_heldout_mse": mse}, indent=1))
+        run.eval_seconds += time.perf_counter() - clock
+    run.publish(ckpt, step)
+
+
+class _Evaluator:
+    """The evaluation stored with each U-Net checkpoint: loss curve, sample grid, held-out VLB, and for
+    digits accuracy and Fréchet distance with its floor."""
+
+    def __init__(self, run: _Run, frozen: dict, train_set, heldout, diffusion, empty_embed):
+        self.run, self.frozen, self.heldout, self.diffusion = run, frozen, heldout, diffusion
+        p = run.params
+        self.prompts = p.validation_prompts or sorted(set(train_set.captions))[:10]
+        self.is_digits = train_set.name == "builtin:digits"
+        self._judge = None
+        self._heldout_latents = None
+        self._heldout_context = None
+
+    def _prepare(self):
+        vae, dev = self.frozen["vae"], self.run.device
+        if self._heldout_latents is None and len(self.heldout):
+            mean, _ = _encode_posteriors(vae, self.heldout.images.to(dev))
+            self._heldout_latents = mean * float(vae.config.scaling_factor)
+            self._heldout_context = encode_captions(
+                self.frozen["tokenizer"], self.frozen["text_encoder"], self.heldout.captions, dev
+            )
+        if self.is_digits and self._judge is None:
+            self._judge = evaluation.DigitsJudge()
+
+    def evaluate(self, unet, ckpt: Path) -> dict:
+        clock = time.perf_counter()
+        p = self.run.params
+        self._prepare()
+        pipe = _pipeline(unet, self.frozen)
+        metrics: dict = {"step": int(ckpt.name.split("-")[-1])}
+        # sample grid: each validation prompt in a row
+        prompts = [q for q in self.prompts for _ in range(GRID_IMAGES_PER_PROMPT)]
+        grid = evaluation.generate(
+            pipe, prompts, scheduler=p.eval_scheduler, steps=p.eval_steps, guidance_scale=p.eval_guidance_scale, seed=p.seed
+        )
+        evaluation.image_grid_png(grid, ckpt / "samples.png", ncol=GRID_IMAGES_PER_PROMPT)
+        evaluation.loss_curve_png(self.run.loss_history, ckpt / "loss_curve.png")
+        if self._heldout_latents is not None:
+            vlb = evaluation.heldout_bits_per_dim(
+                unet, self._heldout_latents, self._heldout_context, self.diffusion, num_terms=p.vlb_timesteps, seed=p.seed
+            )
+            metrics["heldout_bits_per_dim"] = vlb["bits_per_dim"]
+            metrics["heldout_vlb"] = vlb
+        if self.is_digits:
+            digits = evaluation.evaluate_digits(
+                pipe, self._judge, num_samples=p.eval_num_samples, scheduler=p.eval_scheduler,
+                steps=p.eval_steps, guidance_scale=p.eval_guidance_scale, seed=p.seed,
+            )
+            metrics.update({k: v for k, v in digits.items() if k not in ("images", "labels")})
+        (ckpt / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        self.run.eval_seconds += time.perf_counter() - clock
+        return metrics
