@@ -8,6 +8,15 @@ from shared.models import Base
 from shared.settings import get_settings
 
 config = context.config
+
+
+def render_item(type_, obj, autogen_context):
+    """Render ldmq's UTCDateTime as a plain timezone-aware DateTime, so migrations need no ldmq import."""
+    from shared.models import UTCDateTime
+
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
 target_metadata = Base.metadata
 
 
@@ -31,7 +40,7 @@ def run_migrations_online() -> None:
     engine = make_engine(_url())
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
-                          render_as_batch=connection.dialect.name == "sqlite")
+                          render_item=render_item, render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from shared.models import FINAL_STATUSES, Job, JobOutput, JobStatus, utcnow
+from shared.models import FINAL_STATUSES, Job, JobEvent, JobOutput, JobRow, JobStatus, utcnow
 
 _FINAL = [s.value for s in FINAL_STATUSES]
 
@@ -35,6 +35,11 @@ class Claim:
 
 class LeaseLost(Exception):
     """This run no longer owns the job (another run claimed it, or it reached a final state)."""
+
+
+def emit(session: Session, job_id: str, type_: str, data: dict[str, Any] | None = None) -> None:
+    """Append an event in the caller's transaction (so it exists iff the change it reports does)."""
+    session.add(JobEvent(job_id=job_id, type=type_, data=data or {}, created_at=utcnow()))
 
 
 def _fenced(job_id: str, attempt: int):
@@ -70,12 +75,13 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
         .execution_options(synchronize_session=False)
     )
     attempt = session.execute(stmt).scalar_one_or_none()
-    return None if attempt is None else Claim(job_id, attempt, expires)
+    if attempt is None:
+        return None
+    emit(session, job_id, "started", {"attempt": attempt, "worker": owner})
+    return Claim(job_id, attempt, expires)
 
 
 def _coalesce_started(now: datetime):
-    from sqlalchemy import func
-
     return func.coalesce(Job.started_at, now)
 
 
@@ -102,6 +108,7 @@ def set_progress(session: Session, job_id: str, attempt: int, progress: float, d
     res = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values).execution_options(synchronize_session=False))
     if res.rowcount == 0:
         raise LeaseLost(job_id)
+    emit(session, job_id, "progress", {"progress": values["progress"], **(detail or {})})
 
 
 def set_checkpoint(session: Session, job_id: str, attempt: int, key: str) -> None:
@@ -109,6 +116,7 @@ def set_checkpoint(session: Session, job_id: str, attempt: int, key: str) -> Non
     res = session.execute(update(Job).where(_fenced(job_id, attempt)).values(checkpoint_key=key).execution_options(synchronize_session=False))
     if res.rowcount == 0:
         raise LeaseLost(job_id)
+    emit(session, job_id, "checkpoint", {"key": key, "attempt": attempt})
 
 
 def finish(
@@ -136,6 +144,7 @@ def finish(
     res = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values).execution_options(synchronize_session=False))
     if res.rowcount == 0:
         raise LeaseLost(job_id)
+    emit(session, job_id, status.value, {"error": error} if error else {"model_id": model_id} if model_id else {})
 
 
 def release(session: Session, job_id: str, attempt: int) -> bool:
@@ -146,18 +155,23 @@ def release(session: Session, job_id: str, attempt: int) -> bool:
         .values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1)
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount == 1
+    if res.rowcount == 1:
+        emit(session, job_id, "requeued", {"reason": "worker shutdown"})
+        return True
+    return False
 
 
 def request_cancel(session: Session, job_id: str) -> None:
     """queued -> canceled at once; running -> flag the run, which stops between steps."""
     now = utcnow()
-    session.execute(
+    res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued.value)
         .values(status=JobStatus.canceled.value, finished_at=now, cancel_requested=True)
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount == 1:
+        emit(session, job_id, "canceled", {})
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running.value)
@@ -186,7 +200,10 @@ def fail_exhausted(session: Session, now: datetime | None = None) -> list[str]:
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return list(session.execute(stmt).scalars())
+    ids = list(session.execute(stmt).scalars())
+    for job_id in ids:
+        emit(session, job_id, "failed", {"error": {"code": "attempts_exhausted"}})
+    return ids
 
 
 def cancel_abandoned(session: Session, now: datetime | None = None) -> list[str]:
@@ -199,7 +216,10 @@ def cancel_abandoned(session: Session, now: datetime | None = None) -> list[str]
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return list(session.execute(stmt).scalars())
+    ids = list(session.execute(stmt).scalars())
+    for job_id in ids:
+        emit(session, job_id, "canceled", {})
+    return ids
 
 
 def record_output(session: Session, job_id: str, attempt: int, *, row: int, index: int, seed: int, key: str,
@@ -229,6 +249,11 @@ def record_output(session: Session, job_id: str, attempt: int, *, row: int, inde
             update(Job).where(Job.id == job_id).values(outputs_count=Job.outputs_count + 1)
             .execution_options(synchronize_session=False)
         )
+        wanted = session.scalar(select(JobRow.num_images).where(JobRow.job_id == job_id, JobRow.row == row))
+        have = session.scalar(select(func.count()).select_from(JobOutput)
+                              .where(JobOutput.job_id == job_id, JobOutput.row == row))
+        if wanted is not None and have == wanted:
+            emit(session, job_id, "row_done", {"row": row})
     return inserted
 
 

@@ -199,6 +199,23 @@ class JobOutput(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobEvent(Base):
+    """An append-only log of what happened to a job (an outbox): webhooks, the dashboard and
+    loss curves read it. Written in the same transaction as the state change it reports."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+EVENT_TYPES = ("started", "progress", "row_done", "checkpoint", "succeeded", "failed", "canceled", "requeued")
+
+
 class Model(Base):
     """A diffusers-format text-to-image pipeline in storage (trained here or imported)."""
 

@@ -111,3 +111,23 @@ def test_release_requeues_without_spending_an_attempt(settings, job_id):
         assert jobstate.release(s, job_id, c.attempt)
     job = status(settings, job_id)
     assert job.status == "queued" and job.attempts == 0
+
+
+def test_transitions_append_events_in_the_same_transaction(settings, job_id):
+    from shared.models import JobEvent, JobRow
+
+    with session_scope(settings) as s:
+        s.add(JobRow(job_id=job_id, row=1, prompt="p", seed=1, num_images=2))
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, job_id, "w1", 30)
+        jobstate.set_progress(s, job_id, c.attempt, 0.5, {"step": 1})
+        for i in range(2):
+            jobstate.record_output(s, job_id, c.attempt, row=1, index=i, seed=1 + i, key=f"k{i}", width=8, height=8,
+                                   sha256="0" * 64)
+        jobstate.finish(s, job_id, c.attempt, JobStatus.succeeded)
+    # A refused (fenced-off) write leaves no event behind.
+    with session_scope(settings) as s, pytest.raises(LeaseLost):
+        jobstate.set_progress(s, job_id, c.attempt, 0.9)
+    with session_scope(settings) as s:
+        types = [e.type for e in s.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id)]
+    assert types == ["started", "progress", "row_done", "succeeded"]
