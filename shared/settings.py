@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,10 @@ class Settings(BaseSettings):
     pipeline_cache_size: int = Field(default=2, ge=1)
     sample_batch_size: int = Field(default=16, ge=1)
     worker_threads: int = Field(default=0, ge=0, description="torch threads; 0 = torch's default")
+    worker_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: float16 on CUDA, float32 on CPU")
+    worker_channels_last: bool = Field(default=False, description="channels_last U-Net/VAE (often faster on GPU)")
+    worker_compile: bool = Field(default=False, description="torch.compile the U-Net (slow first batch)")
 
     @field_validator("var_dir")
     @classmethod

@@ -46,8 +46,26 @@ def make_scheduler(name: str, base_config):
     raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
 
 
-def load_pipeline_dir(path: Path, device: str = "cpu"):
-    """Load a StableDiffusionPipeline-format directory after checking it holds no pickles."""
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_pipeline_dir(path: Path, device: str = "cpu", *, dtype: str = "auto", channels_last: bool = False,
+                      compile_unet: bool = False):
+    """Load a StableDiffusionPipeline-format directory after checking it holds no pickles.
+
+    On GPU: half precision, PyTorch SDPA attention (diffusers' default processor), optional
+    channels_last and ``torch.compile`` of the U-Net.
+    """
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -55,13 +73,18 @@ def load_pipeline_dir(path: Path, device: str = "cpu"):
     rel = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
     index = (path / "model_index.json").read_bytes() if (path / "model_index.json").exists() else None
     check_pipeline_files(rel, index)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(
         path, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        use_safetensors=True, local_files_only=True, dtype=dtype,
+        use_safetensors=True, local_files_only=True, dtype=resolve_dtype(dtype, device),
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile_unet:
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    return pipe
 
 
 class PipelineCache:
@@ -74,7 +97,7 @@ class PipelineCache:
         self._lock = threading.Lock()
         self.loads = 0
 
-    def get(self, model_id: str, model_key: str, storage: Storage, device: str):
+    def get(self, model_id: str, model_key: str, storage: Storage, device: str, settings: Settings | None = None):
         with self._lock:
             if model_id in self._items:
                 self._items.move_to_end(model_id)
@@ -82,7 +105,9 @@ class PipelineCache:
             local = self.cache_dir / model_id
             if not (local / "model_index.json").exists():
                 storage.download_dir(model_key, local)
-            pipe = load_pipeline_dir(local, device)
+            opts = {} if settings is None else dict(dtype=settings.worker_dtype, channels_last=settings.worker_channels_last,
+                                                    compile_unet=settings.worker_compile)
+            pipe = load_pipeline_dir(local, device, **opts)
             self.loads += 1
             self._items[model_id] = pipe
             while len(self._items) > self.capacity:

@@ -1,8 +1,15 @@
-"""Sample jobs: every row of the job, each image with its own seeded ``torch.Generator``, PNGs
-under deterministic keys (tenant/job/row/index), progress as it goes, and a JSON manifest.
+"""Sample jobs at the speed of the model itself.
 
-Rows already recorded (by an earlier attempt that died) are skipped, so a retry finishes the job
-without producing any output twice.
+- Every image has its own seeded ``torch.Generator`` and is computed in a batch of a *fixed* size
+  (the last batch is padded): a row of a batch does not depend on the other rows, and with the
+  batch size fixed the kernels are the same, so each image is bit-identical to what it would be
+  alone for its seed, whatever it is batched with (tests/worker/test_sampling.py proves it).
+- Rows are packed into model batches across the whole job, grouped by (steps, guidance).
+- Text embeddings of repeated prompts (and the empty negative prompt) are computed once.
+- PNG encoding, uploads and the fenced DB records run in a small thread pool while the model
+  computes the next batch; at most ``MAX_PENDING`` batches wait, so memory stays bounded.
+- PNGs go under deterministic keys (tenant/job/row/index); rows an earlier attempt recorded are
+  skipped, so a retry never writes an output twice.
 """
 
 from __future__ import annotations
@@ -11,20 +18,25 @@ import csv
 import io
 import json
 import logging
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 
 from sqlalchemy import select
 
+from shared import jobstate
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model, Tenant
 from shared.settings import Settings
-from shared.storage import get_storage, manifest_key, output_key, sha256_hex
+from shared.storage import Storage, get_storage, manifest_key, output_key, sha256_hex
 from worker.pipelines import make_scheduler, pipeline_cache, resolve_device
 from worker.runner import JobError, JobRun
 
 log = logging.getLogger(__name__)
 SEED_MOD = 2**31
+MAX_PENDING = 2
 
 
 @dataclass(frozen=True)
@@ -62,18 +74,42 @@ def batches(items: list[Item], size: int) -> list[list[Item]]:
     return out
 
 
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+class EmbeddingCache:
+    """Text embeddings by prompt (LRU): a CSV that repeats prompts encodes each once."""
+
+    def __init__(self, pipe, device: str, capacity: int = 4096):
+        self.pipe, self.device, self.capacity = pipe, device, capacity
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get_many(self, prompts: list[str]):
+        import torch
+
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
+        if missing:
+            self.misses += len(missing)
+            with torch.inference_mode():
+                embeds, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
+            for p, e in zip(missing, embeds):
+                self._items[p] = e
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        self.hits += len(prompts) - len(missing)
+        for p in prompts:
+            self._items.move_to_end(p)
+        return torch.stack([self._items[p] for p in prompts])
 
 
-def generate(pipe, batch: list[Item], *, width: int, height: int, device: str, on_step=None):
-    """One pipeline call for a batch; per-image generators make each image depend on its seed alone."""
+def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: int, device: str,
+             embeddings: EmbeddingCache, on_step=None):
+    """One pipeline call for ``batch`` padded to ``batch_size``; returns float arrays (H, W, 3) in [0, 1]."""
     import torch
 
-    gen_device = "cpu" if device == "cpu" else device
-    generators = [torch.Generator(gen_device).manual_seed(it.seed) for it in batch]
+    padded = batch + [batch[-1]] * (batch_size - len(batch))
+    generators = [torch.Generator(device).manual_seed(it.seed) for it in padded]
+    cfg = batch[0].guidance_scale > 1
+    prompt_embeds = embeddings.get_many([it.prompt for it in padded])
+    negative = embeddings.get_many([it.negative_prompt for it in padded]) if cfg else None
 
     def _callback(_pipe, step, _t, kwargs):
         if on_step is not None:
@@ -82,17 +118,95 @@ def generate(pipe, batch: list[Item], *, width: int, height: int, device: str, o
 
     with torch.inference_mode():
         out = pipe(
-            prompt=[it.prompt for it in batch],
-            negative_prompt=[it.negative_prompt for it in batch] if batch[0].guidance_scale > 1 else None,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
             num_inference_steps=batch[0].steps,
             guidance_scale=batch[0].guidance_scale,
             generator=generators,
             width=width,
             height=height,
-            output_type="pil",
+            output_type="np",
             callback_on_step_end=_callback,
         )
-    return out.images
+    return out.images[: len(batch)]
+
+
+def png_bytes(array) -> bytes:
+    """Encode a float (H, W, 3) array in [0, 1] as PNG, rounding exactly as diffusers' numpy_to_pil."""
+    from PIL import Image
+
+    img = Image.fromarray((array * 255).round().astype("uint8"))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclass
+class JobWork:
+    """One job being sampled: its run handle, where its outputs go, and its remaining items."""
+
+    run: JobRun
+    job: Job
+    tenant_id: str
+    items: list[Item]
+    made: int
+    total: int
+
+
+class OutputWriter:
+    """Encode, upload and record outputs off the model's thread; bounded, errors re-raised."""
+
+    def __init__(self, settings: Settings, storage: Storage, threads: int = 2):
+        self.settings, self.storage = settings, storage
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ldmq-writer")
+        self.pending: deque[Future] = deque()
+        self._lock = threading.Lock()
+
+    def submit(self, work: JobWork, items: list[Item], arrays) -> None:
+        self.pending.append(self.pool.submit(self._write, work, items, arrays))
+        while len(self.pending) > MAX_PENDING:
+            self.pending.popleft().result()
+
+    def _write(self, work: JobWork, items: list[Item], arrays) -> None:
+        records = []
+        for it, arr in zip(items, arrays):
+            data = png_bytes(arr)
+            key = output_key(work.tenant_id, work.job.id, it.row, it.index)
+            # Same seed -> same bytes, so a retry's re-write of this key stores identical content.
+            self.storage.put_bytes(key, data, content_type="image/png")
+            records.append(dict(row=it.row, index=it.index, seed=it.seed, key=key, width=arr.shape[1],
+                                height=arr.shape[0], sha256=sha256_hex(data)))
+        with self._lock:
+            work.made += len(items)
+            made = work.made
+        with session_scope(self.settings) as s:  # one transaction per batch, fenced by the attempt
+            for rec in records:
+                jobstate.record_output(s, work.run.job_id, work.run.attempt, **rec)
+            jobstate.set_progress(s, work.run.job_id, work.run.attempt, made / work.total,
+                                  {"images_done": made, "images_total": work.total})
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def load_work(settings: Settings, run: JobRun) -> tuple[JobWork, Model | None]:
+    with session_scope(settings) as s:
+        job = s.get(Job, run.job_id)
+        rows = list(s.scalars(select(JobRow).where(JobRow.job_id == job.id).order_by(JobRow.row)))
+        model = s.get(Model, job.model_id) if job.model_id else None
+        tenant = s.get(Tenant, job.tenant_id)
+        done = {(o.row, o.index) for o in s.scalars(select(JobOutput).where(JobOutput.job_id == job.id))}
+    items = plan_items(job, rows, done)
+    return JobWork(run, job, tenant.id, items, len(done), job.total_items or 1), model
+
+
+def batch_size_for(settings: Settings, model: Model) -> int:
+    """The fixed model batch: the model's own setting if it has one, else the worker's."""
+    return int((model.config or {}).get("sample_batch_size") or settings.sample_batch_size)
 
 
 def run_sample(settings: Settings, run: JobRun) -> dict:
@@ -101,38 +215,30 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
     if settings.worker_threads:
         torch.set_num_threads(settings.worker_threads)
     storage = get_storage(settings)
-    with session_scope(settings) as s:
-        job = s.get(Job, run.job_id)
-        rows = list(s.scalars(select(JobRow).where(JobRow.job_id == job.id).order_by(JobRow.row)))
-        model = s.get(Model, job.model_id) if job.model_id else None
-        tenant = s.get(Tenant, job.tenant_id)
-        done = {(o.row, o.index) for o in s.scalars(select(JobOutput).where(JobOutput.job_id == job.id))}
+    work, model = load_work(settings, run)
     if model is None:
-        raise JobError("model_not_found", f"model {job.params.get('model')!r} no longer exists")
+        raise JobError("model_not_found", f"model {work.job.params.get('model')!r} no longer exists")
     device = resolve_device(settings.worker_device)
-    pipe = pipeline_cache(settings).get(model.id, model.key, storage, device)
-    pipe.scheduler = make_scheduler(job.params.get("scheduler", "dpm-solver++"), pipe.scheduler.config)
+    pipe = pipeline_cache(settings).get(model.id, model.key, storage, device, settings)
+    pipe.scheduler = make_scheduler(work.job.params.get("scheduler", "dpm-solver++"), pipe.scheduler.config)
     scale = pipe.vae_scale_factor
-    width = job.params.get("width") or pipe.unet.config.sample_size * scale
-    height = job.params.get("height") or pipe.unet.config.sample_size * scale
+    width = work.job.params.get("width") or pipe.unet.config.sample_size * scale
+    height = work.job.params.get("height") or pipe.unet.config.sample_size * scale
+    size = batch_size_for(settings, model)
+    embeddings = EmbeddingCache(pipe, device)
 
-    items = plan_items(job, rows, done)
-    total = job.total_items or 1
-    made = len(done)
-    log.info("job %s: %d images to make (%d done before)", job.id, len(items), made)
-    for batch in batches(items, settings.sample_batch_size):
-        run.check()
-        images = generate(pipe, batch, width=width, height=height, device=device, on_step=lambda _s: run.check())
-        for it, image in zip(batch, images):
-            data = png_bytes(image)
-            key = output_key(tenant.id, job.id, it.row, it.index)
-            # Same seed -> same pixels, so a retry's re-write of this key stores identical bytes.
-            storage.put_bytes(key, data, content_type="image/png")
-            run.record_output(row=it.row, index=it.index, seed=it.seed, key=key, width=image.width,
-                              height=image.height, sha256=sha256_hex(data))
-        made += len(batch)
-        run.progress(made / total, {"images_done": made, "images_total": total})
-    write_manifest(settings, tenant.id, job.id)
+    log.info("job %s: %d images to make (%d done before), batch %d", work.job.id, len(work.items), work.made, size)
+    writer = OutputWriter(settings, storage)
+    try:
+        for batch in batches(work.items, size):
+            run.check()
+            arrays = generate(pipe, batch, batch_size=size, width=width, height=height, device=device,
+                              embeddings=embeddings, on_step=lambda _s: run.check())
+            writer.submit(work, batch, arrays)
+        writer.drain()
+    finally:
+        writer.close()
+    write_manifest(settings, work.tenant_id, work.job.id)
     return {"model_id": model.id}
 
 

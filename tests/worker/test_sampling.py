@@ -100,3 +100,20 @@ def test_each_scheduler_runs(client, settings, tiny_model, scheduler):
     _, key, model_id = tiny_model
     job_id = submit(client, key, model_id, [{"prompt": "p", "seed": 1}], scheduler=scheduler)
     assert run(settings, job_id) == "succeeded"
+
+
+def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
+    """Padding every batch to one fixed size makes an image independent of its batch-mates."""
+    from worker.pipelines import load_pipeline_dir, make_scheduler
+    from worker.sampling import EmbeddingCache, Item, generate, png_bytes
+
+    pipe = load_pipeline_dir(tiny_pipeline_dir)
+    pipe.scheduler = make_scheduler("dpm-solver++", pipe.scheduler.config)
+    emb = EmbeddingCache(pipe, "cpu")
+    items = [Item(r, 0, 1000 + r, f"prompt {r % 3}", "", 4.0, 3) for r in range(6)]
+    batched = generate(pipe, items, batch_size=8, width=32, height=32, device="cpu", embeddings=emb)
+    for k in (0, 3, 5):
+        alone = generate(pipe, [items[k]], batch_size=8, width=32, height=32, device="cpu", embeddings=emb)
+        assert png_bytes(alone[0]) == png_bytes(batched[k])
+        assert (alone[0] == batched[k]).all()
+    assert emb.misses == 4 and emb.hits > 0  # 3 prompts + the empty negative prompt, encoded once each
