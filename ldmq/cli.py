@@ -27,9 +27,12 @@ def cmd_api(args) -> int:
     import uvicorn
 
     from api.app import create_app
+    from shared.logctx import log_format
 
+    # JSON logs: no uvicorn logging config of its own, so its loggers reach the root's JSON handler.
+    log_config = None if log_format() == "json" else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(create_app(_settings()), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.access_log)
+                access_log=args.access_log, log_config=log_config)
     return 0
 
 
@@ -58,6 +61,198 @@ def cmd_sweeper(args) -> int:
         return 0
     run_forever(s, args.interval or s.sweep_interval_s)
     return 0
+
+
+def cmd_webhooks(args) -> int:
+    import json
+    import signal
+    import threading
+
+    from shared.webhooks import WebhookSettings, deliver_once, run_forever
+
+    s, ws = _settings(), WebhookSettings()
+    if args.once:
+        print(json.dumps(deliver_once(s, ws)))
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_forever(s, ws, stop)
+    logging.getLogger("ldmq.webhooks").info("webhooks: stopped")
+    return 0
+
+
+# ---- ldmq jobs: the REST API from the command line (ldmq.client) -----------------------------------
+
+def _client(args):
+    from ldmq.client import Client
+
+    return Client(args.url, args.key, timeout=args.timeout)
+
+
+def _print_json(obj) -> None:
+    import json
+
+    print(json.dumps(obj, indent=1, default=str))
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, a line per change otherwise)."""
+
+    def __init__(self, stream=None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, job) -> None:
+        frac = max(0.0, min(1.0, float(job.progress or 0)))
+        filled = int(round(frac * self.width))
+        detail = job.progress_detail or {}
+        extra = ""
+        if job.type == "sample" and job.total_items:
+            extra = f" {job.outputs_count}/{job.total_items} images"
+        elif "step" in detail and "total_steps" in detail:
+            extra = f" step {detail['step']}/{detail['total_steps']}"
+            if isinstance(detail.get("loss"), (int, float)):
+                extra += f" loss {detail['loss']:.4f}"
+        line = f"{job.id[:8]} [{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% {job.status}{extra}"
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line)
+            if job.is_final:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _follow(client, job_id: str, args) -> int:
+    bar = _ProgressBar()
+    job = None
+    for job in client.follow(job_id, interval=args.interval, timeout=args.follow_timeout):
+        bar.update(job)
+    _print_json(job.raw)
+    if job.status != "succeeded" and job.error:
+        print(f"job {job.id} {job.status}: {job.error.get('message', job.error)}", file=sys.stderr)
+    return 0 if job.status == "succeeded" else 1
+
+
+def cmd_jobs(args) -> int:
+    import httpx
+
+    from ldmq.client import ApiError
+
+    try:
+        with _client(args) as c:
+            return int(args.jobs_fn(c, args) or 0)
+    except ValueError as exc:  # no URL / key
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except httpx.TransportError as exc:
+        print(f"error: cannot reach the API: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unreadable CSV file, an unwritable download folder
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _jobs_submit(c, args) -> int:
+    events = [e for e in (args.webhook_events or "").split(",") if e.strip()] or None
+    job = c.submit_csv(args.csv, model=args.model, scheduler=args.scheduler, steps=args.steps,
+                       guidance_scale=args.guidance_scale, webhook_url=args.webhook_url, webhook_events=events,
+                       idempotency_key=args.idempotency_key)
+    if args.follow:
+        print(f"submitted job {job.id}", file=sys.stderr)
+        return _follow(c, job.id, args)
+    _print_json(job.raw)
+    print(job.id)
+    return 0
+
+
+def _jobs_estimate(c, args) -> int:
+    _print_json(c.estimate_csv(args.csv, model=args.model, scheduler=args.scheduler, steps=args.steps,
+                               guidance_scale=args.guidance_scale))
+    return 0
+
+
+def _jobs_get(c, args) -> int:
+    _print_json(c.get(args.job_id).raw)
+    return 0
+
+
+def _jobs_list(c, args) -> int:
+    for job in c.list(status=args.status, type=args.type, max_items=args.limit):
+        print(f"{job.id}  {job.type:6}  {job.status:9}  {job.progress * 100:5.1f}%  {job.created_at}")
+    return 0
+
+
+def _jobs_cancel(c, args) -> int:
+    _print_json(c.cancel(args.job_id).raw)
+    return 0
+
+
+def _jobs_follow(c, args) -> int:
+    return _follow(c, args.job_id, args)
+
+
+def _jobs_download(c, args) -> int:
+    paths = c.download(args.job_id, args.dir, overwrite=args.overwrite)
+    print(f"{len(paths)} image(s) in {Path(args.dir).resolve()}", file=sys.stderr)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _add_jobs_parser(sub) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", help="API base URL (default: $LDMQ_API_URL)")
+    conn.add_argument("--key", help="API key (default: $LDMQ_API_KEY)")
+    conn.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds")
+    follow = argparse.ArgumentParser(add_help=False)
+    follow.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    follow.add_argument("--follow-timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
+    sample = argparse.ArgumentParser(add_help=False)
+    sample.add_argument("csv", help="CSV of prompts (header row; prompt required)")
+    sample.add_argument("--model", required=True, help="model id")
+    sample.add_argument("--scheduler", help="ddpm, ddim or dpm-solver++")
+    sample.add_argument("--steps", type=int)
+    sample.add_argument("--guidance-scale", type=float)
+
+    j = sub.add_parser("jobs", help="submit, follow and download jobs over the REST API")
+    jsub = j.add_subparsers(dest="jobs_cmd", required=True)
+    p = jsub.add_parser("submit", parents=[conn, sample, follow], help="upload a CSV as a sample job; prints the job id last")
+    p.add_argument("--webhook-url")
+    p.add_argument("--webhook-events", help="comma-separated: started,progress,row_done,checkpoint,succeeded,failed,canceled")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--follow", action="store_true", help="then follow the job to its end")
+    p.set_defaults(jobs_fn=_jobs_submit)
+    p = jsub.add_parser("estimate", parents=[conn, sample], help="dry run: validate a CSV and estimate its GPU time")
+    p.set_defaults(jobs_fn=_jobs_estimate)
+    p = jsub.add_parser("get", parents=[conn], help="print a job")
+    p.add_argument("job_id")
+    p.set_defaults(jobs_fn=_jobs_get)
+    p = jsub.add_parser("list", parents=[conn], help="list jobs, newest first")
+    p.add_argument("--status")
+    p.add_argument("--type")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(jobs_fn=_jobs_list)
+    p = jsub.add_parser("cancel", parents=[conn], help="cancel a job")
+    p.add_argument("job_id")
+    p.set_defaults(jobs_fn=_jobs_cancel)
+    p = jsub.add_parser("follow", parents=[conn, follow], help="a progress bar until the job ends (exit 0: succeeded)")
+    p.add_argument("job_id")
+    p.set_defaults(jobs_fn=_jobs_follow)
+    p = jsub.add_parser("download", parents=[conn], help="download a job's images (checksums verified)")
+    p.add_argument("job_id")
+    p.add_argument("dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(jobs_fn=_jobs_download)
+    j.set_defaults(fn=cmd_jobs)
 
 
 def cmd_keys_create(args) -> int:
@@ -117,6 +312,10 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     if args.what == "train":
         from worker.bench_train import main as bench_main
+    elif args.what == "api":
+        from ldmq.bench_api import main as bench_main
+    elif args.what == "gpu":
+        from ldmq.bench_gpu import main as bench_main
     else:
         from ldmq.bench import main as bench_main
     return bench_main(args.rest) or 0
@@ -134,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=8000)
     a.add_argument("--log-level", default="info")
     a.add_argument("--no-access-log", dest="access_log", action="store_false")
+    a.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers)")
     a.set_defaults(fn=cmd_api)
 
     w = sub.add_parser("worker", help="run a Celery worker")
@@ -147,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--interval", type=float, default=None)
     sw.add_argument("--once", action="store_true")
     sw.set_defaults(fn=cmd_sweeper)
+
+    wh = sub.add_parser("webhooks", help="deliver job events to webhooks (runs forever)")
+    wh.add_argument("--once", action="store_true", help="one pass, print its counts")
+    wh.set_defaults(fn=cmd_webhooks)
+
+    _add_jobs_parser(sub)
 
     k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
     kc = k.add_parser("create", help="create a key (and its tenant); prints the key on the last line")
@@ -169,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
-    b.add_argument("what", choices=["train", "sample"])
+    b.add_argument("what", choices=["train", "sample", "api", "gpu"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p
@@ -177,8 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shared.logctx import configure_logging
+
+    try:
+        fmt = configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if fmt == "json":
+        # Celery sets up logging of its own unless something answers its setup_logging signal;
+        # answering keeps the JSON handler (with the job context) on the root logger.
+        from celery.signals import setup_logging
+
+        setup_logging.connect(lambda **_: None, weak=False)
     for noisy in ("httpx", "httpx2", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.fn(args) or 0)

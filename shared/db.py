@@ -37,7 +37,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=5)
+    # The API's threadpool runs up to 40 sync routes at once; size the pool to match so a burst
+    # queues on threads rather than timing out on connections.
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20, pool_timeout=10)
 
 
 @lru_cache(maxsize=8)

@@ -37,13 +37,17 @@ def authenticate(session: Session, key: str) -> Tenant | None:
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         return None
-    row = session.scalars(select(ApiKey).where(ApiKey.prefix == parts[1])).first()
+    # One round trip: the key and its tenant together.
+    found = session.execute(
+        select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.prefix == parts[1])
+    ).first()
+    row, tenant = found if found is not None else (None, None)
     # Compare even when there is no row, so timing does not tell which prefixes exist.
     expected = row.key_hash if row is not None else "0" * 64
     ok = hmac.compare_digest(expected, hash_key(key))
     if not ok or row is None or row.revoked_at is not None:
         return None
-    return row.tenant
+    return tenant
 
 
 def revoke_key(session: Session, prefix: str) -> bool:
