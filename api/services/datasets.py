@@ -27,7 +27,7 @@ def create_dataset(session: Session, storage: Storage, tenant: Tenant, filename:
     suffix = next(s for s in ARCHIVE_SUFFIXES if lower.endswith(s))
     key = dataset_key(tenant.id, ds_id, "archive" + suffix)
     storage.put_bytes(key, data)
-    info_dict = info.as_dict() if hasattr(info, "as_dict") else dict(vars(info))
+    info_dict = info.to_dict()
     ds = Dataset(id=ds_id, tenant_id=tenant.id, name=name or filename, key=key,
                  num_images=info_dict.get("num_images", 0), info=info_dict)
     session.add(ds)
