@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.storage import StorageError
@@ -70,9 +71,30 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable: %s", exc.orig if hasattr(exc, "orig") else exc)
         return _unavailable("database")
 
+    @app.exception_handler(IntegrityError)
+    async def _conflict(_: Request, exc: IntegrityError):
+        # A constraint refused a write that raced another request (or a bug let a duplicate
+        # through): the caller may retry; never a 500.
+        log.warning("integrity error answered 409: %s", getattr(exc, "orig", exc))
+        return error_response(409, "conflict", "the request conflicts with the current state of a resource; retry it",
+                              headers={"Retry-After": "1"})
+
+    @app.exception_handler(DataError)
+    async def _bad_value(_: Request, exc: DataError):
+        # The database refused a value the request carried (a NUL character, a number out of
+        # range, a string too long for its column): the request is at fault, not the server.
+        log.warning("data error answered 422: %s", getattr(exc, "orig", exc))
+        return error_response(422, "invalid_request", "a value in the request cannot be stored (e.g. a NUL character "
+                                                      "or a number out of range)")
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(_: Request, exc: PoolTimeout):
+        log.warning("database pool exhausted: %s", exc)
+        return _unavailable("database")
+
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError):
-        if exc.connection_invalidated:
+        if exc.connection_invalidated or isinstance(exc, InterfaceError):
             return _unavailable("database")
         log.exception("database error")
         return error_response(500, "internal_error", "an internal error occurred")

@@ -4,6 +4,8 @@ the same job cannot both win, and a final state never changes.
     queued -> running -> succeeded | failed | canceled
     queued -> canceled
     running (lease expired) -> running (re-claimed, attempts + 1) | failed (attempts exhausted)
+    running -> queued   (release: worker shutdown or lost database; the attempt is refunded)
+    running -> queued | failed   (retry_or_fail: the run's process died; the attempt is spent)
 
 ``attempts`` is the fencing token: a claim returns it, and every later write of that run
 (progress, outputs, checkpoints, the final state) carries it and is refused once another run
@@ -147,18 +149,63 @@ def finish(
     emit(session, job_id, status.value, {"error": error} if error else {"model_id": model_id} if model_id else {})
 
 
-def release(session: Session, job_id: str, attempt: int) -> bool:
-    """Give the job back to the queue at once (worker shutdown): running -> queued, attempt refunded."""
+def release(session: Session, job_id: str, attempt: int, reason: str = "worker shutdown") -> bool:
+    """Give the job back to the queue at once: running -> queued, without spending an attempt.
+
+    ``attempts`` is never decremented (it is the fencing token, and a token must never be handed
+    out twice); the attempt is refunded by raising ``max_attempts`` by one instead.
+    """
     res = session.execute(
         update(Job)
         .where(_fenced(job_id, attempt))
-        .values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1)
+        .values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None,
+                max_attempts=Job.max_attempts + 1, enqueued_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     if res.rowcount == 1:
-        emit(session, job_id, "requeued", {"reason": "worker shutdown"})
+        emit(session, job_id, "requeued", {"reason": reason, "attempt": attempt})
         return True
     return False
+
+
+def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict[str, Any]) -> str | None:
+    """The run's process died under it (crash, OOM kill): spend the attempt and requeue the job, or
+    fail it when no attempt is left (a poison job). Returns "requeued", "failed", or None when the
+    run no longer holds the job."""
+    job = session.execute(
+        select(Job.attempts, Job.max_attempts).where(_fenced(job_id, attempt)).with_for_update()
+    ).first()
+    if job is None:
+        return None
+    now = utcnow()
+    if job.attempts < job.max_attempts:
+        session.execute(
+            update(Job).where(_fenced(job_id, attempt))
+            .values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        emit(session, job_id, "requeued", {"reason": error.get("code", "crashed"), "attempt": attempt,
+                                           "error": error})
+        return "requeued"
+    final = {"code": "attempts_exhausted",
+             "message": f"the job's process died on each of its {job.attempts} attempts; "
+                        f"last: {error.get('message', error.get('code'))}"}
+    session.execute(
+        update(Job).where(_fenced(job_id, attempt))
+        .values(status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
+                error=final)
+        .execution_options(synchronize_session=False)
+    )
+    emit(session, job_id, "failed", {"error": final})
+    return "failed"
+
+
+def cancel_requested(session: Session, job_id: str, attempt: int) -> bool:
+    """Read-only: has the user asked this run to stop? Raises LeaseLost if the run lost the job."""
+    row = session.execute(select(Job.cancel_requested).where(_fenced(job_id, attempt))).first()
+    if row is None:
+        raise LeaseLost(job_id)
+    return bool(row[0])
 
 
 def request_cancel(session: Session, job_id: str) -> None:
@@ -186,32 +233,38 @@ def fail_exhausted(session: Session, now: datetime | None = None) -> list[str]:
     stmt = (
         update(Job)
         .where(
-            Job.status == JobStatus.running.value,
-            Job.lease_expires_at < now,
             Job.attempts >= Job.max_attempts,
+            Job.cancel_requested.is_(False),
+            or_(
+                and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
+                Job.status == JobStatus.queued.value,  # cannot be claimed any more: end it
+            ),
         )
         .values(
             status=JobStatus.failed.value,
             finished_at=now,
             lease_owner=None,
             lease_expires_at=None,
-            error={"code": "attempts_exhausted", "message": "the job stopped its worker on every attempt"},
+            error={"code": "attempts_exhausted",
+                   "message": "the job stopped its worker on every attempt (its lease expired each time)"},
         )
-        .returning(Job.id)
+        .returning(Job.id, Job.attempts)
         .execution_options(synchronize_session=False)
     )
-    ids = list(session.execute(stmt).scalars())
-    for job_id in ids:
-        emit(session, job_id, "failed", {"error": {"code": "attempts_exhausted"}})
-    return ids
+    rows = list(session.execute(stmt))
+    for job_id, attempts in rows:
+        emit(session, job_id, "failed", {"error": {"code": "attempts_exhausted"}, "attempts": attempts})
+    return [r[0] for r in rows]
 
 
 def cancel_abandoned(session: Session, now: datetime | None = None) -> list[str]:
-    """Running jobs that were asked to cancel and whose run died: finish them as canceled."""
+    """Jobs asked to cancel whose run died (or that were released meanwhile): finish them as canceled."""
     now = now or utcnow()
     stmt = (
         update(Job)
-        .where(Job.status == JobStatus.running.value, Job.lease_expires_at < now, Job.cancel_requested.is_(True))
+        .where(Job.cancel_requested.is_(True),
+               or_(and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
+                   Job.status == JobStatus.queued.value))
         .values(status=JobStatus.canceled.value, finished_at=now, lease_owner=None, lease_expires_at=None)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
@@ -277,3 +330,28 @@ def mark_enqueued(session: Session, job_ids: list[str], now: datetime | None = N
     if job_ids:
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now or utcnow())
                         .execution_options(synchronize_session=False))
+
+
+@dataclass(frozen=True)
+class SweepCandidate:
+    job_id: str
+    type: str
+    status: str
+    enqueued_at: datetime | None
+
+
+def sweep_candidates(session: Session, now: datetime | None = None) -> list[SweepCandidate]:
+    """Every job that should be in the broker: queued ones, and running ones whose lease expired
+    with attempts left (their worker died). The sweeper asks the broker which it still holds."""
+    now = now or utcnow()
+    rows = session.execute(
+        select(Job.id, Job.type, Job.status, Job.enqueued_at).where(
+            or_(
+                and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now,
+                     Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False)),
+                and_(Job.status == JobStatus.queued.value, Job.attempts < Job.max_attempts),
+            )
+        )
+    ).all()
+    return [SweepCandidate(r[0], r[1], r[2], r[3]) for r in rows]
+

@@ -38,15 +38,27 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=60, ge=2)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
-    sample_time_limit_s: int = Field(default=6 * 3600, ge=1)
-    train_time_limit_s: int = Field(default=48 * 3600, ge=1)
-    requeue_after_s: float = Field(default=600.0, gt=0, description="Re-send a queued job's message after this long.")
+    sample_time_limit_s: int = Field(default=6 * 3600, ge=1, description="Soft limit: the run is asked to stop.")
+    train_time_limit_s: int = Field(default=48 * 3600, ge=1, description="Soft limit: the run is asked to stop.")
+    stop_grace_s: float = Field(default=30.0, gt=0, description=(
+        "How long a run asked to stop (cancel, shutdown, lost lease, soft time limit) may take before its "
+        "process is killed; soft limit + this = the hard time limit."))
+    requeue_after_s: float = Field(default=600.0, gt=0, description=(
+        "Re-send a queued job's message after this long, where the broker cannot be inspected."))
+    orphan_grace_s: float = Field(default=10.0, gt=0, description=(
+        "A queued job that no broker holds for this long is re-enqueued by the sweeper."))
     sweep_interval_s: float = Field(default=15.0, gt=0)
+    storage_retry_s: float = Field(default=30.0, ge=0, description=(
+        "How long an object-storage call retries (with backoff) on connection errors and 5xx before failing."))
 
     # Worker.
     worker_device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     pipeline_cache_size: int = Field(default=2, ge=1)
     sample_batch_size: int = Field(default=16, ge=1)
+    cobatch_max_items: int = Field(
+        default=64, ge=0,
+        description="Pack other queued jobs of the same model into a sample run while the images of the "
+                    "run stay under this many (0: one job per run)")
     worker_threads: int = Field(default=0, ge=0, description="torch threads; 0 = torch's default")
     worker_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto: float16 on CUDA, float32 on CPU")

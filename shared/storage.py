@@ -7,9 +7,11 @@ carries its SHA-256 (S3 user metadata, or a sidecar file) and reads verify it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +20,7 @@ from urllib.parse import urlparse
 from shared.settings import Settings, get_settings
 
 CHECKSUM_META = "sha256"
+log = logging.getLogger(__name__)
 
 
 class StorageError(Exception):
@@ -70,6 +73,21 @@ class Storage(ABC):
     @abstractmethod
     def check(self) -> None:
         """Raise StorageError unless the backend answers."""
+
+    def checksum(self, key: str) -> str | None:
+        """The stored SHA-256 of ``key`` (ObjectNotFound if absent; None if it carries none)."""
+        return sha256_hex(self.get_bytes(key, verify=False))
+
+    def put_bytes_once(self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
+                       ) -> tuple[str, bool]:
+        """Create ``key`` only if absent (S3 ``If-None-Match: *``); returns (sha256 stored, created).
+
+        A run that repeats an earlier attempt's write, or a stale run that lost its lease, keeps
+        the object that is there: a final write can never clobber the winner's."""
+        try:
+            return self.put_bytes(key, data, content_type=content_type, if_none_match=True), True
+        except ObjectExists:
+            return self.checksum(key) or sha256_hex(self.get_bytes(key, verify=False)), False
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
         return self.put_bytes(key, Path(path).read_bytes(), content_type=content_type)
@@ -167,6 +185,13 @@ class FileStorage(Storage):
     def exists(self, key):
         return self._path(key).is_file()
 
+    def checksum(self, key):
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        side = self._sidecar(path)
+        return side.read_text().strip() if side.exists() else sha256_hex(path.read_bytes())
+
     def list(self, prefix):
         base = self.root
         out = []
@@ -197,18 +222,46 @@ class FileStorage(Storage):
             raise StorageError(f"{self.root} is not writable")
 
 
-class S3Storage(Storage):
-    scheme = "s3"
+class StorageUnavailable(StorageError):
+    """The backend did not answer (connection refused, timeouts, 5xx) for the whole retry budget."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str = "us-east-1"):
+
+_RETRY_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+
+
+def _retryable(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    if isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError)):
+        return True
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return err.get("Code", "") in _RETRY_CODES or status >= 500
+    return False
+
+
+class S3Storage(Storage):
+    """S3 with bounded retries: connection errors, timeouts, 5xx and throttling are retried with
+    exponential backoff and jitter for up to ``retry_s`` seconds; then ``StorageUnavailable``."""
+
+    scheme = "s3"
+    BACKOFF_START_S = 0.2
+    BACKOFF_MAX_S = 5.0
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str = "us-east-1",
+                 retry_s: float = 30.0):
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.retry_s = retry_s
         cfg = Config(
             region_name=region,
-            retries={"max_attempts": 5, "mode": "standard"},
+            # One try per call: the retry loop below owns retries, their backoff and their budget.
+            retries={"max_attempts": 1, "mode": "standard"},
             connect_timeout=3,
             read_timeout=30,
             s3={"addressing_style": "path"},
@@ -234,54 +287,76 @@ class S3Storage(Storage):
                 return ObjectExists(key)
         return StorageError(f"S3 {type(exc).__name__} on {key!r}: {exc}")
 
+    def _call(self, op: str, key: str, fn, *, retry: bool = True):
+        """Run ``fn()`` (one S3 request), retrying transient failures within the budget."""
+        import random
+
+        deadline = time.monotonic() + (self.retry_s if retry else 0.0)
+        delay = self.BACKOFF_START_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except Exception as exc:
+                if not _retryable(exc):
+                    raise self._wrap(exc, key) from exc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("storage: %s %r failed %d time(s) over %.0f s; giving up: %s", op, key, attempt,
+                              self.retry_s, exc)
+                    raise StorageUnavailable(
+                        f"object storage unreachable: {op} {key!r} failed {attempt} time(s) over "
+                        f"{self.retry_s:.0f} s of retries ({type(exc).__name__}: {exc})") from exc
+                sleep = min(left, delay * (0.5 + random.random() / 2))
+                log.warning("storage: %s %r failed (%s); retry %d in %.2f s", op, key, type(exc).__name__,
+                            attempt, sleep)
+                time.sleep(sleep)
+                delay = min(self.BACKOFF_MAX_S, delay * 2)
+
     def put_bytes(self, key, data, *, content_type="application/octet-stream", if_none_match=False):
         digest = sha256_hex(data)
         kwargs = dict(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
                       Metadata={CHECKSUM_META: digest})
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
-        try:
-            self.client.put_object(**kwargs)
-        except Exception as exc:
-            raise self._wrap(exc, key) from exc
+        self._call("put", key, lambda: self.client.put_object(**kwargs))
         return digest
 
     def get_bytes(self, key, *, verify=True):
-        try:
+        def get():
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            data = obj["Body"].read()
-        except Exception as exc:
-            raise self._wrap(exc, key) from exc
+            return obj, obj["Body"].read()
+
+        obj, data = self._call("get", key, get)
         expected = obj.get("Metadata", {}).get(CHECKSUM_META)
         if verify and expected and expected != sha256_hex(data):
             raise ChecksumMismatch(key)
         return data
 
+    def checksum(self, key):
+        head = self._call("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        return head.get("Metadata", {}).get(CHECKSUM_META)
+
     def exists(self, key):
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self.checksum(key)
             return True
-        except Exception as exc:
-            err = self._wrap(exc, key)
-            if isinstance(err, ObjectNotFound):
-                return False
-            raise err from exc
+        except ObjectNotFound:
+            return False
 
     def list(self, prefix):
-        out = []
-        try:
+        def pages():
+            out = []
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
                 out.extend(self._rel(o["Key"]) for o in page.get("Contents", []))
-        except Exception as exc:
-            raise self._wrap(exc, prefix) from exc
-        return sorted(out)
+            return out
+
+        return sorted(self._call("list", prefix, pages))
 
     def delete(self, key):
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            raise self._wrap(exc, key) from exc
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def presigned_url(self, key, expires_s):
         return self.client.generate_presigned_url(
@@ -292,10 +367,8 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def check(self):
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            raise self._wrap(exc, "") from exc
+        # Readiness answers now: no retries.
+        self._call("head_bucket", "", lambda: self.client.head_bucket(Bucket=self.bucket), retry=False)
 
 
 def storage_from_url(url: str, settings: Settings | None = None) -> Storage:
@@ -304,20 +377,22 @@ def storage_from_url(url: str, settings: Settings | None = None) -> Storage:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"s3 URL needs a bucket: {url!r}")
-        return S3Storage(parsed.netloc, parsed.path, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                         retry_s=settings.storage_retry_s)
     if parsed.scheme == "file":
         return FileStorage(Path(parsed.path))
     raise ValueError(f"unknown storage URL scheme {parsed.scheme!r} in {url!r}; valid: s3://bucket/prefix, file:///path")
 
 
 @lru_cache(maxsize=8)
-def _cached(url: str, endpoint: str | None, region: str) -> Storage:
-    return storage_from_url(url, Settings(s3_endpoint_url=endpoint, s3_region=region))
+def _cached(url: str, endpoint: str | None, region: str, retry_s: float) -> Storage:
+    return storage_from_url(url, Settings(s3_endpoint_url=endpoint, s3_region=region, storage_retry_s=retry_s))
 
 
 def get_storage(settings: Settings | None = None) -> Storage:
     settings = settings or get_settings()
-    return _cached(settings.effective_storage_url, settings.s3_endpoint_url, settings.s3_region)
+    return _cached(settings.effective_storage_url, settings.s3_endpoint_url, settings.s3_region,
+                   settings.storage_retry_s)
 
 
 # Key layout: everything a tenant owns lives under its own prefix.

@@ -1,27 +1,152 @@
 """The sweeper: the database says which jobs should be running; the broker may have lost them.
 
-One pass: fail jobs that used up their attempts (poison jobs), finish abandoned cancels, and
-re-enqueue jobs whose lease expired or that sat queued with no recent message.
+One pass (``ldmq sweeper`` runs one every ``sweep_interval_s``; several sweepers may run, every
+change is a conditional UPDATE and a duplicate message is harmless):
+
+1. fail jobs that used up their attempts (poison jobs: their lease expired on the last one);
+2. finish abandoned cancels;
+3. ask the broker which jobs it holds (Redis: the queue lists and the ``unacked`` hash; the
+   file-system transport: its message files) and re-enqueue
+   - running jobs whose lease expired (their worker died), unless a message already waits;
+   - queued jobs that no broker holds for ``orphan_grace_s`` (a FLUSHALL, a lost message, a
+     worker that died between receiving the message and claiming the job).
+   Where the broker cannot be inspected, queued jobs are re-sent every ``requeue_after_s``.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
 from shared import jobstate
 from shared.db import session_scope
-from shared.queue import enqueue
+from shared.models import utcnow
+from shared.queue import QUEUE_FOR_TYPE, TASK_FOR_TYPE, enqueue
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue name + sep + priority step
+PRIORITY_STEPS = (3, 6, 9)
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+@dataclass
+class BrokerView:
+    """Job ids with a message waiting in a queue, and job ids delivered but not acked (with the
+    delivery time, seconds since the epoch)."""
+
+    waiting: set[str] = field(default_factory=set)
+    unacked: dict[str, float] = field(default_factory=dict)
+
+
+def _job_id_of(payload: dict) -> str | None:
+    """The job id a Celery (protocol 2) message carries: its first positional argument."""
+    headers = payload.get("headers") or {}
+    if headers.get("task") not in TASK_FOR_TYPE.values():
+        return None
+    try:
+        body = payload["body"]
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0])
+    except Exception:
+        rep = headers.get("argsrepr") or ""
+        return rep.strip("[]()',\" ") or None
+
+
+def _redis_view(url: str) -> BrokerView:
+    import redis
+
+    r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+    try:
+        view = BrokerView()
+        pipe = r.pipeline()
+        for queue in sorted(set(QUEUE_FOR_TYPE.values())):
+            for key in [queue, *(f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS)]:
+                pipe.lrange(key, 0, -1)
+        pipe.hgetall(UNACKED_KEY)
+        pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        *lists, unacked, index = pipe.execute()
+        for items in lists:
+            for raw in items:
+                try:
+                    job_id = _job_id_of(json.loads(raw))
+                except ValueError:
+                    continue
+                if job_id:
+                    view.waiting.add(job_id)
+        delivered = {tag.decode() if isinstance(tag, bytes) else tag: ts for tag, ts in index}
+        for tag, raw in unacked.items():
+            tag = tag.decode() if isinstance(tag, bytes) else tag
+            try:
+                payload = json.loads(raw)[0]
+            except (ValueError, IndexError, TypeError):
+                continue
+            job_id = _job_id_of(payload)
+            if job_id:
+                view.unacked[job_id] = max(view.unacked.get(job_id, 0.0), delivered.get(tag, 0.0))
+        return view
+    finally:
+        r.close()
+
+
+def _filesystem_view(folder: Path) -> BrokerView:
+    view = BrokerView()
+    for path in folder.glob("*.msg"):
+        try:
+            job_id = _job_id_of(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+        if job_id:
+            view.waiting.add(job_id)
+    return view
+
+
+def broker_view(settings: Settings) -> BrokerView | None:
+    """What the broker holds, or None where it cannot be inspected."""
+    url = settings.effective_broker_url
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return _redis_view(url)
+    if url.startswith("filesystem://"):
+        return _filesystem_view(settings.broker_folder / "queue")
+    return None
 
 
 def sweep_once(settings: Settings) -> dict[str, list[str]]:
     with session_scope(settings) as s:
         failed = jobstate.fail_exhausted(s)
         canceled = jobstate.cancel_abandoned(s)
-        due = jobstate.expired_or_orphaned(s, settings.requeue_after_s)
+        candidates = jobstate.sweep_candidates(s)
+    try:
+        view = broker_view(settings)
+    except Exception as exc:  # broker down: nothing to compare with, and nothing could be sent anyway
+        log.warning("sweeper: cannot inspect the broker: %s", exc)
+        return {"failed": failed, "canceled": canceled, "requeued": []}
+    now = utcnow()
+    grace = timedelta(seconds=settings.orphan_grace_s)
+    due: list[tuple[str, str]] = []
+    for c in candidates:
+        recent = c.enqueued_at is not None and now - c.enqueued_at < grace
+        if view is None:  # cannot see the broker: re-send on a timer
+            stale = c.enqueued_at is None or now - c.enqueued_at > timedelta(seconds=settings.requeue_after_s)
+            if c.status == "running" or stale:
+                due.append((c.job_id, c.type))
+            continue
+        if c.job_id in view.waiting or recent:
+            continue  # a message waits for a worker (or was just sent)
+        if c.status == "queued":
+            delivered = view.unacked.get(c.job_id)
+            if delivered is not None and time.time() - delivered < settings.orphan_grace_s:
+                continue  # a worker just received it and is claiming it
+        due.append((c.job_id, c.type))
     requeued = []
     for job_id, job_type in due:
         try:
@@ -30,17 +155,30 @@ def sweep_once(settings: Settings) -> dict[str, list[str]]:
             log.warning("sweeper: cannot enqueue %s: %s", job_id, exc)
             continue
         requeued.append(job_id)
-    with session_scope(settings) as s:
-        jobstate.mark_enqueued(s, requeued)
+    if requeued:
+        with session_scope(settings) as s:
+            jobstate.mark_enqueued(s, requeued)
     if failed or canceled or requeued:
         log.info("sweeper: failed=%s canceled=%s requeued=%s", failed, canceled, requeued)
     return {"failed": failed, "canceled": canceled, "requeued": requeued}
 
 
 def run_forever(settings: Settings, interval_s: float) -> None:
-    while True:
+    import signal
+
+    stop = {"now": False}
+
+    def on_term(_sig, _frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    log.info("sweeper: running every %g s", interval_s)
+    while not stop["now"]:
         try:
             sweep_once(settings)
-        except Exception:
-            log.exception("sweeper pass failed; retrying")
-        time.sleep(interval_s)
+        except Exception as exc:
+            log.warning("sweeper pass failed (%s: %s); retrying", type(exc).__name__, exc)
+        deadline = time.monotonic() + interval_s
+        while not stop["now"] and time.monotonic() < deadline:
+            time.sleep(min(0.2, interval_s))
+    log.info("sweeper: stopped")

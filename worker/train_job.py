@@ -62,7 +62,7 @@ def run_train(settings: Settings, run: JobRun) -> dict:
             saved.append(checkpoint_key)
 
         def progress(info: dict) -> None:
-            run.check()
+            # No run.check() here: should_stop() (next) stops the loop *after* a checkpoint.
             total = max(1, int(info.get("total_steps") or 1))
             run.progress(min(1.0, float(info.get("step", 0)) / total), info)
 
@@ -86,6 +86,7 @@ def run_train(settings: Settings, run: JobRun) -> dict:
         def latest_checkpoint() -> Path | None:
             if not checkpoint_key:
                 return None
+            check_checkpoint_files(storage.list(checkpoint_key.rstrip("/") + "/"), checkpoint_key)
             log.info("job %s: resuming from %s", run.job_id, checkpoint_key)
             return storage.download_dir(checkpoint_key, workdir / "resume")
 
@@ -115,6 +116,20 @@ def run_train(settings: Settings, run: JobRun) -> dict:
         return {"model_id": model_id}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# What a checkpoint may hold: tensors as safetensors, state as JSON, evaluation images as PNG.
+CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".png")
+
+
+def check_checkpoint_files(keys: list[str], prefix: str) -> None:
+    """Refuse a checkpoint holding anything else (a ``.pt``/``.bin`` pickle above all) before any
+    byte of it is downloaded, let alone unpickled."""
+    bad = sorted(k for k in keys if not k.lower().endswith(CHECKPOINT_SUFFIXES))
+    if bad:
+        names = ", ".join(k[len(prefix):].lstrip("/") or k for k in bad)
+        raise JobError("unsafe_checkpoint", f"checkpoint {prefix!r} holds files that are not safetensors/JSON/PNG "
+                                            f"(pickles are never loaded): {names}")
 
 
 def _scratch(settings: Settings) -> Path:

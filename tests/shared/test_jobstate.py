@@ -110,7 +110,58 @@ def test_release_requeues_without_spending_an_attempt(settings, job_id):
         c = jobstate.claim(s, job_id, "w1", 30)
         assert jobstate.release(s, job_id, c.attempt)
     job = status(settings, job_id)
-    assert job.status == "queued" and job.attempts == 0
+    # The attempt is refunded (max_attempts + 1), never by lowering the fencing token.
+    assert job.status == "queued" and job.attempts == 1 and job.max_attempts == 3
+    assert job.lease_owner is None and job.lease_expires_at is None
+    with session_scope(settings) as s:
+        c2 = jobstate.claim(s, job_id, "w2", 30)
+    assert c2.attempt == 2  # a token is never handed out twice
+    with session_scope(settings) as s, pytest.raises(LeaseLost):
+        jobstate.set_progress(s, job_id, c.attempt, 0.5)
+    with session_scope(settings) as s:
+        assert jobstate.release(s, job_id, c.attempt) is False  # the old run cannot give it back
+
+
+def test_retry_or_fail_spends_attempts_then_fails(settings, job_id):
+    err = {"code": "executor_died", "message": "the job's executor process died (killed by SIGKILL)"}
+    with session_scope(settings) as s:
+        c1 = jobstate.claim(s, job_id, "w1", 30)
+        assert jobstate.retry_or_fail(s, job_id, c1.attempt, err) == "requeued"
+    assert status(settings, job_id).status == "queued"
+    with session_scope(settings) as s:
+        c2 = jobstate.claim(s, job_id, "w1", 30)
+        assert jobstate.retry_or_fail(s, job_id, c1.attempt, err) is None  # fenced
+        assert jobstate.retry_or_fail(s, job_id, c2.attempt, err) == "failed"
+    job = status(settings, job_id)
+    assert job.status == "failed" and job.attempts == 2
+    assert job.error["code"] == "attempts_exhausted" and "SIGKILL" in job.error["message"]
+
+
+def test_cancel_requested_is_fenced(settings, job_id):
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, job_id, "w1", 30)
+        assert jobstate.cancel_requested(s, job_id, c.attempt) is False
+        jobstate.request_cancel(s, job_id)
+        assert jobstate.cancel_requested(s, job_id, c.attempt) is True
+    with session_scope(settings) as s, pytest.raises(LeaseLost):
+        jobstate.cancel_requested(s, job_id, c.attempt + 1)
+
+
+def test_sweep_candidates_and_abandoned_cancels(settings, job_id, make_tenant):
+    t = utcnow()
+    with session_scope(settings) as s:
+        assert {c.job_id for c in jobstate.sweep_candidates(s)} >= {job_id}  # queued
+        assert jobstate.claim(s, job_id, "w1", 5, now=t) is not None
+    with session_scope(settings) as s:
+        ids = {c.job_id for c in jobstate.sweep_candidates(s, now=t)}
+        assert job_id not in ids  # running under a live lease
+        ids = {c.job_id: c.status for c in jobstate.sweep_candidates(s, now=t + timedelta(seconds=10))}
+        assert ids[job_id] == "running"  # its worker died: due again
+        jobstate.request_cancel(s, job_id)
+    with session_scope(settings) as s:
+        assert job_id not in {c.job_id for c in jobstate.sweep_candidates(s, now=t + timedelta(seconds=10))}
+        assert jobstate.cancel_abandoned(s, now=t + timedelta(seconds=10)) == [job_id]
+    assert status(settings, job_id).status == "canceled"
 
 
 def test_transitions_append_events_in_the_same_transaction(settings, job_id):

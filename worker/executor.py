@@ -1,0 +1,392 @@
+"""GPU work runs in a spawned executor process; the worker process supervises it.
+
+Design (one job at a time per worker process):
+
+- The Celery task (in the worker process, which never imports torch) *claims* the job in the
+  database, heartbeats its lease (``worker.runner.JobRun``) and hands the job to the executor: a
+  long-lived child started with ``multiprocessing.get_context("spawn")`` (so CUDA never meets
+  ``fork``). The child keeps the pipeline cache warm across jobs; it re-reads the job by id,
+  runs ``worker.sampling.run_sample`` / ``worker.train_job.run_train`` and writes progress,
+  outputs and checkpoints itself, every write fenced by the attempt.
+- The parent tells the child to stop through a shared word (job sequence number + reason):
+  cancel, lease lost, worker shutdown (SIGTERM), soft time limit. The child's ``check()`` between
+  denoising / training steps sees it within a step.
+- If the child does not stop within ``stop_grace_s`` (the hard time limit is the soft limit plus
+  that), the parent SIGKILLs it, which frees its GPU memory, records the outcome, and starts a
+  fresh child for the next job. A child that dies by itself (segfault, OOM kill) spends the
+  attempt: the job is requeued, or failed once its attempts are used up (a poison job).
+- The parent writes the final state (``worker.runner.record_outcome``), so a dead child never
+  leaves a job without one.
+
+With a prefork pool (``--concurrency N``) every pool process has its own executor child.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from shared import jobstate
+from shared.db import session_scope
+from shared.settings import Settings
+from worker.runner import STOP_REASONS, JobRun, Outcome, record_outcome, time_limit_s, worker_identity
+
+log = logging.getLogger(__name__)
+
+_REASON_CODE = {r: i + 1 for i, r in enumerate(STOP_REASONS)}
+_CODE_REASON = {v: k for k, v in _REASON_CODE.items()}
+
+# Set (from a signal handler: a plain attribute, no locks) when the worker is shutting down.
+_shutdown = {"requested": False}
+
+
+def request_shutdown() -> None:
+    _shutdown["requested"] = True
+
+
+def shutdown_requested() -> bool:
+    return _shutdown["requested"]
+
+
+_TUNED: set[int] = set()
+
+
+def tune_engine(settings: Settings) -> None:
+    """Worker connections: a session left idle inside a transaction (a frozen or stopped process
+    holding a row lock) is ended by the server, so it cannot block the run that takes over."""
+    from sqlalchemy import event
+
+    from shared.db import get_engine
+
+    engine = get_engine(settings)
+    if engine.dialect.name != "postgresql" or id(engine) in _TUNED:
+        return
+    _TUNED.add(id(engine))
+    timeout_ms = int(max(5.0, float(settings.lease_seconds)) * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
+        cur = dbapi_conn.cursor()
+        cur.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
+        cur.close()
+        dbapi_conn.commit()
+
+    engine.dispose()  # connections made before the listener get replaced
+
+
+# ================================================================================================
+# The child
+# ================================================================================================
+
+def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
+    """Entry point of the spawned executor process."""
+    import logging as _logging
+
+    from shared.jobstate import Claim
+
+    _logging.basicConfig(level=_logging.INFO,
+                         format="%(asctime)s %(levelname)s %(name)s [executor %(process)d]: %(message)s")
+    for noisy in ("httpx", "botocore", "urllib3"):
+        _logging.getLogger(noisy).setLevel(_logging.WARNING)
+    clog = _logging.getLogger("worker.executor.child")
+    state = {"shutdown": False}
+
+    def on_term(_sig, _frame):
+        state["shutdown"] = True  # stop between steps, checkpoint, give the job back
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def orphan_watch():  # the worker process died without telling us: stop at once
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(70)
+            time.sleep(0.5)
+
+    threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
+
+    settings = Settings.model_validate_json(settings_json)
+    tune_engine(settings)
+    # Import the heavy parts now, so that the first job does not wait for them.
+    from worker.runner import run_work
+    from worker.sampling import run_sample
+    from worker.train_job import run_train
+
+    _preload(clog)
+
+    works = {"sample": run_sample, "train": run_train}
+    conn.send(("ready", os.getpid()))
+    clog.info("executor ready")
+    while not state["shutdown"]:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        if msg is None:
+            break
+        seq, job_id, job_type, attempt, owner = msg
+        conn.send(("started", seq))
+
+        def external_stop(seq=seq) -> str | None:
+            word = stop_word.value
+            if word >> 8 == seq and word & 0xFF:
+                return _CODE_REASON.get(word & 0xFF)
+            return "shutdown" if state["shutdown"] else None
+
+        claim = Claim(job_id, attempt, None)  # type: ignore[arg-type]
+        run = JobRun(settings, claim, job_type, owner, heartbeat=False, external_stop=external_stop)
+        outcome = run_work(run, lambda r, work=works[job_type]: work(settings, r))
+        clog.info("job %s attempt %s: %s %s", job_id, attempt, outcome.kind, outcome.error or outcome.reason or "")
+        try:
+            conn.send(("result", seq, outcome.to_dict()))
+        except (EOFError, OSError):
+            break
+    conn.close()
+
+
+def _preload(clog) -> None:
+    try:
+        import diffusers
+        import torch  # noqa: F401
+        import transformers
+        from diffusers import StableDiffusionPipeline  # noqa: F401
+        from transformers import BertModel, CLIPTextModel  # noqa: F401
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    except Exception as exc:  # the job will report it
+        clog.warning("executor: preloading failed: %s", exc)
+
+
+# ================================================================================================
+# The parent
+# ================================================================================================
+
+class ExecutorDied(Exception):
+    pass
+
+
+class Executor:
+    """The spawned child of one worker process, restarted when it dies or is killed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.ctx = mp.get_context("spawn")
+        self.stop_word = self.ctx.Value("q", 0, lock=False)
+        self.proc = None
+        self.conn = None
+        self.seq = 0
+        self.ready = False
+        self.early_deaths = 0  # consecutive deaths before a job began
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def start(self) -> None:
+        with self._lock:
+            if self.alive():
+                return
+            self._reap()
+            parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+            proc = self.ctx.Process(target=_child_main, name="ldmq-executor", daemon=False,
+                                    args=(child_conn, self.stop_word, self.settings.model_dump_json(), os.getpid()))
+            proc.start()
+            child_conn.close()
+            self.proc, self.conn, self.ready = proc, parent_conn, False
+            log.info("executor: started process %s", proc.pid)
+
+    def _reap(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+        if self.proc is not None:
+            self.proc.join(timeout=5)
+        self.proc, self.conn = None, None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            log.warning("executor: killing process %s", self.proc.pid)
+            self.proc.kill()
+            self.proc.join(timeout=10)
+        self._reap()
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.conn.send(None)
+        except (OSError, EOFError, AttributeError):
+            pass
+        self.proc.join(timeout=timeout)
+        if self.proc.is_alive():
+            self.kill()
+        self._reap()
+
+    # -- one job --------------------------------------------------------------------------------
+    def _recv(self, timeout: float) -> tuple | None:
+        """The next message from the child, or None; raises ExecutorDied when it is gone."""
+        try:
+            if self.conn.poll(timeout):
+                return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise ExecutorDied(str(exc)) from exc
+        if not self.proc.is_alive():
+            raise ExecutorDied(f"exit code {self.proc.exitcode}")
+        return None
+
+    def tell_stop(self, seq: int, reason: str) -> None:
+        self.stop_word.value = (seq << 8) | _REASON_CODE[reason]
+
+    def run(self, run: JobRun) -> Outcome:
+        """Run the claimed job in the child, supervising it; returns how it ended."""
+        self.start()
+        self.seq += 1
+        seq = self.seq
+        self.stop_word.value = 0
+        grace = self.settings.stop_grace_s
+        try:
+            self.conn.send((seq, run.job_id, run.job_type, run.attempt, run.owner))
+        except (OSError, EOFError):
+            self.kill()
+            return Outcome("released", reason="executor unavailable")
+        started = False
+        soft = hard = None
+        stop_reason, stop_sent = None, 0.0
+        while True:
+            try:
+                msg = self._recv(0.2)
+            except ExecutorDied as exc:
+                code = None
+                if self.proc is not None:
+                    self.proc.join(timeout=5)
+                    code = self.proc.exitcode
+                self._reap()
+                if not started and (stop_reason == "shutdown" or shutdown_requested()):
+                    return Outcome("released", reason="worker shutdown (before the job began)")
+                if not started:
+                    # Not the job's doing: the child died before it began (a broken install, an
+                    # OOM kill while importing). Back off, so that a broken worker does not spin.
+                    self.early_deaths += 1
+                    pause = min(30.0, 2.0 ** self.early_deaths)
+                    log.error("executor: died before starting job %s (%s); giving the job back in %.0f s",
+                              run.job_id, _exit_text(code), pause)
+                    time.sleep(pause)
+                    return Outcome("released", reason=f"executor exited before the job began ({_exit_text(code)})")
+                if stop_reason == "shutdown":
+                    return Outcome("released", reason=f"worker shutdown (executor exited: {exc})")
+                if stop_reason == "cancel":
+                    return Outcome("canceled")
+                if stop_reason == "lease_lost":
+                    return Outcome("lease_lost", reason="executor exited after losing its lease")
+                return Outcome("crashed", {"code": "executor_died",
+                                           "message": f"the job's executor process died ({_exit_text(code)})"})
+            now = time.monotonic()
+            if msg is not None:
+                if msg[0] == "ready":
+                    self.ready = True
+                elif msg[0] == "started" and msg[1] == seq:
+                    started = True
+                    self.early_deaths = 0
+                    soft = now + time_limit_s(self.settings, run.job_type)
+                    hard = soft + grace
+                elif msg[0] == "result" and msg[1] == seq:
+                    return Outcome.from_dict(msg[2])
+                continue
+            reason = run.stop_reason()
+            if reason is None and shutdown_requested():
+                reason = "shutdown"
+            if reason is None and soft is not None and now > soft:
+                reason = "timeout"
+            if reason is not None and stop_reason is None:
+                log.info("job %s: asking the executor to stop (%s)", run.job_id, reason)
+                self.tell_stop(seq, reason)
+                stop_reason, stop_sent = reason, now
+            if hard is not None and now > hard:
+                self.kill()
+                return Outcome("failed", {"code": "timeout", "message": (
+                    f"the job ran past its hard time limit of {time_limit_s(self.settings, run.job_type) + grace:g} s "
+                    f"and its process was killed")})
+            if stop_reason is not None and stop_reason != "timeout" and now - stop_sent > grace:
+                log.warning("job %s: the executor did not stop within %g s (%s); killing it", run.job_id, grace,
+                            stop_reason)
+                self.kill()
+                if stop_reason == "cancel":
+                    return Outcome("canceled")
+                if stop_reason == "shutdown":
+                    return Outcome("released", reason="worker shutdown (executor killed)")
+                return Outcome("lease_lost", reason="executor killed after losing its lease")
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "unknown exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+_EXECUTOR: Executor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def get_executor(settings: Settings) -> Executor:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None or _EXECUTOR.settings != settings:
+            if _EXECUTOR is not None:
+                _EXECUTOR.close()
+            _EXECUTOR = Executor(settings)
+        return _EXECUTOR
+
+
+def close_executor() -> None:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is not None:
+            _EXECUTOR.close()
+            _EXECUTOR = None
+
+
+def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
+    """The body of the Celery tasks: claim, supervise the executor, record the outcome."""
+    tune_engine(settings)
+    owner = worker_identity()
+    with session_scope(settings) as s:
+        claim = jobstate.claim(s, job_id, owner, settings.lease_seconds)
+    if claim is None:
+        log.info("job %s: not claimable (taken, final or out of attempts); message ignored", job_id)
+        return "skipped"
+    log.info("job %s: attempt %s claimed by %s", job_id, claim.attempt, owner)
+    # The lease and cancel are watched here; the time limits are timed by Executor.run from the
+    # moment the child starts the job (not while it warms up).
+    run = JobRun(settings, claim, job_type, owner, enforce_time_limit=False)
+    run.start()
+    executor = get_executor(settings)
+    try:
+        outcome = executor.run(run)
+    finally:
+        run.stop()
+    result = record_outcome(settings, claim, job_type, outcome)
+    log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
+    if not shutdown_requested() and not executor.alive():
+        executor.start()  # warm a fresh child for the next job
+    return result
+
+
+def describe(settings: Settings) -> dict[str, Any]:  # pragma: no cover - for debugging
+    ex = _EXECUTOR
+    return {"pid": ex.proc.pid if ex and ex.proc else None, "ready": bool(ex and ex.ready)}
