@@ -10,6 +10,10 @@
   computes the next batch; at most ``MAX_PENDING`` batches wait, so memory stays bounded.
 - PNGs go under deterministic keys (tenant/job/row/index); rows an earlier attempt recorded are
   skipped, so a retry never writes an output twice.
+- Cross-job micro-batching: a run also claims other queued jobs of the same model, size and
+  scheduler (each with its own claim, fencing token and heartbeat) while the images of the run
+  stay under ``cobatch_max_items``, and packs their rows into the same model batches. Their own
+  Celery messages later find them claimed and do nothing. If the run stops, they are released.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +36,9 @@ from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model, Tenant
 from shared.settings import Settings
 from shared.storage import Storage, get_storage, manifest_key, output_key, sha256_hex
+from worker import metrics
 from worker.pipelines import make_scheduler, pipeline_cache, resolve_device
-from worker.runner import JobError, JobRun
+from worker.runner import JobError, JobRun, Outcome, classify, record_outcome, worker_identity
 
 log = logging.getLogger(__name__)
 SEED_MOD = 2**31
@@ -41,6 +47,8 @@ MAX_PENDING = 2
 
 @dataclass(frozen=True)
 class Item:
+    """One image to make; ``work`` is the index of its job in the run (0: the job the run was for)."""
+
     row: int
     index: int
     seed: int
@@ -48,9 +56,10 @@ class Item:
     negative_prompt: str
     guidance_scale: float
     steps: int
+    work: int = 0
 
 
-def plan_items(job: Job, rows: list[JobRow], done: set[tuple[int, int]]) -> list[Item]:
+def plan_items(job: Job, rows: list[JobRow], done: set[tuple[int, int]], work: int = 0) -> list[Item]:
     """The images still to make. Image ``i`` of a row uses seed ``(row.seed + i) mod 2^31``."""
     p = job.params
     items = []
@@ -60,7 +69,7 @@ def plan_items(job: Job, rows: list[JobRow], done: set[tuple[int, int]]) -> list
                 continue
             items.append(Item(r.row, i, (r.seed + i) % SEED_MOD, r.prompt, r.negative_prompt or "",
                               r.guidance_scale if r.guidance_scale is not None else p["guidance_scale"],
-                              r.steps if r.steps is not None else p["steps"]))
+                              r.steps if r.steps is not None else p["steps"], work))
     return items
 
 
@@ -68,7 +77,7 @@ def batches(items: list[Item], size: int) -> list[list[Item]]:
     """Group items that share (steps, guidance) and cut them into model batches."""
     out: list[list[Item]] = []
     key = lambda it: (it.steps, it.guidance_scale)  # noqa: E731
-    for _, group in groupby(sorted(items, key=lambda it: (key(it), it.row, it.index)), key=key):
+    for _, group in groupby(sorted(items, key=lambda it: (key(it), it.work, it.row, it.index)), key=key):
         group = list(group)
         out.extend(group[i:i + size] for i in range(0, len(group), size))
     return out
@@ -179,11 +188,18 @@ class OutputWriter:
         with self._lock:
             work.made += len(items)
             made = work.made
-        with session_scope(self.settings) as s:  # one transaction per batch, fenced by the attempt
-            for rec in records:
-                jobstate.record_output(s, work.run.job_id, work.run.attempt, **rec)
-            jobstate.set_progress(s, work.run.job_id, work.run.attempt, made / work.total,
-                                  {"images_done": made, "images_total": work.total})
+        try:
+            with session_scope(self.settings) as s:  # one transaction per batch, fenced by the attempt
+                for rec in records:
+                    jobstate.record_output(s, work.run.job_id, work.run.attempt, **rec)
+                jobstate.set_progress(s, work.run.job_id, work.run.attempt, made / work.total,
+                                      {"images_done": made, "images_total": work.total})
+        except jobstate.LeaseLost:
+            if work.items and work.items[0].work == 0:
+                raise  # the run's own job: stop the run
+            # A packed job was taken over (or canceled and finished): its writes are refused,
+            # and the run goes on for the others; its own next check ends it.
+            log.warning("job %s: packed job fenced off; its outputs were not recorded", work.job.id)
 
     def drain(self) -> None:
         while self.pending:
@@ -193,14 +209,14 @@ class OutputWriter:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def load_work(settings: Settings, run: JobRun) -> tuple[JobWork, Model | None]:
+def load_work(settings: Settings, run: JobRun, index: int = 0) -> tuple[JobWork, Model | None]:
     with session_scope(settings) as s:
         job = s.get(Job, run.job_id)
         rows = list(s.scalars(select(JobRow).where(JobRow.job_id == job.id).order_by(JobRow.row)))
         model = s.get(Model, job.model_id) if job.model_id else None
         tenant = s.get(Tenant, job.tenant_id)
         done = {(o.row, o.index) for o in s.scalars(select(JobOutput).where(JobOutput.job_id == job.id))}
-    items = plan_items(job, rows, done)
+    items = plan_items(job, rows, done, index)
     return JobWork(run, job, tenant.id, items, len(done), job.total_items or 1), model
 
 
@@ -209,37 +225,121 @@ def batch_size_for(settings: Settings, model: Model) -> int:
     return int((model.config or {}).get("sample_batch_size") or settings.sample_batch_size)
 
 
+def _compatible(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("scheduler", "width", "height"))
+
+
+def claim_companions(settings: Settings, lead: JobWork, budget: int) -> list[JobWork]:
+    """Claim queued jobs of the same model that can share this run's batches (FIFO, bounded)."""
+    if budget <= 0:
+        return []
+    with session_scope(settings) as s:
+        candidates = s.execute(
+            select(Job.id, Job.params, Job.total_items)
+            .where(Job.status == "queued", Job.type == "sample", Job.model_id == lead.job.model_id,
+                   Job.id != lead.job.id, Job.cancel_requested.is_(False))
+            .order_by(Job.created_at).limit(50)
+        ).all()
+    works: list[JobWork] = []
+    owner = worker_identity()
+    for job_id, params, total in candidates:
+        if total > budget or not _compatible(params, lead.job.params):
+            continue
+        with session_scope(settings) as s:
+            claim = jobstate.claim(s, job_id, owner, settings.lease_seconds)
+        if claim is None:
+            continue  # another worker took it first
+        run = JobRun(settings, claim, "sample", owner)
+        run.start()
+        work, _ = load_work(settings, run, index=len(works) + 1)
+        works.append(work)
+        budget -= total
+    if works:
+        log.info("job %s: packing %d more job(s) into its batches: %s", lead.job.id, len(works),
+                 ", ".join(w.job.id for w in works))
+    return works
+
+
+def _end_companions(settings: Settings, works: list[JobWork], outcome: Outcome | None) -> None:
+    """Finish (or, when the run stopped early, release) the jobs packed into this run."""
+    for w in works:
+        try:
+            if outcome is None:
+                write_manifest(settings, w.tenant_id, w.job.id)
+                record_outcome(settings, w.run.claim, "sample", Outcome("succeeded", extra={"model_id": w.job.model_id}))
+            else:
+                record_outcome(settings, w.run.claim, "sample", outcome)
+        except Exception:
+            log.exception("job %s: could not record its end; its lease will expire and the sweeper requeue it", w.job.id)
+        finally:
+            w.run.stop()
+
+
 def run_sample(settings: Settings, run: JobRun) -> dict:
     import torch
 
     if settings.worker_threads:
         torch.set_num_threads(settings.worker_threads)
     storage = get_storage(settings)
-    work, model = load_work(settings, run)
+    lead, model = load_work(settings, run)
     if model is None:
-        raise JobError("model_not_found", f"model {work.job.params.get('model')!r} no longer exists")
+        raise JobError("model_not_found", f"model {lead.job.params.get('model')!r} no longer exists")
     device = resolve_device(settings.worker_device)
     pipe = pipeline_cache(settings).get(model.id, model.key, storage, device, settings)
-    pipe.scheduler = make_scheduler(work.job.params.get("scheduler", "dpm-solver++"), pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(lead.job.params.get("scheduler", "dpm-solver++"), pipe.scheduler.config)
     scale = pipe.vae_scale_factor
-    width = work.job.params.get("width") or pipe.unet.config.sample_size * scale
-    height = work.job.params.get("height") or pipe.unet.config.sample_size * scale
+    width = lead.job.params.get("width") or pipe.unet.config.sample_size * scale
+    height = lead.job.params.get("height") or pipe.unet.config.sample_size * scale
     size = batch_size_for(settings, model)
     embeddings = EmbeddingCache(pipe, device)
 
-    log.info("job %s: %d images to make (%d done before), batch %d", work.job.id, len(work.items), work.made, size)
+    works = [lead] + claim_companions(settings, lead, settings.cobatch_max_items - len(lead.items))
+    items = [it for w in works for it in w.items]
+    log.info("job %s: %d images to make (%d done before), batch %d", lead.job.id, len(items), lead.made, size)
     writer = OutputWriter(settings, storage)
+    stopped: set[int] = set()
+    n_batches = 0
     try:
-        for batch in batches(work.items, size):
+        for batch in batches(items, size):
             run.check()
+            for i, w in enumerate(works[1:], start=1):  # a packed job that was canceled or lost leaves
+                if i not in stopped:
+                    try:
+                        w.run.check()
+                    except Exception as exc:
+                        stopped.add(i)
+                        writer.drain()
+                        _end_companions(settings, [w], classify(exc, job_id=w.job.id))
+            batch = [it for it in batch if it.work not in stopped]
+            if not batch:
+                continue
+            clock = {"batch": time.perf_counter(), "step": time.perf_counter()}
+
+            def on_step(_step: int) -> None:
+                now = time.perf_counter()
+                metrics.observe_step("sample", now - clock["step"])
+                clock["step"] = now
+                run.check()
+
             arrays = generate(pipe, batch, batch_size=size, width=width, height=height, device=device,
-                              embeddings=embeddings, on_step=lambda _s: run.check())
-            writer.submit(work, batch, arrays)
+                              embeddings=embeddings, on_step=on_step)
+            metrics.images_made(len(batch), time.perf_counter() - clock["batch"])
+            metrics.sample_gpu_memory(device)
+            n_batches += 1
+            for i, w in enumerate(works):
+                mine = [(it, a) for it, a in zip(batch, arrays) if it.work == i]
+                if mine:
+                    writer.submit(w, [it for it, _ in mine], [a for _, a in mine])
         writer.drain()
-    finally:
+    except BaseException:
         writer.close()
-    write_manifest(settings, work.tenant_id, work.job.id)
-    return {"model_id": model.id}
+        _end_companions(settings, [w for i, w in enumerate(works[1:], start=1) if i not in stopped],
+                        Outcome("released", reason="the run they were packed into stopped"))
+        raise
+    writer.close()
+    write_manifest(settings, lead.tenant_id, lead.job.id)
+    _end_companions(settings, [w for i, w in enumerate(works[1:], start=1) if i not in stopped], None)
+    return {"model_id": model.id, "batches": n_batches, "packed_jobs": [w.job.id for w in works[1:]]}
 
 
 def _neutralise(cell):

@@ -117,3 +117,35 @@ def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
         assert png_bytes(alone[0]) == png_bytes(batched[k])
         assert (alone[0] == batched[k]).all()
     assert emb.misses == 4 and emb.hits > 0  # 3 prompts + the empty negative prompt, encoded once each
+
+
+def test_queued_jobs_of_the_same_model_share_batches(client, settings, tiny_model):
+    """Cross-job micro-batching: one run packs three small jobs into one model batch, finishes all
+    three, and every image is the same as when its job ran alone."""
+    from shared.models import JobEvent
+
+    _, key, model_id = tiny_model
+    packed = settings.model_copy(update={"sample_batch_size": 8, "cobatch_max_items": 8})
+    ids = [submit(client, key, model_id, [{"prompt": f"job {j} row {r}", "seed": 10 * j + r} for r in range(2)])
+           for j in range(3)]
+    result = {}
+
+    def work(r):
+        result.update(run_sample(packed, r))
+        return result
+
+    assert run_job(packed, ids[0], "sample", work) == "succeeded"
+    assert result["batches"] == 1 and sorted(result["packed_jobs"]) == sorted(ids[1:])
+    with session_scope(settings) as s:
+        for jid in ids:
+            job = s.get(Job, jid)
+            assert job.status == "succeeded" and job.outputs_count == 2 and job.attempts == 1
+            types = [e.type for e in s.query(JobEvent).filter_by(job_id=jid)]
+            assert types.count("succeeded") == 1
+    # The packed jobs' own messages arrive later and do nothing.
+    assert run(packed, ids[1]) == "skipped"
+    # Alone, job 2's images are bit-identical to what the packed run made.
+    alone = submit(client, key, model_id, [{"prompt": f"job 2 row {r}", "seed": 20 + r} for r in range(2)])
+    solo = settings.model_copy(update={"sample_batch_size": 8, "cobatch_max_items": 0})
+    assert run(solo, alone) == "succeeded"
+    assert [o[4] for o in outputs(settings, alone)] == [o[4] for o in outputs(settings, ids[2])]
