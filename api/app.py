@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-from fastapi import HTTPException
-
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 
 from api import metrics
 from api.errors import error_response, install_error_handlers
-from api.routes import datasets, jobs, models, ops
+from api.routes import dashboard, datasets, jobs, models, ops, webhooks
+from api.services.jobs import default_seconds_per_step
 from shared.settings import Settings, get_settings
 
 
@@ -59,6 +58,7 @@ class _TooLarge(HTTPException):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    default_seconds_per_step()  # a bad LDMQ_ESTIMATE_SECONDS_PER_STEP fails here, at start-up
     app = FastAPI(
         title="ldmq",
         version="1",
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for r in (jobs.router, models.router, datasets.router, ops.router):
+    for r in (jobs.router, models.router, datasets.router, webhooks.router, ops.router, dashboard.router):
         app.include_router(r)
 
     @app.middleware("http")

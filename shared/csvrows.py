@@ -9,6 +9,8 @@ import csv
 import io
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from shared.schemas import SEED_MAX, SamplePrompt
 
 REQUIRED = ("prompt",)
@@ -128,7 +130,12 @@ def parse_prompts_csv(data: bytes, limits: CsvLimits = CsvLimits()) -> list[Samp
                 except ValueError:
                     problems.append(_problem(n, "guidance_scale", f"guidance_scale: {raw!r} is not a number in 0..50"))
             if "prompt" in values and len([p for p in problems if p.get("row") == n]) == 0:
-                rows.append(SamplePrompt(**values))
+                try:
+                    rows.append(SamplePrompt(**values))
+                except ValidationError as exc:
+                    for err in exc.errors():
+                        col = str(err["loc"][0]) if err.get("loc") else None
+                        problems.append(_problem(n, col, err["msg"]))
     except csv.Error as exc:
         problems.append(_problem(n + 1, None, f"malformed CSV: {exc}"))
     if n == 0 and not problems:

@@ -216,6 +216,53 @@ class JobEvent(Base):
 EVENT_TYPES = ("started", "progress", "row_done", "checkpoint", "succeeded", "failed", "canceled", "requeued")
 
 
+class JobWebhook(Base):
+    """Where to POST a job's events and which of them (set at submit, one per job).
+
+    ``scanned_through`` is this job's cursor into the ``job_events`` outbox for the delivery loop
+    (``shared.webhooks``); ``done`` is set once the job's final event has been scanned, so the
+    loop only ever looks at jobs whose webhooks can still fire.
+    """
+
+    __tablename__ = "job_webhooks"
+    __table_args__ = (Index("ix_job_webhooks_done", "done"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    scanned_through: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event to POST to one URL, and how its attempts went (``pending`` -> ``delivered`` |
+    ``failed``). ``next_attempt_at`` is both the back-off and the lease of a sender that took it."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "url", name="uq_webhook_deliveries_event_url"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job_id_id", "job_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("job_events.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+
+
+WEBHOOK_DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
 class Model(Base):
     """A diffusers-format text-to-image pipeline in storage (trained here or imported)."""
 

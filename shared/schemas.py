@@ -6,13 +6,28 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+from urllib.parse import urlsplit
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.train_schema import TrainParams
 
 SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
 SchedulerName = Literal["ddpm", "ddim", "dpm-solver++"]
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 JOB_TYPES = ("train", "sample")
 SEED_MAX = 2**31 - 1
+# Events a webhook can subscribe to (``requeued`` is internal: the job goes on by itself).
+WEBHOOK_EVENTS = ("started", "progress", "row_done", "checkpoint", "succeeded", "failed", "canceled")
+DEFAULT_WEBHOOK_EVENTS = ("started", "succeeded", "failed", "canceled")
+
+
+def _no_control_chars(v: str) -> str:
+    """NUL and other control characters (tab and newlines aside) have no place in a prompt."""
+    bad = sorted({f"U+{ord(c):04X}" for c in v if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 0x7F})
+    if bad:
+        raise ValueError(f"prompt contains control characters: {', '.join(bad)}")
+    return v
 
 
 class Strict(BaseModel):
@@ -32,7 +47,44 @@ class SamplePrompt(Strict):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("prompt is empty")
+        return _no_control_chars(v)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _clean_negative(cls, v: str | None) -> str | None:
+        return None if v is None else _no_control_chars(v)
+
+
+class WebhookSpec(Strict):
+    """Where to POST a job's events. Each POST is signed with the tenant's webhook secret
+    (``GET /v1/webhooks/secret``): ``X-Ldmq-Signature: sha256=<hex HMAC-SHA256 of
+    "<X-Ldmq-Timestamp>.<body>">``. Delivery is at least once; order by ``event_id``."""
+
+    url: str = Field(min_length=1, max_length=2000, description="http(s) URL that receives the POSTs.")
+    events: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS),
+        description=f"Which events to send, a subset of {', '.join(WEBHOOK_EVENTS)}; "
+                    f"default: {', '.join(DEFAULT_WEBHOOK_EVENTS)}.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        v = v.strip()
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an absolute http:// or https:// URL")
         return v
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"events must name at least one of: {', '.join(WEBHOOK_EVENTS)}")
+        unknown = [e for e in v if e not in WEBHOOK_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event(s) {', '.join(map(repr, unknown))}; valid: {', '.join(WEBHOOK_EVENTS)}")
+        return list(dict.fromkeys(v))  # de-duplicated, order kept
 
 
 class SampleRequest(Strict):
@@ -44,6 +96,34 @@ class SampleRequest(Strict):
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     max_attempts: int | None = Field(default=None, ge=1, le=10)
+    webhook: WebhookSpec | None = None
+
+
+class TrainRequest(TrainParams):
+    """The body of ``POST /v1/jobs/train``: the training parameters plus an optional webhook.
+    The webhook is kept beside the job, not in its params (the worker reads those as TrainParams)."""
+
+    webhook: WebhookSpec | None = None
+
+    def train_params(self) -> TrainParams:
+        return TrainParams.model_validate(self.model_dump(exclude={"webhook"}))
+
+
+class SampleEstimate(BaseModel):
+    """The answer of a dry run: the request is valid; nothing was stored or enqueued."""
+
+    valid: bool = True
+    dry_run: bool = True
+    model_id: str
+    rows: int
+    images: int
+    denoising_steps: int = Field(description="Sum over images of their sampling steps.")
+    seconds_per_step: float
+    seconds_per_step_source: str = Field(description="'model' (the model's config) or 'default' (a setting).")
+    estimated_gpu_seconds: float = Field(description="A rough estimate: denoising_steps × seconds_per_step.")
+    scheduler: str
+    steps: int
+    guidance_scale: float
 
 
 class ImportModelRequest(Strict):
@@ -66,6 +146,7 @@ class JobOut(BaseModel):
     attempts: int
     progress_detail: dict[str, Any] = Field(default_factory=dict)
     total_items: int = 0
+    webhook: WebhookSpec | None = None
 
 
 class JobList(BaseModel):
@@ -97,10 +178,52 @@ class ModelOut(BaseModel):
     job_id: str | None
     config: dict[str, Any]
     metrics: dict[str, Any]
+    artifact_urls: dict[str, str] = Field(
+        default_factory=dict, description="Presigned links to metrics['artifacts'] (loss curve, sample grid...).")
 
 
 class ModelList(BaseModel):
     items: list[ModelOut]
+
+
+class EventOut(BaseModel):
+    id: int
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class EventList(BaseModel):
+    items: list[EventOut]
+    next_after_id: int = Field(description="Pass as after_id to continue (the last id seen, or the after_id given).")
+    has_more: bool = Field(description="True when the page was full: more events may follow at once.")
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: int
+    event_id: int
+    event_type: str
+    url: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    last_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
+class WebhookDeliveryList(BaseModel):
+    items: list[WebhookDeliveryOut]
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str
+    algorithm: str = "hmac-sha256"
+    signature_header: str = "X-Ldmq-Signature"
+    timestamp_header: str = "X-Ldmq-Timestamp"
+    signed_payload: str = "<X-Ldmq-Timestamp>.<raw request body>"
 
 
 class DatasetOut(BaseModel):

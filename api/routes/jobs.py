@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, File, Form, Header, Query, Request, Response, UploadFile
-from pydantic import ValidationError
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import ApiError
 from api.services import jobs as svc
-from shared.csvrows import CsvError, CsvLimits, parse_prompts_csv
-from shared.schemas import SCHEDULERS, ErrorBody, JobList, JobOut, OutputList, SampleRequest
+from shared.models import EVENT_TYPES
+from shared.schemas import (
+    SCHEDULERS,
+    WEBHOOK_EVENTS,
+    ErrorBody,
+    EventList,
+    JobList,
+    JobOut,
+    OutputList,
+    SampleEstimate,
+    SampleRequest,
+    TrainRequest,
+    WebhookDeliveryList,
+)
 from shared.storage import get_storage
-from shared.train_schema import TrainParams
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -21,6 +30,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody}, 503: {"model": ErrorBody},
 }
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+DryRun = Annotated[bool, Query(description="Validate and estimate only: nothing is stored or enqueued (200).")]
 
 
 def _accepted(response: Response, created: bool) -> None:
@@ -30,22 +40,26 @@ def _accepted(response: Response, created: bool) -> None:
 
 
 @router.post("/train", status_code=202, response_model=JobOut, responses=ERRORS)
-def create_train_job(params: TrainParams, response: Response, session: SessionDep, settings: SettingsDep,
+def create_train_job(params: TrainRequest, response: Response, session: SessionDep, settings: SettingsDep,
                      tenant: TenantDep, idempotency_key: IdemKey = None) -> JobOut:
     job, created = svc.create_train_job(session, settings, tenant, params, idempotency_key=idempotency_key)
     _accepted(response, created)
     return svc.job_out(job)
 
 
-@router.post("/sample", status_code=202, response_model=JobOut, responses=ERRORS)
+@router.post("/sample", status_code=202, response_model=JobOut | SampleEstimate, responses=ERRORS)
 def create_sample_job(req: SampleRequest, response: Response, session: SessionDep, settings: SettingsDep,
-                      tenant: TenantDep, idempotency_key: IdemKey = None) -> JobOut:
+                      tenant: TenantDep, idempotency_key: IdemKey = None,
+                      dry_run: DryRun = False) -> JobOut | SampleEstimate:
+    if dry_run:
+        response.status_code = 200
+        return svc.estimate_sample(session, settings, tenant, req)
     job, created = svc.create_sample_job(session, settings, tenant, req, idempotency_key=idempotency_key)
     _accepted(response, created)
     return svc.job_out(job)
 
 
-@router.post("/sample/csv", status_code=202, response_model=JobOut, responses=ERRORS)
+@router.post("/sample/csv", status_code=202, response_model=JobOut | SampleEstimate, responses=ERRORS)
 async def create_sample_job_csv(
     response: Response,
     session: SessionDep,
@@ -56,29 +70,18 @@ async def create_sample_job_csv(
     scheduler: Annotated[str | None, Form(description=f"one of {', '.join(SCHEDULERS)}")] = None,
     steps: Annotated[str | None, Form()] = None,
     guidance_scale: Annotated[str | None, Form()] = None,
+    webhook_url: Annotated[str | None, Form(description="POST the job's events here (signed; see GET /v1/webhooks/secret)")] = None,
+    webhook_events: Annotated[str | None, Form(description=f"comma-separated subset of {', '.join(WEBHOOK_EVENTS)}")] = None,
     idempotency_key: IdemKey = None,
-) -> JobOut:
+    dry_run: DryRun = False,
+) -> JobOut | SampleEstimate:
     data = await file.read()
-    limits = CsvLimits(max_rows=settings.csv_max_rows, max_prompt_chars=settings.prompt_max_chars,
-                       max_images_per_row=settings.max_images_per_row, max_steps=settings.max_steps)
-    try:
-        prompts = parse_prompts_csv(data, limits)
-    except CsvError as exc:
-        raise ApiError(422, "invalid_csv", exc.message, exc.details) from None
-    body: dict[str, Any] = {"model": model, "prompts": [p.model_dump(exclude_none=True) for p in prompts]}
-    for name, value in (("scheduler", scheduler), ("steps", steps), ("guidance_scale", guidance_scale)):
-        if value not in (None, ""):
-            body[name] = value
-    if not model:
-        raise ApiError(422, "invalid_request", "the form field 'model' (a model id) is required",
-                       [{"field": "model", "message": "required"}])
-    try:
-        req = SampleRequest.model_validate(body)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", "the form fields are invalid",
-                       [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]) from None
-    digest = svc.request_hash("sample-csv", {"csv": svc.hashlib.sha256(data).hexdigest(),
-                                             "form": {k: v for k, v in body.items() if k != "prompts"}})
+    form = {"model": model, "scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale,
+            "webhook_url": webhook_url, "webhook_events": webhook_events}
+    req, digest = svc.sample_request_from_csv(settings, data, form)
+    if dry_run:
+        response.status_code = 200
+        return svc.estimate_sample(session, settings, tenant, req)
     job, created = svc.create_sample_job(session, settings, tenant, req, idempotency_key=idempotency_key, digest=digest)
     _accepted(response, created)
     return svc.job_out(job)
@@ -91,7 +94,7 @@ def list_jobs(session: SessionDep, tenant: TenantDep,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               cursor: Annotated[str | None, Query()] = None) -> JobList:
     jobs, next_cursor = svc.list_jobs(session, tenant, status=status, type_=type, limit=limit, cursor=cursor)
-    return JobList(items=[svc.job_out(j) for j in jobs], next_cursor=next_cursor)
+    return JobList(items=svc.job_outs(session, jobs), next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
@@ -108,3 +111,20 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
 def list_outputs(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> OutputList:
     items, manifest = svc.list_outputs(session, settings, get_storage(settings), tenant, job_id)
     return OutputList(items=items, manifest_url=manifest)
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
+def list_events(job_id: str, session: SessionDep, tenant: TenantDep,
+                after_id: Annotated[int, Query(ge=0, description="Only events with a larger id (0: from the start).")] = 0,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                types: Annotated[str | None, Query(description=f"comma-separated subset of {', '.join(EVENT_TYPES)}")] = None,
+                ) -> EventList:
+    items, next_after_id, has_more = svc.list_events(session, tenant, job_id, after_id=after_id, limit=limit,
+                                                     types=svc.parse_event_types(types))
+    return EventList(items=items, next_after_id=next_after_id, has_more=has_more)
+
+
+@router.get("/{job_id}/webhook-deliveries", response_model=WebhookDeliveryList, responses=ERRORS)
+def list_webhook_deliveries(job_id: str, session: SessionDep, tenant: TenantDep,
+                            limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> WebhookDeliveryList:
+    return WebhookDeliveryList(items=svc.list_deliveries(session, tenant, job_id, limit))

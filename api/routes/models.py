@@ -13,16 +13,18 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelList, responses=ERRORS)
-def list_models(session: SessionDep, tenant: TenantDep) -> ModelList:
-    return ModelList(items=[svc.model_out(m) for m in svc.list_models(session, tenant)])
+def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelList:
+    storage = get_storage(settings)
+    return ModelList(items=[svc.model_out(m, storage, settings) for m in svc.list_models(session, tenant)])
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)
-def get_model_route(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut:
-    return svc.model_out(get_model(session, tenant, model_id))
+def get_model_route(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
+    return svc.model_out(get_model(session, tenant, model_id), get_storage(settings), settings)
 
 
 @router.post("", status_code=201, response_model=ModelOut, responses=ERRORS)
 def import_model(req: ImportModelRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
-    model = svc.import_model(session, settings, get_storage(settings), tenant, req.source, req.name)
-    return svc.model_out(model)
+    storage = get_storage(settings)
+    model = svc.import_model(session, settings, storage, tenant, req.source, req.name)
+    return svc.model_out(model, storage, settings)

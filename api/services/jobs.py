@@ -1,4 +1,5 @@
-"""Jobs: create (with idempotency), read, list with cursor pagination, cancel, outputs."""
+"""Jobs: create (with idempotency), estimate (dry run), read, list with cursor pagination, cancel,
+outputs, events and webhook deliveries."""
 
 from __future__ import annotations
 
@@ -11,14 +12,44 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
+
+from pydantic import ValidationError
 
 from api.errors import ApiError, not_found
+from shared.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from shared import jobstate
 from shared.db import after_commit
-from shared.models import Dataset, Job, JobOutput, JobRow, JobStatus, JobType, Model, Tenant, utcnow
+from shared.models import (
+    EVENT_TYPES,
+    Dataset,
+    Job,
+    JobEvent,
+    JobOutput,
+    JobRow,
+    JobStatus,
+    JobType,
+    JobWebhook,
+    Model,
+    Tenant,
+    WebhookDelivery,
+    utcnow,
+)
 from shared.queue import enqueue
-from shared.schemas import JOB_STATUSES, JOB_TYPES, SEED_MAX, JobOut, OutputOut, SamplePrompt, SampleRequest
+from shared.schemas import (
+    JOB_STATUSES,
+    JOB_TYPES,
+    SEED_MAX,
+    EventOut,
+    JobOut,
+    OutputOut,
+    SampleEstimate,
+    SamplePrompt,
+    SampleRequest,
+    TrainRequest,
+    WebhookDeliveryOut,
+    WebhookSpec,
+)
 from shared.settings import Settings
 from shared.storage import Storage, manifest_key
 from shared.train_schema import TrainParams
@@ -31,13 +62,27 @@ def request_hash(kind: str, payload: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def job_out(job: Job) -> JobOut:
+def _webhook_spec(hook: JobWebhook | None) -> WebhookSpec | None:
+    return WebhookSpec(url=hook.url, events=list(hook.events or [])) if hook is not None else None
+
+
+def job_out(job: Job, hook: JobWebhook | None | bool = True) -> JobOut:
+    """The API view of a job. ``hook``: its webhook row, None for none, or True to look it up."""
+    if hook is True:
+        session = object_session(job)
+        hook = session.get(JobWebhook, job.id) if session is not None else None
     return JobOut(
         id=job.id, type=job.type, status=job.status, progress=job.progress, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, error=job.error, params=job.params,
         model_id=job.model_id, outputs_count=job.outputs_count, attempts=job.attempts,
-        progress_detail=job.progress_detail or {}, total_items=job.total_items,
+        progress_detail=job.progress_detail or {}, total_items=job.total_items, webhook=_webhook_spec(hook),
     )
+
+
+def job_outs(session: Session, jobs: list[Job]) -> list[JobOut]:
+    """Many jobs with their webhooks in one query."""
+    hooks = {h.job_id: h for h in session.scalars(select(JobWebhook).where(JobWebhook.job_id.in_([j.id for j in jobs])))} if jobs else {}
+    return [job_out(j, hooks.get(j.id)) for j in jobs]
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
@@ -65,6 +110,7 @@ def _existing_for_key(session: Session, tenant: Tenant, key: str, digest: str) -
 def _insert(session: Session, settings: Settings, tenant: Tenant, job: Job, idempotency_key: str | None,
             digest: str) -> tuple[Job, bool]:
     """Insert ``job`` unless ``idempotency_key`` already names one; return (job, created)."""
+    idempotency_key = (idempotency_key or "").strip() or None
     if idempotency_key:
         if len(idempotency_key) > 200:
             raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key is longer than 200 characters")
@@ -90,9 +136,16 @@ def _insert(session: Session, settings: Settings, tenant: Tenant, job: Job, idem
     return job, True
 
 
-def create_sample_job(session: Session, settings: Settings, tenant: Tenant, req: SampleRequest, *,
-                      idempotency_key: str | None = None, digest: str | None = None) -> tuple[Job, bool]:
-    model = get_model(session, tenant, req.model)
+def _add_webhook(session: Session, job: Job, webhook: WebhookSpec | None) -> None:
+    """Keep the job's webhook beside it, in the transaction that records the job (so it exists
+    before the job's first event can)."""
+    if webhook is not None:
+        session.add(JobWebhook(job_id=job.id, url=webhook.url, events=list(webhook.events)))
+        session.flush()
+
+
+def _sample_problems(settings: Settings, req: SampleRequest) -> list[dict[str, Any]]:
+    """Checks that depend on settings (the schema checks the rest); every problem, not the first."""
     problems = []
     if len(req.prompts) > settings.csv_max_rows:
         problems.append({"field": "prompts", "message": f"{len(req.prompts)} rows; the limit is {settings.csv_max_rows}"})
@@ -114,20 +167,123 @@ def create_sample_job(session: Session, settings: Settings, tenant: Tenant, req:
     total = sum(p.num_images for p in req.prompts)
     if total > settings.max_images_per_job:
         problems.append({"field": "prompts", "message": f"{total} images; the limit per job is {settings.max_images_per_job}"})
+    return problems
+
+
+def _check_sample(settings: Settings, req: SampleRequest) -> None:
+    problems = _sample_problems(settings, req)
     if problems:
         raise ApiError(422, "invalid_request", "the sample request is invalid", problems)
 
+
+def create_sample_job(session: Session, settings: Settings, tenant: Tenant, req: SampleRequest, *,
+                      idempotency_key: str | None = None, digest: str | None = None) -> tuple[Job, bool]:
+    model = get_model(session, tenant, req.model)
+    _check_sample(settings, req)
+    total = sum(p.num_images for p in req.prompts)
+
     digest = digest or request_hash("sample", req.model_dump(mode="json"))
+    idempotency_key = (idempotency_key or "").strip() or None
     if idempotency_key:
         found = _existing_for_key(session, tenant, idempotency_key, digest)
         if found is not None:
             return found, False
-    params = req.model_dump(mode="json", exclude={"prompts", "max_attempts"})
+    params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook"})
     params["num_rows"] = len(req.prompts)
     job = Job(type=JobType.sample.value, status=JobStatus.queued.value, params=params, model_id=model.id,
               total_items=total, max_attempts=req.max_attempts or settings.max_attempts)
     job.rows = [_row(i, p) for i, p in enumerate(req.prompts, start=1)]
-    return _insert(session, settings, tenant, job, idempotency_key, digest)
+    job, created = _insert(session, settings, tenant, job, idempotency_key, digest)
+    if created:
+        _add_webhook(session, job, req.webhook)
+    return job, created
+
+
+def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str | None]
+                            ) -> tuple[SampleRequest, str]:
+    """A CSV upload and its form fields as a SampleRequest, and the request hash for idempotency.
+
+    Form fields: ``model`` (required), ``scheduler``, ``steps``, ``guidance_scale``, ``webhook_url``,
+    ``webhook_events`` (comma-separated; needs ``webhook_url``). Any problem is a 422.
+    """
+    limits = CsvLimits(max_rows=settings.csv_max_rows, max_prompt_chars=settings.prompt_max_chars,
+                       max_images_per_row=settings.max_images_per_row, max_steps=settings.max_steps)
+    try:
+        prompts = parse_prompts_csv(data, limits)
+    except CsvError as exc:
+        raise ApiError(422, "invalid_csv", exc.message, exc.details) from None
+    model = form.get("model")
+    body: dict[str, Any] = {"model": model, "prompts": [p.model_dump(exclude_none=True) for p in prompts]}
+    for name in ("scheduler", "steps", "guidance_scale"):
+        if form.get(name) not in (None, ""):
+            body[name] = form[name]
+    url, events = (form.get("webhook_url") or "").strip(), (form.get("webhook_events") or "").strip()
+    if events and not url:
+        raise ApiError(422, "invalid_request", "webhook_events needs webhook_url",
+                       [{"field": "webhook_url", "message": "required with webhook_events"}])
+    if url:
+        body["webhook"] = {"url": url}
+        if events:
+            body["webhook"]["events"] = [e.strip() for e in events.split(",") if e.strip()]
+    if not model:
+        raise ApiError(422, "invalid_request", "the form field 'model' (a model id) is required",
+                       [{"field": "model", "message": "required"}])
+    try:
+        req = SampleRequest.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", "the form fields are invalid",
+                       [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]) from None
+    digest = request_hash("sample-csv", {"csv": hashlib.sha256(data).hexdigest(),
+                                         "form": {k: v for k, v in body.items() if k != "prompts"}})
+    return req, digest
+
+
+# A rough default: one U-Net step of a small latent-diffusion model at 512 px on a current GPU.
+DEFAULT_SECONDS_PER_STEP = 0.05
+SECONDS_PER_STEP_ENV = "LDMQ_ESTIMATE_SECONDS_PER_STEP"
+
+
+def default_seconds_per_step() -> float:
+    import os
+
+    raw = os.environ.get(SECONDS_PER_STEP_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SECONDS_PER_STEP
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{SECONDS_PER_STEP_ENV}={raw!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{SECONDS_PER_STEP_ENV} must be positive; got {raw!r}")
+    return value
+
+
+def model_seconds_per_step(model: Model) -> tuple[float, str]:
+    """(seconds per denoising step, where it came from): the model's ``config.seconds_per_step``
+    when it holds a positive number, else the default (``LDMQ_ESTIMATE_SECONDS_PER_STEP``)."""
+    value = (model.config or {}).get("seconds_per_step")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value), "model"
+    return default_seconds_per_step(), "default"
+
+
+def estimate_sample(session: Session, settings: Settings, tenant: Tenant, req: SampleRequest) -> SampleEstimate:
+    """Validate a sample request as a submit would, resolve its model, and estimate its cost,
+    storing and enqueueing nothing.
+
+    The estimate is rough: images × their steps × a per-model seconds-per-step constant. It
+    ignores batching, guidance (which doubles the U-Net work when > 1), image size, the scheduler,
+    the device and the time to load the pipeline.
+    """
+    model = get_model(session, tenant, req.model)
+    _check_sample(settings, req)
+    images = sum(p.num_images for p in req.prompts)
+    steps = sum(p.num_images * (p.steps if p.steps is not None else req.steps) for p in req.prompts)
+    sps, source = model_seconds_per_step(model)
+    return SampleEstimate(model_id=model.id, rows=len(req.prompts), images=images, denoising_steps=steps,
+                          seconds_per_step=sps, seconds_per_step_source=source,
+                          estimated_gpu_seconds=round(steps * sps, 3), scheduler=req.scheduler,
+                          steps=req.steps, guidance_scale=req.guidance_scale)
 
 
 def _row(i: int, p: SamplePrompt) -> JobRow:
@@ -137,8 +293,10 @@ def _row(i: int, p: SamplePrompt) -> JobRow:
                   num_images=p.num_images, guidance_scale=p.guidance_scale, steps=p.steps)
 
 
-def create_train_job(session: Session, settings: Settings, tenant: Tenant, params: TrainParams, *,
+def create_train_job(session: Session, settings: Settings, tenant: Tenant, req: TrainRequest | TrainParams, *,
                      idempotency_key: str | None = None) -> tuple[Job, bool]:
+    webhook = req.webhook if isinstance(req, TrainRequest) else None
+    params = req.train_params() if isinstance(req, TrainRequest) else req
     dataset_id = None
     if params.dataset not in BUILTIN_DATASETS:
         ds = session.get(Dataset, params.dataset)
@@ -149,10 +307,15 @@ def create_train_job(session: Session, settings: Settings, tenant: Tenant, param
     if params.base_model is not None:
         get_model(session, tenant, params.base_model)
     body = params.model_dump(mode="json")
-    digest = request_hash("train", body)
+    # The webhook is part of the request (so a key reused with another webhook is refused) but not
+    # of the params the worker reads.
+    digest = request_hash("train", body if webhook is None else {**body, "webhook": webhook.model_dump(mode="json")})
     job = Job(type=JobType.train.value, status=JobStatus.queued.value, params=body, dataset_id=dataset_id,
               total_items=0, max_attempts=settings.max_attempts)
-    return _insert(session, settings, tenant, job, idempotency_key, digest)
+    job, created = _insert(session, settings, tenant, job, idempotency_key, digest)
+    if created:
+        _add_webhook(session, job, webhook)
+    return job, created
 
 
 def _encode_cursor(job: Job) -> str:
@@ -218,3 +381,50 @@ def list_outputs(session: Session, settings: Settings, storage: Storage, tenant:
     if job.type == JobType.sample.value and job.status == JobStatus.succeeded.value:
         manifest = storage.presigned_url(manifest_key(tenant.id, job.id), settings.presign_expiry_s)
     return items, manifest
+
+
+def parse_event_types(types: str | None) -> list[str] | None:
+    """``"progress,succeeded"`` -> a list; unknown names are a 422 listing the valid ones."""
+    if types is None or not types.strip():
+        return None
+    wanted = [t.strip() for t in types.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in EVENT_TYPES]
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown event type(s) {', '.join(map(repr, unknown))}; "
+                       f"valid: {', '.join(EVENT_TYPES)}", [{"field": "types", "message": "unknown event type"}])
+    return wanted
+
+
+def list_events(session: Session, tenant: Tenant, job_id: str, *, after_id: int, limit: int,
+                types: list[str] | None) -> tuple[list[EventOut], int, bool]:
+    """A job's events in the order they happened (ascending id), after ``after_id``.
+
+    Returns (events, next_after_id, has_more). A job's events commit in id order (each writer
+    locks the job's row first), so polling with ``after_id`` misses none.
+    """
+    job = get_job(session, tenant, job_id)
+    q = select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.id > after_id)
+    if types:
+        q = q.where(JobEvent.type.in_(types))
+    rows = list(session.scalars(q.order_by(JobEvent.id).limit(limit + 1)))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    items = [EventOut(id=e.id, type=e.type, data=e.data or {}, created_at=e.created_at) for e in rows]
+    return items, (rows[-1].id if rows else after_id), has_more
+
+
+def list_deliveries(session: Session, tenant: Tenant, job_id: str, limit: int) -> list[WebhookDeliveryOut]:
+    """The job's webhook deliveries (newest first) with how their attempts went."""
+    job = get_job(session, tenant, job_id)
+    rows = session.execute(
+        select(WebhookDelivery, JobEvent.type)
+        .join(JobEvent, JobEvent.id == WebhookDelivery.event_id)
+        .where(WebhookDelivery.job_id == job.id)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    ).all()
+    return [WebhookDeliveryOut(id=d.id, event_id=d.event_id, event_type=t, url=d.url, status=d.status,
+                               attempts=d.attempts, next_attempt_at=d.next_attempt_at,
+                               last_status_code=d.last_status_code, last_error=d.last_error,
+                               created_at=d.created_at, last_attempt_at=d.last_attempt_at,
+                               delivered_at=d.delivered_at) for d, t in rows]

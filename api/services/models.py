@@ -15,9 +15,21 @@ from shared.settings import Settings
 from shared.storage import S3Storage, Storage, model_prefix
 
 
-def model_out(m: Model) -> ModelOut:
+def artifact_urls(m: Model, storage: Storage, expires_s: int) -> dict[str, str]:
+    """Presigned links to the model's evaluation artifacts (``metrics["artifacts"]``: name -> key),
+    only for keys under the model's tenant's own prefix."""
+    artifacts = (m.metrics or {}).get("artifacts") or {}
+    if not isinstance(artifacts, dict):
+        return {}
+    prefix = f"{m.tenant_id}/"
+    return {name: storage.presigned_url(key, expires_s) for name, key in sorted(artifacts.items())
+            if isinstance(key, str) and key.startswith(prefix) and ".." not in key.split("/")}
+
+
+def model_out(m: Model, storage: Storage | None = None, settings: Settings | None = None) -> ModelOut:
+    urls = artifact_urls(m, storage, settings.presign_expiry_s) if storage is not None and settings is not None else {}
     return ModelOut(id=m.id, name=m.name, uri=m.uri, created_at=m.created_at, job_id=m.job_id,
-                    config=m.config or {}, metrics=m.metrics or {})
+                    config=m.config or {}, metrics=m.metrics or {}, artifact_urls=urls)
 
 
 def list_models(session: Session, tenant: Tenant) -> list[Model]:

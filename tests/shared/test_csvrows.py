@@ -51,3 +51,8 @@ def test_too_many_rows_and_too_long_prompt():
 def test_num_images_over_limit_and_seed_range():
     got = problems(b"prompt,num_images,seed\na,99,1\nb,1,99999999999\n", CsvLimits(max_images_per_row=4))
     assert {(p["row"], p["column"]) for p in got} == {(1, "num_images"), (2, "seed")}
+
+
+def test_control_characters_are_a_cell_problem():
+    got = problems(b"prompt,negative_prompt\nfine,ok\nbad\x00nul,ok\nok,bad\x07bell\n")
+    assert {(p["row"], p["column"]) for p in got} == {(2, "prompt"), (3, "negative_prompt")}

@@ -1,0 +1,18 @@
+"""Webhook routes: the signing secret (deliveries themselves are under /v1/jobs/{id})."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import SessionDep, TenantDep
+from api.routes.jobs import ERRORS
+from api.services import webhooks as svc
+from shared.schemas import WebhookSecretOut
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+
+@router.get("/secret", response_model=WebhookSecretOut, responses=ERRORS)
+def get_webhook_secret(session: SessionDep, tenant: TenantDep) -> WebhookSecretOut:
+    """The tenant's HMAC-SHA256 key: verify ``X-Ldmq-Signature`` against ``"<X-Ldmq-Timestamp>.<body>"``."""
+    return svc.webhook_secret(session, tenant)

@@ -1,0 +1,13 @@
+"""Webhooks, the tenant's side: the secret that signs every delivery."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from shared.models import Tenant
+from shared.schemas import WebhookSecretOut
+from shared.webhooks import ensure_webhook_secret
+
+
+def webhook_secret(session: Session, tenant: Tenant) -> WebhookSecretOut:
+    return WebhookSecretOut(secret=ensure_webhook_secret(session, tenant))

@@ -1,0 +1,334 @@
+"""A small typed client of the ldmq REST API (``../shared/spec/api.md``), on httpx.
+
+    from ldmq.client import Client
+
+    with Client("http://127.0.0.1:8000", key) as c:          # or LDMQ_API_URL / LDMQ_API_KEY
+        job = c.submit_csv("prompts.csv", model=model_id, steps=20)
+        for state in c.follow(job.id):                       # polls; yields on every change
+            print(state.status, state.progress)
+        c.download(job.id, "out/")                           # PNGs + manifest, checksums verified
+
+Errors from the API raise :class:`ApiError` (status, code, message, details: the error envelope).
+Unknown response fields are kept in each object's ``raw`` (the contract only ever adds fields).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+URL_ENV, KEY_ENV = "LDMQ_API_URL", "LDMQ_API_KEY"
+
+
+class ApiError(Exception):
+    """A 4xx/5xx answer of the API, from its error envelope."""
+
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.details = status, code, message, details or []
+
+    def __str__(self) -> str:
+        lines = [f"{self.status} {self.code}: {self.message}"]
+        for d in self.details:
+            where = ", ".join(f"{k}={d[k]}" for k in ("row", "column", "field") if k in d)
+            lines.append(f"  - {where + ': ' if where else ''}{d.get('message', d)}")
+        return "\n".join(lines)
+
+
+def _build(cls, data: dict[str, Any]):
+    names = {f.name for f in fields(cls)} - {"raw"}
+    return cls(**{k: data.get(k) for k in names}, raw=data)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    type: str
+    status: str
+    progress: float
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: dict[str, Any] | None
+    params: dict[str, Any]
+    model_id: str | None
+    outputs_count: int
+    attempts: int
+    progress_detail: dict[str, Any] | None = None
+    total_items: int | None = None
+    webhook: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Job:
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class Output:
+    row: int
+    prompt: str
+    seed: int
+    index: int
+    key: str
+    url: str
+    width: int
+    height: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Output:
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    items: list[Output]
+    manifest_url: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    type: str
+    data: dict[str, Any]
+    created_at: str
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Event:
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class Events:
+    items: list[Event]
+    next_after_id: int
+    has_more: bool
+
+
+def _csv_bytes(csv: str | os.PathLike | bytes) -> tuple[str, bytes]:
+    if isinstance(csv, bytes):
+        return "prompts.csv", csv
+    path = Path(csv)
+    return path.name, path.read_bytes()
+
+
+def _form(**values: Any) -> dict[str, str]:
+    out = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        out[k] = ",".join(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+class Client:
+    """One API endpoint and key. ``http``: an httpx.Client to use instead of a new one (tests pass
+    FastAPI's TestClient); the key is sent on every request to the API, never to storage URLs."""
+
+    def __init__(self, url: str | None = None, key: str | None = None, *, timeout: float = 30.0,
+                 http: httpx.Client | None = None):
+        url = url or os.environ.get(URL_ENV)
+        key = key or os.environ.get(KEY_ENV)
+        if not url and http is None:
+            raise ValueError(f"no API URL: pass url= (--url) or set {URL_ENV}")
+        if not key:
+            raise ValueError(f"no API key: pass key= (--key) or set {KEY_ENV}")
+        self.url = (url or str(http.base_url)).rstrip("/")
+        self._auth = {"Authorization": f"Bearer {key}"}
+        self._own = http is None
+        self.http = http or httpx.Client(base_url=self.url, timeout=timeout)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        if self._own:
+            self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw) -> Any:
+        r = self.http.request(method, path, headers={**self._auth, **(headers or {})}, **kw)
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"))
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase) from None
+        return r.json()
+
+    @staticmethod
+    def _idem(key: str | None) -> dict[str, str]:
+        return {"Idempotency-Key": key} if key else {}
+
+    # -- submit -------------------------------------------------------------------------------
+    def submit_csv(self, csv: str | os.PathLike | bytes, *, model: str, scheduler: str | None = None,
+                   steps: int | None = None, guidance_scale: float | None = None, webhook_url: str | None = None,
+                   webhook_events: Iterable[str] | None = None, idempotency_key: str | None = None) -> Job:
+        """Upload a CSV of prompts (a path or the bytes) as a sample job."""
+        name, data = _csv_bytes(csv)
+        form = _form(model=model, scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
+                     webhook_url=webhook_url, webhook_events=list(webhook_events) if webhook_events else None)
+        return Job.from_json(self._request("POST", "/v1/jobs/sample/csv", headers=self._idem(idempotency_key),
+                                           files={"file": (name, data, "text/csv")}, data=form))
+
+    def estimate_csv(self, csv: str | os.PathLike | bytes, *, model: str, scheduler: str | None = None,
+                     steps: int | None = None, guidance_scale: float | None = None) -> dict[str, Any]:
+        """Dry run: validate the CSV, resolve the model, estimate the GPU time; nothing is stored."""
+        name, data = _csv_bytes(csv)
+        form = _form(model=model, scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
+        return self._request("POST", "/v1/jobs/sample/csv", params={"dry_run": "true"},
+                             files={"file": (name, data, "text/csv")}, data=form)
+
+    def submit_sample(self, model: str, prompts: list[dict[str, Any] | str], *, webhook: dict[str, Any] | None = None,
+                      idempotency_key: str | None = None, **options: Any) -> Job:
+        """A sample job from prompts (strings or ``{"prompt", "seed", "num_images", ...}``);
+        ``options``: scheduler, steps, guidance_scale, width, height, max_attempts."""
+        body = self._sample_body(model, prompts, webhook, options)
+        return Job.from_json(self._request("POST", "/v1/jobs/sample", json=body, headers=self._idem(idempotency_key)))
+
+    def estimate_sample(self, model: str, prompts: list[dict[str, Any] | str], **options: Any) -> dict[str, Any]:
+        body = self._sample_body(model, prompts, None, options)
+        return self._request("POST", "/v1/jobs/sample", json=body, params={"dry_run": "true"})
+
+    @staticmethod
+    def _sample_body(model, prompts, webhook, options) -> dict[str, Any]:
+        body = {"model": model, "prompts": [{"prompt": p} if isinstance(p, str) else p for p in prompts], **options}
+        if webhook is not None:
+            body["webhook"] = webhook
+        return body
+
+    def train(self, dataset: str, *, webhook: dict[str, Any] | None = None, idempotency_key: str | None = None,
+              **params: Any) -> Job:
+        """A train job on ``dataset`` (a dataset id or "builtin:digits"); ``params``: steps,
+        batch_size, learning_rate, seed, base_model, ... (see the train schema)."""
+        body = {"dataset": dataset, **params}
+        if webhook is not None:
+            body["webhook"] = webhook
+        return Job.from_json(self._request("POST", "/v1/jobs/train", json=body, headers=self._idem(idempotency_key)))
+
+    # -- read -----------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        return Job.from_json(self._request("GET", f"/v1/jobs/{job_id}"))
+
+    def list_page(self, *, status: str | None = None, type: str | None = None, limit: int = 50,
+                  cursor: str | None = None) -> tuple[list[Job], str | None]:
+        params = _form(status=status, type=type, limit=limit, cursor=cursor)
+        page = self._request("GET", "/v1/jobs", params=params)
+        return [Job.from_json(j) for j in page["items"]], page.get("next_cursor")
+
+    def list(self, *, status: str | None = None, type: str | None = None, page_size: int = 50,
+             max_items: int | None = None) -> Iterator[Job]:
+        """Jobs, newest first, across pages (up to ``max_items``)."""
+        cursor, seen = None, 0
+        while True:
+            jobs, cursor = self.list_page(status=status, type=type, limit=page_size, cursor=cursor)
+            for j in jobs:
+                if max_items is not None and seen >= max_items:
+                    return
+                seen += 1
+                yield j
+            if not cursor:
+                return
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.from_json(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def outputs(self, job_id: str) -> Outputs:
+        body = self._request("GET", f"/v1/jobs/{job_id}/outputs")
+        return Outputs([Output.from_json(o) for o in body["items"]], body.get("manifest_url"))
+
+    def events(self, job_id: str, *, after_id: int = 0, types: Iterable[str] | None = None, limit: int = 100) -> Events:
+        params = _form(after_id=after_id, limit=limit, types=list(types) if types else None)
+        body = self._request("GET", f"/v1/jobs/{job_id}/events", params=params)
+        return Events([Event.from_json(e) for e in body["items"]], body["next_after_id"], body["has_more"])
+
+    def follow(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None) -> Iterator[Job]:
+        """Poll the job; yield it first and then whenever its status, progress or output count
+        changes, ending with its final state. ``timeout``: raise TimeoutError after that long."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            job = self.get(job_id)
+            state = (job.status, job.progress, job.outputs_count)
+            if state != last:
+                last = state
+                yield job
+            if job.is_final:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout}s")
+            time.sleep(interval)
+
+    def wait(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None) -> Job:
+        """Block until the job is final; return it."""
+        job = None
+        for job in self.follow(job_id, interval=interval, timeout=timeout):
+            pass
+        assert job is not None
+        return job
+
+    # -- download -------------------------------------------------------------------------------
+    def download(self, job_id: str, dest: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+        """Write the job's images to ``dest`` as ``<row:06>-<index:03>.png`` (and ``manifest.json``
+        once the job succeeded). With a manifest every image is checked against its SHA-256; files
+        already there with the right checksum are kept (a re-run resumes). Returns the image paths."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        outs = self.outputs(job_id)
+        expected: dict[str, str] = {}
+        manifest_bytes = None
+        if outs.manifest_url:
+            manifest_bytes = self._fetch(outs.manifest_url)
+            expected = {e["key"]: e["sha256"] for e in json.loads(manifest_bytes)["outputs"]}
+        paths = []
+        for o in outs.items:
+            path = dest / f"{o.row:06d}-{o.index:03d}.png"
+            want = expected.get(o.key)
+            if path.exists() and not overwrite and want and hashlib.sha256(path.read_bytes()).hexdigest() == want:
+                paths.append(path)
+                continue
+            data = self._fetch(o.url)
+            if want and hashlib.sha256(data).hexdigest() != want:
+                raise ApiError(502, "checksum_mismatch", f"{o.key}: the downloaded bytes do not match the manifest")
+            _write_atomic(path, data)
+            paths.append(path)
+        if manifest_bytes is not None:
+            _write_atomic(dest / "manifest.json", manifest_bytes)
+        return paths
+
+    def _fetch(self, url: str) -> bytes:
+        """GET a presigned (or file://) URL, without the API key."""
+        parts = urlsplit(url)
+        if parts.scheme == "file":
+            return Path(unquote(parts.path)).read_bytes()
+        with httpx.Client(timeout=self._timeout) as plain:
+            r = plain.get(url)
+        if r.status_code != 200:
+            raise ApiError(r.status_code, "download_failed", f"GET {parts.scheme}://{parts.netloc}{parts.path}: {r.status_code}")
+        return r.content
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,196 @@
+"""ldmq.client against the real app (FastAPI's TestClient is an httpx.Client), Postgres, Redis and
+the S3 server; and `ldmq jobs` in-process with that client."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pytest
+
+from ldmq import cli
+from ldmq.client import ApiError, Client, Job
+from shared import jobstate
+from shared.db import session_scope
+from shared.models import JobStatus
+from shared.storage import get_storage, manifest_key, output_key
+
+
+@pytest.fixture
+def api(client, tiny_model):
+    _, key, model_id = tiny_model
+    c = Client(key=key, http=client)
+    c.model_id = model_id
+    return c
+
+
+def finish_with_outputs(settings, tenant_id, job_id, rows):
+    """Play the worker: store one PNG-ish object per row, record it, write the manifest, succeed."""
+    storage = get_storage(settings)
+    with session_scope(settings) as s:
+        claim = jobstate.claim(s, job_id, "w", 30)
+    entries = []
+    for row in range(1, rows + 1):
+        data = f"image {row}".encode()
+        key = output_key(tenant_id, job_id, row, 0)
+        storage.put_bytes(key, data, content_type="image/png")
+        with session_scope(settings) as s:
+            jobstate.record_output(s, job_id, claim.attempt, row=row, index=0, seed=row, key=key, width=8, height=8,
+                                   sha256=hashlib.sha256(data).hexdigest())
+        entries.append({"row": row, "index": 0, "key": key, "sha256": hashlib.sha256(data).hexdigest()})
+    storage.put_bytes(manifest_key(tenant_id, job_id), json.dumps({"job_id": job_id, "outputs": entries}).encode())
+    with session_scope(settings) as s:
+        jobstate.finish(s, job_id, claim.attempt, JobStatus.succeeded)
+    return entries
+
+
+def test_submit_get_list_cancel_events(api, settings):
+    job = api.submit_csv(b"prompt,seed\na,1\nb,2\n", model=api.model_id, steps=3, scheduler="ddim",
+                         webhook_url="http://127.0.0.1:9/h", webhook_events=["succeeded"])
+    assert isinstance(job, Job) and job.status == "queued" and job.total_items == 2 and not job.is_final
+    assert job.params["steps"] == 3 and job.webhook == {"url": "http://127.0.0.1:9/h", "events": ["succeeded"]}
+    assert api.get(job.id) == job
+    other = api.submit_sample(api.model_id, ["x", {"prompt": "y", "num_images": 2}], steps=2)
+    assert other.total_items == 3
+    trained = api.train("builtin:digits", steps=5, webhook={"url": "http://127.0.0.1:9/t"})
+    assert trained.type == "train" and trained.webhook["events"] == ["started", "succeeded", "failed", "canceled"]
+    assert [j.id for j in api.list(page_size=1)] == [trained.id, other.id, job.id]  # three pages of one
+    assert [j.id for j in api.list(type="sample", max_items=1)] == [other.id]
+    canceled = api.cancel(job.id)
+    assert canceled.status == "canceled" and canceled.is_final
+    ev = api.events(job.id)
+    assert [e.type for e in ev.items] == ["canceled"] and ev.next_after_id == ev.items[0].id and not ev.has_more
+    assert api.events(job.id, after_id=ev.next_after_id).items == []
+    # follow() on a final job yields it once and stops.
+    assert [j.status for j in api.follow(job.id, interval=0.01)] == ["canceled"]
+    for j in (other, trained):  # no worker here: leave nothing for a later test's worker to run
+        api.cancel(j.id)
+
+
+def test_estimate_and_errors(api):
+    est = api.estimate_csv(b"prompt,num_images\na,2\n", model=api.model_id, steps=5)
+    assert est["valid"] and est["images"] == 2 and est["denoising_steps"] == 10
+    assert api.estimate_sample(api.model_id, ["a", "b"], steps=3)["denoising_steps"] == 6
+    with pytest.raises(ApiError) as e:
+        api.submit_csv(b"prompt,seed\n,x\n", model=api.model_id)
+    assert e.value.status == 422 and e.value.code == "invalid_csv"
+    assert {(d["row"], d["column"]) for d in e.value.details} == {(1, "prompt"), (1, "seed")}
+    assert "row=1, column=seed" in str(e.value)
+    with pytest.raises(ApiError) as e:
+        api.get("nope")
+    assert e.value.status == 404 and e.value.code == "not_found"
+
+
+def test_client_needs_url_and_key(monkeypatch):
+    monkeypatch.delenv("LDMQ_API_URL", raising=False)
+    monkeypatch.delenv("LDMQ_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="LDMQ_API_URL"):
+        Client(key="k")
+    with pytest.raises(ValueError, match="LDMQ_API_KEY"):
+        Client("http://x")
+    monkeypatch.setenv("LDMQ_API_URL", "http://env:1")
+    monkeypatch.setenv("LDMQ_API_KEY", "envkey")
+    with Client() as c:
+        assert c.url == "http://env:1"
+
+
+def test_download_verifies_checksums_and_resumes(api, settings, tiny_model, tmp_path, monkeypatch):
+    tid = tiny_model[0]
+    job = api.submit_csv(b"prompt\na\nb\n", model=api.model_id)
+    entries = finish_with_outputs(settings, tid, job.id, rows=2)
+    assert api.get(job.id).status == "succeeded"
+    paths = api.download(job.id, tmp_path / "out")
+    assert [p.name for p in paths] == ["000001-000.png", "000002-000.png"]
+    assert [p.read_bytes() for p in paths] == [b"image 1", b"image 2"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["outputs"] == entries
+
+    # A second run keeps the verified files: only the manifest is fetched again.
+    fetched = []
+    real = Client._fetch
+    monkeypatch.setattr(Client, "_fetch", lambda self, url: fetched.append(url) or real(self, url))
+    api.download(job.id, tmp_path / "out")
+    assert len(fetched) == 1 and "manifest.json" in fetched[0]
+
+    # Bytes that do not match the manifest are refused, not written.
+    get_storage(settings).put_bytes(entries[0]["key"], b"tampered")
+    with pytest.raises(ApiError, match="do not match the manifest"):
+        api.download(job.id, tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "000001-000.png").exists()
+
+
+def run_cli(monkeypatch, capsys, api, *argv):
+    monkeypatch.setattr(cli, "_client", lambda args: api)
+    monkeypatch.setattr(api, "close", lambda: None)
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture
+def keep_root_logging():
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_cli_jobs_commands(api, settings, tiny_model, tmp_path, monkeypatch, capsys, keep_root_logging):
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_bytes(b"prompt,num_images\na,2\n")
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "estimate", str(csv_path), "--model", api.model_id,
+                           "--steps", "4")
+    assert rc == 0 and json.loads(out)["denoising_steps"] == 8
+
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "submit", str(csv_path), "--model", api.model_id,
+                           "--webhook-url", "http://127.0.0.1:9/h", "--webhook-events", "started,succeeded")
+    assert rc == 0
+    job_id = out.strip().splitlines()[-1]  # the id alone on the last line
+    assert api.get(job_id).webhook["events"] == ["started", "succeeded"]
+
+    finish_with_outputs(settings, tiny_model[0], job_id, rows=1)
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", job_id, "--interval", "0.01")
+    assert rc == 0 and json.loads(out)["status"] == "succeeded"
+    assert "100.0% succeeded" in err and "1/2 images" in err
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "download", job_id, str(tmp_path / "dl"))
+    assert rc == 0 and (tmp_path / "dl" / "000001-000.png").read_bytes() == b"image 1"
+
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "list", "--limit", "1")
+    assert rc == 0 and out.startswith(job_id)
+
+    # A failed job: follow exits 1; an API error exits 1 with the details on stderr.
+    other = api.submit_csv(b"prompt\nz\n", model=api.model_id)
+    api.cancel(other.id)
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", other.id, "--interval", "0.01")
+    assert rc == 1 and json.loads(out)["status"] == "canceled"
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"prompt,colour\na,red\n")
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "submit", str(bad), "--model", api.model_id)
+    assert rc == 1 and "invalid_csv" in err and "column=colour" in err
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "submit", str(tmp_path / "missing.csv"), "--model", api.model_id)
+    assert rc == 2 and "FileNotFoundError" in err
+
+
+def test_cli_without_key_says_how_to_give_one(monkeypatch, capsys, keep_root_logging):
+    monkeypatch.delenv("LDMQ_API_KEY", raising=False)
+    rc = cli.main(["jobs", "get", "x", "--url", "http://127.0.0.1:1"])
+    assert rc == 2 and "LDMQ_API_KEY" in capsys.readouterr().err
+
+
+def test_progress_bar_lines():
+    from ldmq.cli import _ProgressBar
+
+    buf = io.StringIO()
+    bar = _ProgressBar(buf, width=10)
+    base = dict(created_at="", started_at=None, finished_at=None, error=None, params={}, model_id=None, attempts=1)
+    bar.update(Job(id="abcdef123456", type="train", status="running", progress=0.5, outputs_count=0,
+                   progress_detail={"step": 50, "total_steps": 100, "loss": 0.1234567}, **base))
+    bar.update(Job(id="abcdef123456", type="sample", status="succeeded", progress=1.0, outputs_count=4,
+                   total_items=4, **base))
+    assert buf.getvalue().splitlines() == [
+        "abcdef12 [#####.....]  50.0% running step 50/100 loss 0.1235",
+        "abcdef12 [##########] 100.0% succeeded 4/4 images",
+    ]
