@@ -18,7 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PG_ADMIN_URL = os.environ.get("LDMQ_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("LDMQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
+# A Redis database of its own per test session (two sessions at once must not flush each other).
+REDIS_URL = os.environ.get("LDMQ_TEST_REDIS", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
 REPO = Path(__file__).resolve().parents[1]
 
 import logging  # noqa: E402
@@ -236,9 +237,14 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
 
 @pytest.fixture
 def stack(settings, tmp_path):
-    """Start real processes: ``ldmq api`` on a free port and ``ldmq worker``s on demand."""
-    import httpx
+    """Start real processes: ``ldmq api`` on a free port and ``ldmq worker``s on demand.
 
+    The broker's database is emptied first, so a worker started here never picks up messages
+    that earlier tests left queued."""
+    import httpx
+    import redis
+
+    redis.Redis.from_url(settings.broker_url).flushdb()
     procs: list[Proc] = []
     env = settings_env(settings)
 

