@@ -51,6 +51,11 @@ class TrainParams(BaseModel):
     # ---- U-Net --------------------------------------------------------------------------------
     unet_channels: list[int] = Field(default=[32, 64], min_length=1, max_length=4)
     layers_per_block: int = Field(default=1, ge=1, le=4)
+    text_time_embedding: bool = Field(
+        default=False,
+        description="Also pool the caption's token states (attention pooling) into the time embedding that "
+        "every ResNet block receives (diffusers addition_embed_type='text', as DeepFloyd IF); cross-attention stays.",
+    )
     resolution: int = Field(default=32, ge=8, le=1024, description="Training image side; a multiple of 8.")
 
     # ---- optimisation -----------------------------------------------------------------------
@@ -62,7 +67,9 @@ class TrainParams(BaseModel):
     ema_power: float = Field(
         default=0.75, gt=0, le=1, description="EMA warm-up: decay = min(max_decay, 1 − (1 + step)^−power)."
     )
-    min_snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-γ loss weighting; null: off.")
+    min_snr_gamma: float | None = Field(
+        default=5.0, gt=0, description="Min-SNR-γ loss weighting (Hang et al. 2023); null: plain L_simple."
+    )
     caption_dropout: float = Field(
         default=0.1, ge=0, lt=1, description="Share of captions replaced by the empty caption (for guidance)."
     )

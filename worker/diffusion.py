@@ -396,7 +396,8 @@ def discretized_gaussian_log_likelihood(
     """log P(x) elementwise for the discretised Gaussian decoder of DDPM §3.3 (eq. 13).
 
     The probability of the bin [x − w/2, x + w/2] under N(mean, exp(log_scale)²), w = ``bin_width``,
-    with the exact normal CDF (``torch.special.ndtr``; DDPM's code uses a tanh approximation).
+    with the exact normal CDF in log space (``torch.special.log_ndtr``; DDPM's code uses a tanh
+    approximation and clamps the probability at 1e-12).
     With ``data_range=(lo, hi)`` the outermost bins extend to ∓∞ (x within w/2 of lo or hi), as DDPM
     does for 8-bit images scaled to [−1, 1] (w = 2/255). ``data_range=None`` means no edge bins: the
     right choice for unbounded data such as autoencoder latents quantised at resolution w.
@@ -405,13 +406,13 @@ def discretized_gaussian_log_likelihood(
     inv_stdv = torch.exp(-log_scales)
     z_plus = inv_stdv * (centered + bin_width / 2)
     z_min = inv_stdv * (centered - bin_width / 2)
-    # Φ(z+) − Φ(z−), computed on the side of the mean where both CDFs are small (no cancellation).
-    bin_prob = torch.where(
-        centered > 0,
-        torch.special.ndtr(-z_min) - torch.special.ndtr(-z_plus),
-        torch.special.ndtr(z_plus) - torch.special.ndtr(z_min),
-    )
-    log_probs = torch.log(bin_prob.clamp(min=1e-12))
+    # log(Φ(z+) − Φ(z−)) in log space, on the side of the mean where both CDFs are small, so that
+    # neither cancellation nor underflow limits it (improved-diffusion clamps the probability at 1e-12).
+    lower = centered <= 0
+    hi = torch.where(lower, z_plus, -z_min)
+    lo = torch.where(lower, z_min, -z_plus)
+    log_hi = torch.special.log_ndtr(hi)
+    log_probs = log_hi + torch.log(-torch.expm1(torch.special.log_ndtr(lo) - log_hi))
     if data_range is not None:
         lo, hi = data_range
         edge = bin_width / 2 * 0.998  # improved-diffusion's 0.999 for w = 2/255

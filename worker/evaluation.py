@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -219,14 +220,26 @@ def heldout_bits_per_dim(
 
 
 def vlb_timesteps(num_timesteps: int, num_terms: int, generator: torch.Generator):
-    """Indices and weights for an unbiased, low-variance estimate of Σ_t L_t: index 0 (L_0, weight 1)
-    plus one uniformly drawn index from each of ``num_terms − 1`` contiguous strata of 1..T−1, weighted
-    by its stratum's size. ``num_terms == T`` gives every index with weight 1 (exact)."""
+    """Indices and weights for an unbiased, low-variance estimate of Σ_t L_t over t = 0..T−1.
+
+    Index 0 (L_0) always, with weight 1; the rest of 1..T−1 is cut into ``num_terms − 1`` contiguous
+    strata of geometrically growing size (single steps near t = 0, where the terms are largest and
+    change fastest; long strata near T, where they are small and flat), and one index is drawn
+    uniformly from each stratum, weighted by the stratum's size. ``num_terms == T`` is exact.
+    """
     if not 2 <= num_terms <= num_timesteps:
         raise ValueError(f"num_terms must be in 2..{num_timesteps}; got {num_terms}")
-    strata = np.array_split(np.arange(1, num_timesteps), num_terms - 1)
-    picks = [0] + [int(s[torch.randint(len(s), (1,), generator=generator).item()]) for s in strata]
-    weights = [1.0] + [float(len(s)) for s in strata]
+    n = num_terms
+    while True:  # geometric edges in [1, T], as many distinct ones as strata are wanted
+        edges = np.unique(np.round(np.geomspace(1, num_timesteps, n)).astype(np.int64))
+        if len(edges) >= num_terms or n > 100 * num_timesteps:
+            break
+        n += 1
+    edges = edges[:num_terms - 1].tolist() + [num_timesteps]
+    picks, weights = [0], [1.0]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        picks.append(lo + int(torch.randint(hi - lo, (1,), generator=generator).item()))
+        weights.append(float(hi - lo))
     return torch.tensor(picks), torch.tensor(weights, dtype=torch.float32)
 
 
@@ -247,7 +260,9 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)."""
     from scipy import linalg
 
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    with warnings.catch_warnings():  # a singular Σ (e.g. identical images) is a legitimate input
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
         eps = np.eye(cov1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))

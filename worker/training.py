@@ -129,10 +129,14 @@ def make_autoencoder(params: TrainParams):
 
 
 def make_unet(params: TrainParams, *, in_channels: int, sample_size: int, cross_attention_dim: int):
-    """UNet2DConditionModel: ResNet blocks with cross-attention to the text in every down and up block."""
+    """UNet2DConditionModel: ResNet blocks with cross-attention to the text in every down and up block
+    (and, with ``text_time_embedding``, the attention-pooled text added to the time embedding)."""
     from diffusers import UNet2DConditionModel
 
     n = len(params.unet_channels)
+    extra = {}
+    if params.text_time_embedding:
+        extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cross_attention_dim // 64)}
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=in_channels,
@@ -143,6 +147,7 @@ def make_unet(params: TrainParams, *, in_channels: int, sample_size: int, cross_
         layers_per_block=params.layers_per_block,
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=_norm_groups(params.unet_channels),
+        **extra,
     )
 
 
@@ -285,7 +290,8 @@ def _restore(ckpt_dir: Path, state: dict, *, optimizer, ema, generator, batches:
     _optimizer_from_files(optimizer, load_file(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
     if ema is not None:
         shadow = load_file(ckpt_dir / "ema_unet.safetensors")
-        ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[str(i)] for i in range(len(shadow))]))
+        device = ema.shadow_params[0].device
+        ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[str(i)].to(device) for i in range(len(shadow))]))
     rng = load_file(ckpt_dir / "rng.safetensors")
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_cpu"])
@@ -616,10 +622,11 @@ def train(
 
 
 def make_scheduler_like(scheduler):
-    """A DDPMScheduler with the base model's training schedule (its config may belong to another class)."""
+    """A DDPMScheduler with the base model's training schedule (its config may belong to another class),
+    with ``clip_sample`` off (see :func:`make_noise_scheduler`)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(scheduler.config)
+    return DDPMScheduler.from_config(scheduler.config, clip_sample=False)
 
 
 def _tail_mean(history, n: int = 50):
@@ -725,8 +732,13 @@ class _Evaluator:
     def __init__(self, run: _Run, frozen: dict, train_set, heldout, diffusion, empty_embed):
         self.run, self.frozen, self.heldout, self.diffusion = run, frozen, heldout, diffusion
         p = run.params
-        self.prompts = p.validation_prompts or sorted(set(train_set.captions))[:10]
         self.is_digits = train_set.name == "builtin:digits"
+        if p.validation_prompts:
+            self.prompts = p.validation_prompts
+        elif self.is_digits:
+            self.prompts = evaluation.digit_prompts(10)[0]  # zero … nine
+        else:
+            self.prompts = sorted(set(train_set.captions))[:10]
         self._judge = None
         self._heldout_latents = None
         self._heldout_context = None
@@ -741,6 +753,18 @@ class _Evaluator:
             )
         if self.is_digits and self._judge is None:
             self._judge = evaluation.DigitsJudge()
+
+    @torch.no_grad()
+    def _autoencoder_frechet(self, n: int, seed: int) -> float:
+        """Fréchet distance of n real digits passed through the autoencoder (encode, posterior mean,
+        decode): what the autoencoder alone costs, the best a perfect U-Net could reach."""
+        from worker.data import load_digits
+
+        real = load_digits(self.run.params.resolution).images
+        idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
+        vae = self.frozen["vae"]
+        recon = vae.decode(vae.encode(real[idx].to(self.run.device)).latent_dist.mean).sample
+        return self._judge.frechet(((recon.float().cpu() + 1) / 2).clamp(0, 1))
 
     def evaluate(self, unet, ckpt: Path) -> dict:
         clock = time.perf_counter()
@@ -767,6 +791,7 @@ class _Evaluator:
                 steps=p.eval_steps, guidance_scale=p.eval_guidance_scale, seed=p.seed,
             )
             metrics.update({k: v for k, v in digits.items() if k not in ("images", "labels")})
+            metrics["autoencoder_frechet"] = self._autoencoder_frechet(p.eval_num_samples, p.seed)
         (ckpt / "metrics.json").write_text(json.dumps(metrics, indent=1))
         self.run.eval_seconds += time.perf_counter() - clock
         return metrics

@@ -1,0 +1,60 @@
+"""TrainParams: the body of POST /v1/jobs/train."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.train_schema import TrainParams
+
+
+def test_defaults_from_the_dataset_alone():
+    p = TrainParams(dataset="builtin:digits")
+    assert p.base_model is None and p.batch_size == 64 and p.learning_rate == 1e-3
+    assert p.latent_channels == 2 and p.kl_weight == 1e-4
+    assert p.autoencoder_channels == [32, 64, 64] and p.unet_channels == [32, 64] and p.resolution == 32
+    assert p.warmup_steps == 100 and p.grad_clip == 1.0 and p.ema and p.caption_dropout == 0.1
+    assert p.total_steps == p.steps + p.autoencoder_steps
+    assert TrainParams(dataset="ds_1", base_model="m_1").total_steps == p.steps
+
+
+def test_unknown_fields_are_rejected():
+    with pytest.raises(ValidationError) as exc:
+        TrainParams(dataset="builtin:digits", epochs=3)
+    assert exc.value.errors()[0]["type"] == "extra_forbidden"
+
+
+def test_unknown_builtin_lists_the_valid_ones():
+    with pytest.raises(ValidationError, match="valid: builtin:digits"):
+        TrainParams(dataset="builtin:cifar10")
+
+
+def test_choices_list_their_valid_values():
+    with pytest.raises(ValidationError, match="'ddpm', 'ddim' or 'dpm-solver\\+\\+'"):
+        TrainParams(dataset="builtin:digits", eval_scheduler="euler")
+    with pytest.raises(ValidationError, match="'auto', 'no' or 'bf16'"):
+        TrainParams(dataset="builtin:digits", mixed_precision="fp16")
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"resolution": 36}, "multiple of 8"),
+        ({"resolution": 24, "autoencoder_channels": [32, 64, 64, 64, 64]}, "not divisible by the autoencoder's factor 16"),
+        ({"resolution": 16, "unet_channels": [32, 64, 64, 64]}, "latent side 4 is not divisible"),
+        ({"unet_channels": [30, 60]}, "multiple of 8"),
+        ({"steps": 0}, "greater than or equal to 1"),
+        ({"batch_size": 0}, "greater than or equal to 1"),
+        ({"learning_rate": 0}, "greater than 0"),
+        ({"caption_dropout": 1.0}, "less than 1"),
+        ({"validation_prompts": ["ok", " "]}, "non-empty"),
+    ],
+)
+def test_invalid_values(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainParams(dataset="builtin:digits", **fields)
+
+
+def test_round_trips_through_json():
+    p = TrainParams(dataset="builtin:digits", seed=3, min_snr_gamma=5.0)
+    assert TrainParams.model_validate_json(p.model_dump_json()) == p
