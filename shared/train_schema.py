@@ -2,11 +2,14 @@
 
 Contract fields: ``dataset``, ``base_model``, ``steps``, ``batch_size``, ``learning_rate``, ``seed``;
 everything else has a default. ``{"dataset": "builtin:digits"}`` alone gives the configuration
-measured to meet the quality bar on 2 CPU cores (see ``worker/bench_train.py``): an AutoencoderKL
-(32, 64, 64) with 2 latent channels (32×32 → 2×8×8, KL weight 1e-4), then a 1.3M-parameter U-Net
-(32, 64) with cross-attention on the frozen text encoder's token states, AdamW 1e-3 with 100 warm-up
-steps and cosine decay, gradient clipping 1.0, EMA and 10 % empty captions. Budgets are step counts,
-not wall time, so that a run is reproducible. Unknown fields are rejected (422).
+measured against the quality bar on 2 CPU cores (see ``worker/bench_train.py``): an AutoencoderKL
+(32, 64, 64) with 2 latent channels (32×32 → 2×8×8, KL weight 1e-4, 300 steps), then a
+1.3M-parameter U-Net (32, 64) with cross-attention on the frozen text encoder's token states,
+2,200 steps of AdamW 2e-3 with 100 warm-up steps and cosine decay, Min-SNR-5 weighting, gradient
+clipping 1.0, EMA and 10 % empty captions (about 8 minutes on 2 idle cores). Min-SNR-5 and the
+2e-3 learning rate were measured to lift conditional accuracy at low guidance (0.935 → 0.98 at
+w = 2) against the notes' recipe (AdamW 1e-3, plain L_simple). Budgets are step counts, not wall
+time, so that a run is reproducible. Unknown fields are rejected (422).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class TrainParams(BaseModel):
     )
     steps: int = Field(default=2200, ge=1, le=1_000_000, description="U-Net optimisation steps.")
     batch_size: int = Field(default=64, ge=1, le=4096)
-    learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Peak U-Net learning rate (AdamW).")
+    learning_rate: float = Field(default=2e-3, gt=0, le=1.0, description="Peak U-Net learning rate (AdamW).")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     # ---- autoencoder stage (not used with base_model) --------------------------------------
@@ -89,7 +92,9 @@ class TrainParams(BaseModel):
     eval_at_checkpoints: bool = Field(default=True, description="Evaluate (and store the evaluation) at each checkpoint.")
     eval_scheduler: Literal["ddpm", "ddim", "dpm-solver++"] = "dpm-solver++"
     eval_steps: int = Field(default=20, ge=1, le=1000)
-    eval_guidance_scale: float = Field(default=5.0, ge=0, le=50)
+    eval_guidance_scale: float = Field(
+        default=2.0, ge=0, le=50, description="2: where accuracy and Fréchet bars both hold on digits (5 narrows the samples)."
+    )
     eval_num_samples: int = Field(default=200, ge=10, le=10_000, description="Generated images for accuracy / Fréchet.")
     vlb_timesteps: int = Field(
         default=50, ge=2, le=1000, description="VLB terms evaluated (L_0, plus a stratified estimate of the rest); 1000 = exact."

@@ -10,7 +10,7 @@ from shared.train_schema import TrainParams
 
 def test_defaults_from_the_dataset_alone():
     p = TrainParams(dataset="builtin:digits")
-    assert p.base_model is None and p.batch_size == 64 and p.learning_rate == 1e-3
+    assert p.base_model is None and p.batch_size == 64 and p.learning_rate == 2e-3 and p.min_snr_gamma == 5.0
     assert p.latent_channels == 2 and p.kl_weight == 1e-4
     assert p.autoencoder_channels == [32, 64, 64] and p.unet_channels == [32, 64] and p.resolution == 32
     assert p.warmup_steps == 100 and p.grad_clip == 1.0 and p.ema and p.caption_dropout == 0.1

@@ -196,7 +196,6 @@ def test_inconsistent_inputs_are_refused(dataset, tmp_path):
         train(tiny_params(resolution=32), workdir=tmp_path, dataset=dataset, base_model_dir=None, hooks=TrainHooks())
 
 
-@pytest.mark.slow
 def test_fine_tuning_a_base_model_trains_only_its_unet(full_run, dataset, tmp_path):
     _, base = full_run
     rec = Recorder()
