@@ -28,6 +28,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout_s: float = 60) -> None:
+    """Poll the API's /healthz until it answers (bounded)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the API did not start")
+        time.sleep(0.1)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _prompts(n: int) -> list[tuple[str, int]]:
     subjects = ["cat", "dog", "house", "tree", "car", "boat", "bird", "flower"]
     styles = ["a photo of a", "a drawing of a", "a painting of a", "a sketch of a"]
@@ -98,16 +124,7 @@ def bench_ldmq(pipe_dir: Path, prompts, steps, guidance, batch, scheduler, pg_ad
         procs.append(subprocess.Popen([sys.executable, "-m", "ldmq.cli", "worker", "--queues", "sample",
                                        "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT))
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if api.get("/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}")
 
         def run(rows) -> float:
             csv = "prompt,seed\n" + "".join(f"{p},{s}\n" for p, s in rows)
@@ -129,13 +146,7 @@ def bench_ldmq(pipe_dir: Path, prompts, steps, guidance, batch, scheduler, pg_ad
         run(prompts[:1])  # warm-up: the worker loads and caches the pipeline
         return run(prompts)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         moto.stop()
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ldmq.bench import _free_port
+from ldmq.bench import _free_port, stop_all, wait_healthy
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -98,16 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "ldmq.cli", "api", "--port", str(port), "--log-level",
                                        "warning", "--no-access-log"], env=env, stdout=log, stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.1)
+        wait_healthy(url)
         body = {"model": model, "prompts": [{"prompt": "a cat", "seed": 1}], "steps": 2}
         asyncio.run(_load(url, key, body, 20, 2))  # warm-up
         lat, errors = asyncio.run(_load(url, key, body, args.rate, args.seconds))
@@ -141,13 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               f"   max {max(dispatch):.1f} ms   (bar: p50 < 100 ms)")
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
         admin.dispose()
