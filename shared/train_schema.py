@@ -54,6 +54,9 @@ class TrainParams(BaseModel):
     # ---- U-Net --------------------------------------------------------------------------------
     unet_channels: list[int] = Field(default=[32, 64], min_length=1, max_length=4)
     layers_per_block: int = Field(default=1, ge=1, le=4)
+    attention_heads: int = Field(
+        default=2, ge=1, le=64, description="Heads of every U-Net attention layer (2: head size 16 and 32, 20 % faster on CPU than 8)."
+    )
     text_time_embedding: bool = Field(
         default=False,
         description="Also pool the caption's token states (attention pooling) into the time embedding that "
@@ -77,6 +80,11 @@ class TrainParams(BaseModel):
         default=0.1, ge=0, lt=1, description="Share of captions replaced by the empty caption (for guidance)."
     )
     gradient_checkpointing: bool = False
+    cache_latents: bool = Field(
+        default=True,
+        description="Encode the training set through the frozen autoencoder once and train the U-Net on the "
+        "cached posteriors (mean, std); false encodes every batch again, as diffusers' train_text_to_image does.",
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on CUDA, full precision on CPU."
     )
@@ -126,6 +134,8 @@ class TrainParams(BaseModel):
     def _shapes(self) -> "TrainParams":
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8; got {self.resolution}")
+        if any(c % self.attention_heads for c in self.unet_channels):
+            raise ValueError(f"every U-Net channel count must be divisible by attention_heads={self.attention_heads}")
         if self.base_model is None:
             down = 2 ** (len(self.autoencoder_channels) - 1)
             if self.resolution % down:

@@ -72,6 +72,7 @@ NON_TRAINING_FIELDS = {
     "eval_num_samples",
     "vlb_timesteps",
     "gradient_checkpointing",
+    "cache_latents",  # same random draws either way: only float rounding of the encoder differs
 }
 
 
@@ -89,6 +90,7 @@ class TrainHooks:
     so it must be cheap (throttle any database query in it)."""
 
     progress: Callable[[dict], None] = _noop
+    step_done: Callable[[str, float], None] = _noop  # (stage, wall seconds of the optimisation step)
     should_stop: Callable[[], bool] = lambda: False
     save_checkpoint: Callable[[int, Path], None] = _noop
     latest_checkpoint: Callable[[], Path | None] = lambda: None
@@ -146,6 +148,7 @@ def make_unet(params: TrainParams, *, in_channels: int, sample_size: int, cross_
         block_out_channels=tuple(params.unet_channels),
         layers_per_block=params.layers_per_block,
         cross_attention_dim=cross_attention_dim,
+        attention_head_dim=params.attention_heads,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=_norm_groups(params.unet_channels),
         **extra,
     )
@@ -471,8 +474,10 @@ def train(
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), params.grad_clip)
             opt.step()
             # -- bookkeeping
-            run.train_seconds += time.perf_counter() - step_clock
+            step_wall = time.perf_counter() - step_clock
+            run.train_seconds += step_wall
             run.train_cpu_seconds += time.process_time() - cpu_clock
+            hooks.step_done("autoencoder", step_wall)
             history.append([step + 1, loss.item()])
             sec = run.train_seconds / max(1, len(history))
             run.report(
@@ -531,7 +536,13 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr
         idx = batches.next().to(dev)
-        z0 = (lat_mean[idx] + lat_std[idx] * run.randn(lat_mean[idx].shape)) * scaling
+        if params.cache_latents:
+            mean, std = lat_mean[idx], lat_std[idx]
+        else:  # encode the batch now (the same draws from the generator as the cached path)
+            with torch.no_grad():
+                posterior = vae.encode(images[idx]).latent_dist
+            mean, std = posterior.mean.float(), posterior.std.float()
+        z0 = (mean + std * run.randn(mean.shape)) * scaling
         t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=run.generator).to(dev)
         noise = run.randn(z0.shape)
         drop = (torch.rand(len(idx), generator=run.generator) < params.caption_dropout).to(dev)
@@ -552,8 +563,10 @@ def train(
         if ema is not None:
             ema.step(unet.parameters())
         # -- bookkeeping
-        run.train_seconds += time.perf_counter() - step_clock
+        step_wall = time.perf_counter() - step_clock
+        run.train_seconds += step_wall
         run.train_cpu_seconds += time.process_time() - cpu_clock
+        hooks.step_done("unet", step_wall)
         global_step = ae_steps + step + 1
         history.append([global_step, loss.item()])
         sec = (run.train_seconds - unet_train_start) / max(1, step + 1 - start)

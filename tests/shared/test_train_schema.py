@@ -43,6 +43,7 @@ def test_choices_list_their_valid_values():
         ({"resolution": 24, "autoencoder_channels": [32, 64, 64, 64, 64]}, "not divisible by the autoencoder's factor 16"),
         ({"resolution": 16, "unet_channels": [32, 64, 64, 64]}, "latent side 4 is not divisible"),
         ({"unet_channels": [30, 60]}, "multiple of 8"),
+        ({"attention_heads": 3}, "divisible by attention_heads=3"),
         ({"steps": 0}, "greater than or equal to 1"),
         ({"batch_size": 0}, "greater than or equal to 1"),
         ({"learning_rate": 0}, "greater than 0"),

@@ -58,12 +58,14 @@ class Recorder:
 
     def __init__(self, stop_at: int | None = None, resume_from: Path | None = None):
         self.progress: list[dict] = []
+        self.steps: list[tuple[str, float]] = []
         self.saved: list[tuple[int, Path]] = []
         self.stop_at, self.resume_from = stop_at, resume_from
 
     def hooks(self) -> TrainHooks:
         return TrainHooks(
             progress=self.progress.append,
+            step_done=lambda stage, seconds: self.steps.append((stage, seconds)),
             should_stop=lambda: bool(self.stop_at and self.progress and self.progress[-1]["step"] >= self.stop_at),
             save_checkpoint=lambda step, path: self.saved.append((step, Path(path))),
             latest_checkpoint=lambda: self.resume_from,
@@ -93,6 +95,9 @@ def test_losses_go_down_and_progress_is_reported(full_run):
     ae = [p["loss"] for p in rec.progress if p["stage"] == "autoencoder"]
     unet = [p["loss"] for p in rec.progress if p["stage"] == "unet"]
     assert len(ae) == AE_STEPS and len(unet) == UNET_STEPS
+    # one step_done per optimisation step (the worker's step-duration metric), with its wall time
+    assert [st for st, _ in rec.steps] == ["autoencoder"] * AE_STEPS + ["unet"] * UNET_STEPS
+    assert all(sec > 0 for _, sec in rec.steps)
     assert np.mean(ae[-3:]) < 0.7 * np.mean(ae[:3])
     assert np.mean(unet[-8:]) < 0.8 * np.mean(unet[:8])
     last = rec.progress[-1]
@@ -180,6 +185,21 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, dataset, tmp_path):
         ours = load_file(next((result.pipeline_dir / part).glob("*.safetensors")))
         theirs = load_file(next((full_result.pipeline_dir / part).glob("*.safetensors")))
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_uncached_latents_train_the_same_model(full_run, dataset, tmp_path):
+    """cache_latents=false encodes every batch again; it draws the same random numbers, so the
+    losses match the cached run's up to the encoder's float rounding."""
+    full, _ = full_run
+    ref = full.losses()
+    rec = Recorder(stop_at=AE_STEPS + 10)
+    with pytest.raises(TrainingStopped):
+        train(tiny_params(cache_latents=False), workdir=tmp_path, dataset=dataset, base_model_dir=None,
+              hooks=rec.hooks(), progress_every=1)
+    got = rec.losses()
+    assert all(got[s] == ref[s] for s in range(1, AE_STEPS + 1))  # stage 1 does not depend on it
+    unet_steps = range(AE_STEPS + 1, AE_STEPS + 11)
+    np.testing.assert_allclose([got[s] for s in unet_steps], [ref[s] for s in unet_steps], rtol=2e-3)
 
 
 def test_resume_with_other_params_is_refused(full_run, dataset, tmp_path):
