@@ -37,6 +37,16 @@ def cmd_api(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from worker import multiproc
+
+    try:  # before anything imports prometheus_client: the worker's processes share their samples
+        multiproc.prepare()
+        from worker import metrics
+
+        port = metrics.configured_port()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from worker.celery_app import app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
@@ -48,6 +58,12 @@ def cmd_worker(args) -> int:
     argv = ["worker", "-Q", ",".join(queues), "-c", str(args.concurrency), "-l", args.log_level.upper(),
             "--pool", "solo" if args.concurrency == 1 else "prefork", "-n", args.name, "--without-gossip",
             "--without-mingle"]
+    from shared.logctx import log_format
+
+    if log_format() == "json":
+        argv.insert(0, "--quiet")  # no banner: stdout and stderr stay one JSON object a line
+    if port is not None:
+        metrics.start_server(port)
     app.worker_main(argv)
     return 0
 
@@ -312,6 +328,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     if args.what == "train":
         from worker.bench_train import main as bench_main
+    elif args.what == "train-speed":
+        from worker.bench_train_speed import main as bench_main
     elif args.what == "api":
         from ldmq.bench_api import main as bench_main
     elif args.what == "gpu":
@@ -375,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
-    b.add_argument("what", choices=["train", "sample", "api", "gpu"])
+    b.add_argument("what", choices=["train", "train-speed", "sample", "api", "gpu"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

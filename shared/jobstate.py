@@ -33,6 +33,7 @@ class Claim:
     job_id: str
     attempt: int
     lease_expires_at: datetime
+    tenant_id: str | None = None  # for log context
 
 
 class LeaseLost(Exception):
@@ -73,14 +74,15 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
             lease_expires_at=expires,
             started_at=_coalesce_started(now),
         )
-        .returning(Job.attempts)
+        .returning(Job.attempts, Job.tenant_id)
         .execution_options(synchronize_session=False)
     )
-    attempt = session.execute(stmt).scalar_one_or_none()
-    if attempt is None:
+    row = session.execute(stmt).one_or_none()
+    if row is None:
         return None
+    attempt, tenant_id = row
     emit(session, job_id, "started", {"attempt": attempt, "worker": owner})
-    return Claim(job_id, attempt, expires)
+    return Claim(job_id, attempt, expires, tenant_id)
 
 
 def _coalesce_started(now: datetime):

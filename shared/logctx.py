@@ -86,13 +86,13 @@ def log_format(value: str | None = None) -> str:
     return fmt
 
 
-def configure_logging(level: int = logging.INFO, fmt: str | None = None) -> str:
-    """Install one stderr handler on the root logger with the context filter and the format.
-    Returns the format used."""
+def configure_logging(level: int = logging.INFO, fmt: str | None = None, text_format: str = TEXT_FORMAT) -> str:
+    """Install one stderr handler on the root logger with the context filter and the format
+    (``text_format`` is the line layout of the text format). Returns the format used."""
     fmt = log_format(fmt)
     handler = logging.StreamHandler()
     handler.addFilter(ContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text_format))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -33,7 +33,9 @@ from typing import Any
 
 from shared import jobstate
 from shared.db import session_scope
+from shared.logctx import job_context
 from shared.settings import Settings
+from worker import metrics
 from worker.runner import STOP_REASONS, JobRun, Outcome, record_outcome, time_limit_s, worker_identity
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,11 @@ def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
     import logging as _logging
 
     from shared.jobstate import Claim
+    from shared.logctx import configure_logging
 
-    _logging.basicConfig(level=_logging.INFO,
-                         format="%(asctime)s %(levelname)s %(name)s [executor %(process)d]: %(message)s")
+    # The worker's format (LDMQ_LOG_FORMAT, inherited): JSON lines carry the job id and tenant of
+    # the job running, as the worker's own lines do.
+    configure_logging(_logging.INFO, text_format="%(asctime)s %(levelname)s %(name)s [executor %(process)d]: %(message)s")
     for noisy in ("httpx", "botocore", "urllib3"):
         _logging.getLogger(noisy).setLevel(_logging.WARNING)
     clog = _logging.getLogger("worker.executor.child")
@@ -129,7 +133,7 @@ def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
             break
         if msg is None:
             break
-        seq, job_id, job_type, attempt, owner = msg
+        seq, job_id, job_type, attempt, owner, tenant_id = msg
         conn.send(("started", seq))
 
         def external_stop(seq=seq) -> str | None:
@@ -138,10 +142,11 @@ def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
                 return _CODE_REASON.get(word & 0xFF)
             return "shutdown" if state["shutdown"] else None
 
-        claim = Claim(job_id, attempt, None)  # type: ignore[arg-type]
+        claim = Claim(job_id, attempt, None, tenant_id)  # type: ignore[arg-type]
         run = JobRun(settings, claim, job_type, owner, heartbeat=False, external_stop=external_stop)
-        outcome = run_work(run, lambda r, work=works[job_type]: work(settings, r))
-        clog.info("job %s attempt %s: %s %s", job_id, attempt, outcome.kind, outcome.error or outcome.reason or "")
+        with job_context(job_id, tenant_id):
+            outcome = run_work(run, lambda r, work=works[job_type]: work(settings, r))
+            clog.info("job %s attempt %s: %s %s", job_id, attempt, outcome.kind, outcome.error or outcome.reason or "")
         try:
             conn.send(("result", seq, outcome.to_dict()))
         except (EOFError, OSError):
@@ -154,13 +159,16 @@ def _preload(clog) -> None:
         import diffusers
         import torch  # noqa: F401
         import transformers
+
+        for lib in (diffusers, transformers):
+            # Their records go through the root logger (one format, the job context), not their
+            # own stderr handlers; progress bars off.
+            lib.utils.logging.disable_default_handler()
+            lib.utils.logging.enable_propagation()
+            lib.utils.logging.set_verbosity_error()
+            lib.utils.logging.disable_progress_bar()
         from diffusers import StableDiffusionPipeline  # noqa: F401
         from transformers import BertModel, CLIPTextModel  # noqa: F401
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
     except Exception as exc:  # the job will report it
         clog.warning("executor: preloading failed: %s", exc)
 
@@ -212,6 +220,8 @@ class Executor:
                 pass
         if self.proc is not None:
             self.proc.join(timeout=5)
+            if not self.proc.is_alive():
+                metrics.process_exited(self.proc.pid)  # its live gauges (GPU memory) go
         self.proc, self.conn = None, None
 
     def kill(self) -> None:
@@ -256,7 +266,7 @@ class Executor:
         self.stop_word.value = 0
         grace = self.settings.stop_grace_s
         try:
-            self.conn.send((seq, run.job_id, run.job_type, run.attempt, run.owner))
+            self.conn.send((seq, run.job_id, run.job_type, run.attempt, run.owner, run.claim.tenant_id))
         except (OSError, EOFError):
             self.kill()
             return Outcome("released", reason="executor unavailable")
@@ -370,18 +380,23 @@ def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
     if claim is None:
         log.info("job %s: not claimable (taken, final or out of attempts); message ignored", job_id)
         return "skipped"
-    log.info("job %s: attempt %s claimed by %s", job_id, claim.attempt, owner)
-    # The lease and cancel are watched here; the time limits are timed by Executor.run from the
-    # moment the child starts the job (not while it warms up).
-    run = JobRun(settings, claim, job_type, owner, enforce_time_limit=False)
-    run.start()
-    executor = get_executor(settings)
-    try:
-        outcome = executor.run(run)
-    finally:
-        run.stop()
-    result = record_outcome(settings, claim, job_type, outcome)
-    log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
+    with job_context(job_id, claim.tenant_id):
+        log.info("job %s: attempt %s claimed by %s", job_id, claim.attempt, owner)
+        # The lease and cancel are watched here; the time limits are timed by Executor.run from the
+        # moment the child starts the job (not while it warms up).
+        run = JobRun(settings, claim, job_type, owner, enforce_time_limit=False)
+        run.start()
+        executor = get_executor(settings)
+        clock = time.perf_counter()
+        metrics.BUSY.inc()
+        try:
+            outcome = executor.run(run)
+        finally:
+            run.stop()
+            metrics.BUSY.dec()
+        result = record_outcome(settings, claim, job_type, outcome)
+        metrics.job_finished(job_type, result, time.perf_counter() - clock)
+        log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
     if not shutdown_requested() and not executor.alive():
         executor.start()  # warm a fresh child for the next job
     return result

@@ -4,11 +4,13 @@ worker's spawned executor process and records the outcome (see ``worker.executor
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import shared_task, signals
 
 from shared.queue import TASK_SAMPLE, TASK_TRAIN
 from shared.settings import get_settings
+from worker import metrics
 from worker.executor import close_executor, execute_job, get_executor, request_shutdown
 
 log = logging.getLogger(__name__)
@@ -47,3 +49,9 @@ def _prewarm_pool_process(**_kwargs) -> None:
 @signals.worker_shutdown.connect
 def _on_shutdown(**_kwargs) -> None:
     close_executor()
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_exits(**_kwargs) -> None:
+    close_executor()
+    metrics.process_exited(os.getpid())  # its live gauges (jobs running) go with it

@@ -21,6 +21,7 @@ from shared.registry import register_pipeline_dir
 from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
 from shared.train_schema import TrainParams
+from worker import metrics
 from worker.pipelines import resolve_device
 from worker.runner import JobError, JobRun
 
@@ -91,7 +92,8 @@ def run_train(settings: Settings, run: JobRun) -> dict:
             return storage.download_dir(checkpoint_key, workdir / "resume")
 
         hooks = TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=save_checkpoint,
-                           latest_checkpoint=latest_checkpoint)
+                           latest_checkpoint=latest_checkpoint,
+                           step_done=lambda _stage, seconds: metrics.observe_step("train", seconds))
         try:
             result = train(params, workdir=workdir / "run", dataset=data, base_model_dir=base_dir, hooks=hooks,
                            device=resolve_device(settings.worker_device))
