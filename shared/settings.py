@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     broker_url: str = Field(default="", description="Celery broker URL; default: file-system transport.")
     storage_url: str = Field(default="", description="s3://bucket/prefix or file:///path.")
     s3_endpoint_url: str | None = Field(default=None, description="For MinIO or another S3 server.")
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint as clients reach it, when it differs from s3_endpoint_url (compose: the "
+        "API and workers use http://minio:9000, a browser http://localhost:9000). Presigned URLs are signed for "
+        "this host: a URL signed for one host does not verify on another.",
+    )
     s3_region: str = "us-east-1"
     presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
 

@@ -251,7 +251,7 @@ class S3Storage(Storage):
     BACKOFF_MAX_S = 5.0
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str = "us-east-1",
-                 retry_s: float = 30.0):
+                 retry_s: float = 30.0, public_endpoint_url: str | None = None):
         import boto3
         from botocore.config import Config
 
@@ -268,6 +268,11 @@ class S3Storage(Storage):
             signature_version="s3v4",
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
+        # Presigning is local computation (no request): a client for the public host signs for it.
+        self.presign_client = (
+            boto3.client("s3", endpoint_url=public_endpoint_url, config=cfg)
+            if public_endpoint_url and public_endpoint_url != endpoint_url else self.client
+        )
 
     def _key(self, key: str) -> str:
         key = key.lstrip("/")
@@ -359,7 +364,7 @@ class S3Storage(Storage):
         self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def presigned_url(self, key, expires_s):
-        return self.client.generate_presigned_url(
+        return self.presign_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=int(expires_s)
         )
 
@@ -378,21 +383,22 @@ def storage_from_url(url: str, settings: Settings | None = None) -> Storage:
         if not parsed.netloc:
             raise ValueError(f"s3 URL needs a bucket: {url!r}")
         return S3Storage(parsed.netloc, parsed.path, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                         retry_s=settings.storage_retry_s)
+                         retry_s=settings.storage_retry_s, public_endpoint_url=settings.s3_public_endpoint_url)
     if parsed.scheme == "file":
         return FileStorage(Path(parsed.path))
     raise ValueError(f"unknown storage URL scheme {parsed.scheme!r} in {url!r}; valid: s3://bucket/prefix, file:///path")
 
 
 @lru_cache(maxsize=8)
-def _cached(url: str, endpoint: str | None, region: str, retry_s: float) -> Storage:
-    return storage_from_url(url, Settings(s3_endpoint_url=endpoint, s3_region=region, storage_retry_s=retry_s))
+def _cached(url: str, endpoint: str | None, region: str, retry_s: float, public_endpoint: str | None) -> Storage:
+    return storage_from_url(url, Settings(s3_endpoint_url=endpoint, s3_region=region, storage_retry_s=retry_s,
+                                          s3_public_endpoint_url=public_endpoint))
 
 
 def get_storage(settings: Settings | None = None) -> Storage:
     settings = settings or get_settings()
     return _cached(settings.effective_storage_url, settings.s3_endpoint_url, settings.s3_region,
-                   settings.storage_retry_s)
+                   settings.storage_retry_s, settings.s3_public_endpoint_url)
 
 
 # Key layout: everything a tenant owns lives under its own prefix.

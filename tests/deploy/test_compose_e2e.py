@@ -12,7 +12,6 @@ removes it and its volumes at the end.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import json
 import os
@@ -104,20 +103,12 @@ class Stack:
         return self.host_port("minio", 9000)
 
     def fetch_presigned(self, url: str) -> tuple[int, bytes]:
-        """GET a presigned URL made for the in-network endpoint (http://minio:9000), through MinIO's
-        published port, presenting the Host the URL was signed for (SigV4 signs the Host header).
-        The path and query go out byte for byte, as signed."""
+        """GET a presigned URL as a client outside the compose network would: it must be signed
+        for MinIO's published address (LDMQ_S3_PUBLIC_ENDPOINT_URL), not the in-network name."""
         parts = urlsplit(url)
-        if parts.hostname != "minio":
-            r = httpx.get(url, timeout=30)
-            return r.status_code, r.content
-        conn = http.client.HTTPConnection("127.0.0.1", self.minio_port, timeout=30)
-        try:
-            conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""), headers={"Host": parts.netloc})
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        assert parts.hostname == "localhost" and parts.port == self.minio_port, url
+        r = httpx.get(url, timeout=30)
+        return r.status_code, r.content
 
     def s3(self):
         import boto3

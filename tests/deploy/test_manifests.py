@@ -292,6 +292,11 @@ def test_urls_point_at_the_compose_services(compose_doc):
     assert broker.scheme == "redis" and broker.hostname == "redis" and broker.port == 6379
     s3 = urlsplit(env["LDMQ_S3_ENDPOINT_URL"])
     assert s3.hostname == "minio" and s3.port == 9000
+    # presigned URLs are signed for MinIO's published port, which clients outside the network reach
+    public = env["LDMQ_S3_PUBLIC_ENDPOINT_URL"]
+    published = next(p for p in s["minio"]["ports"] if p.endswith(":9000"))
+    host_port = published.removesuffix(":9000").rsplit("}:", 1)[1]  # "${LDMQ_HOST_MINIO_PORT:-9000}"
+    assert public.endswith(":" + host_port), (public, published)
     assert env["AWS_ACCESS_KEY_ID"] == s["minio"]["environment"]["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == s["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
 

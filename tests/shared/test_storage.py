@@ -42,6 +42,22 @@ def test_presigned_url_serves_the_object(storage):
         assert resp.read() == b"\x89PNG-bytes"
 
 
+def test_presigned_urls_are_signed_for_the_public_endpoint(s3_endpoint, s3_bucket, tmp_path):
+    """Workers reach S3 by an in-network name; clients get URLs signed for the public host."""
+    from urllib.parse import urlsplit
+
+    inner = urlsplit(s3_endpoint)
+    public = f"http://localhost:{inner.port}"
+    st = S3Storage(s3_bucket, f"pub-{tmp_path.name}", endpoint_url=s3_endpoint, public_endpoint_url=public)
+    st.put_bytes("o.png", b"png")  # through the in-network endpoint
+    url = st.presigned_url("o.png", 60)
+    assert url.startswith(public + "/") and "X-Amz-Signature=" in url
+    with urllib.request.urlopen(url) as resp:
+        assert resp.read() == b"png"
+    plain = S3Storage(s3_bucket, f"pub-{tmp_path.name}", endpoint_url=s3_endpoint)
+    assert urlsplit(plain.presigned_url("o.png", 60)).netloc == inner.netloc
+
+
 def test_file_checksum_is_verified(tmp_path):
     st = FileStorage(tmp_path / "o")
     st.put_bytes("k", b"good")
