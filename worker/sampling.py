@@ -35,7 +35,7 @@ from shared import jobstate
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model, Tenant
 from shared.settings import Settings
-from shared.storage import Storage, get_storage, manifest_key, output_key, sha256_hex
+from shared.storage import Storage, get_storage, manifest_key, output_key
 from worker import metrics
 from worker.pipelines import make_scheduler, pipeline_cache, resolve_device
 from worker.runner import JobError, JobRun, Outcome, classify, record_outcome, worker_identity
@@ -181,10 +181,12 @@ class OutputWriter:
         for it, arr in zip(items, arrays):
             data = png_bytes(arr)
             key = output_key(work.tenant_id, work.job.id, it.row, it.index)
-            # Same seed -> same bytes, so a retry's re-write of this key stores identical content.
-            self.storage.put_bytes(key, data, content_type="image/png")
+            # Create-only: an object an earlier (crashed or stale) attempt left under this key is
+            # kept and recorded with its own checksum, never clobbered; same seed, same pixels on
+            # one machine, but another GPU may round differently.
+            digest, _created = self.storage.put_bytes_once(key, data, content_type="image/png")
             records.append(dict(row=it.row, index=it.index, seed=it.seed, key=key, width=arr.shape[1],
-                                height=arr.shape[0], sha256=sha256_hex(data)))
+                                height=arr.shape[0], sha256=digest))
         with self._lock:
             work.made += len(items)
             made = work.made

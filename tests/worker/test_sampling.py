@@ -75,6 +75,28 @@ def test_resume_skips_rows_already_recorded(client, settings, tiny_model):
         assert s.get(Job, job_id).attempts == 2
 
 
+def test_an_earlier_attempts_object_is_kept_not_clobbered(client, settings, tiny_model):
+    """An attempt that uploaded a PNG and died before recording it (or a stale run still
+    uploading): the next run's create-only write keeps that object and records its checksum, so
+    the record always matches the bytes stored (a different GPU may round pixels differently)."""
+    import hashlib
+
+    from shared.storage import output_key
+
+    tid, key, model_id = tiny_model
+    job_id = submit(client, key, model_id, [{"prompt": "a cat", "seed": 5}, {"prompt": "a dog", "seed": 6}])
+    st = get_storage(settings)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="PNG")
+    earlier = buf.getvalue()
+    st.put_bytes(output_key(tid, job_id, 1, 0), earlier, content_type="image/png")
+    assert run(settings, job_id) == "succeeded"
+    outs = outputs(settings, job_id)
+    assert outs[0][4] == hashlib.sha256(earlier).hexdigest()
+    assert st.get_bytes(outs[0][3]) == earlier  # get_bytes verifies the stored checksum
+    assert outs[1][4] == hashlib.sha256(st.get_bytes(outs[1][3])).hexdigest()
+
+
 def test_cancel_requested_stops_between_steps(client, settings, tiny_model):
     from shared import jobstate
 
