@@ -62,10 +62,13 @@ def run_train(settings: Settings, run: JobRun) -> dict:
         if checkpoint_key:
             saved.append(checkpoint_key)
 
+        device = resolve_device(settings.worker_device)
+
         def progress(info: dict) -> None:
             # No run.check() here: should_stop() (next) stops the loop *after* a checkpoint.
             total = max(1, int(info.get("total_steps") or 1))
             run.progress(min(1.0, float(info.get("step", 0)) / total), info)
+            metrics.sample_gpu_memory(device)
 
         def should_stop() -> bool:
             try:
@@ -96,7 +99,7 @@ def run_train(settings: Settings, run: JobRun) -> dict:
                            step_done=lambda _stage, seconds: metrics.observe_step("train", seconds))
         try:
             result = train(params, workdir=workdir / "run", dataset=data, base_model_dir=base_dir, hooks=hooks,
-                           device=resolve_device(settings.worker_device))
+                           device=device)
         except TrainingStopped:
             run.check()  # raises the precise reason (canceled, lease lost, timeout)
             raise LeaseLost(run.job_id) from None
