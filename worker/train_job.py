@@ -8,9 +8,13 @@ registered as a model, with its evaluation (metrics, loss curve, sample grid) be
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import shutil
 import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -58,9 +62,8 @@ def run_train(settings: Settings, run: JobRun) -> dict:
             raise JobError("invalid_dataset", str(exc)) from exc
         base_dir = storage.download_dir(base.key, workdir / "base") if base is not None else None
 
-        saved: list[str] = []
-        if checkpoint_key:
-            saved.append(checkpoint_key)
+        uploader = CheckpointUploader(storage, run, tenant_id, params.keep_checkpoints, workdir / "staging",
+                                      saved=[checkpoint_key] if checkpoint_key else [])
 
         device = resolve_device(settings.worker_device)
 
@@ -77,16 +80,6 @@ def run_train(settings: Settings, run: JobRun) -> dict:
                 return True
             return False
 
-        def save_checkpoint(step: int, local: Path) -> None:
-            prefix = checkpoint_prefix(tenant_id, run.job_id, step) + f"-a{run.attempt}"
-            storage.upload_dir(local, prefix)
-            run.set_checkpoint(prefix)  # fenced: a stale run cannot move the pointer
-            saved.append(prefix)
-            while len(saved) > params.keep_checkpoints:
-                old = saved.pop(0)
-                for key in storage.list(old + "/"):
-                    storage.delete(key)
-
         def latest_checkpoint() -> Path | None:
             if not checkpoint_key:
                 return None
@@ -94,16 +87,19 @@ def run_train(settings: Settings, run: JobRun) -> dict:
             log.info("job %s: resuming from %s", run.job_id, checkpoint_key)
             return storage.download_dir(checkpoint_key, workdir / "resume")
 
-        hooks = TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=save_checkpoint,
+        hooks = TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=uploader.submit,
                            latest_checkpoint=latest_checkpoint,
                            step_done=lambda _stage, seconds: metrics.observe_step("train", seconds))
         try:
             result = train(params, workdir=workdir / "run", dataset=data, base_model_dir=base_dir, hooks=hooks,
                            device=device)
         except TrainingStopped:
+            uploader.wait()  # the checkpoint of the step it stopped at is stored before the job is given back
             run.check()  # raises the precise reason (canceled, lease lost, timeout)
             raise LeaseLost(run.job_id) from None
-
+        finally:
+            uploader.close()
+        uploader.wait()
         run.check()
         with session_scope(settings) as s:
             model = register_pipeline_dir(
@@ -121,6 +117,55 @@ def run_train(settings: Settings, run: JobRun) -> dict:
         return {"model_id": model_id}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+class CheckpointUploader:
+    """Uploads checkpoints on one background thread, in order, so the training step never waits on
+    storage (issue: checkpoint uploads must not stall the step).
+
+    ``submit`` copies the checkpoint into a private staging folder (local disk: the loop prunes its
+    own copies) and queues the upload; the job's checkpoint pointer moves (fenced by the attempt)
+    only once every file is stored, then checkpoints beyond the last ``keep`` are deleted. At most
+    ``max_pending`` uploads wait; beyond that ``submit`` waits for the oldest (bounded disk). A
+    failed upload is raised by the next ``submit`` or by ``wait``."""
+
+    def __init__(self, storage, run: JobRun, tenant_id: str, keep: int, staging: Path, *, saved: list[str],
+                 max_pending: int = 2):
+        self.storage, self.run, self.tenant_id, self.keep = storage, run, tenant_id, keep
+        self.staging, self.saved, self.max_pending = staging, saved, max_pending
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldmq-checkpoint")
+        self.pending: deque[Future] = deque()
+
+    def submit(self, step: int, local: Path) -> None:
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.max_pending):
+            self.pending.popleft().result()  # raises an earlier upload's failure
+        staged = self.staging / f"step-{step:08d}"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(local, staged)
+        ctx = contextvars.copy_context()  # log lines keep the job's id and tenant
+        self.pending.append(self.pool.submit(ctx.run, self._upload, step, staged))
+
+    def _upload(self, step: int, staged: Path) -> None:
+        prefix = checkpoint_prefix(self.tenant_id, self.run.job_id, step) + f"-a{self.run.attempt}"
+        clock = time.perf_counter()
+        self.storage.upload_dir(staged, prefix)
+        self.run.set_checkpoint(prefix)  # fenced: a stale run cannot move the pointer
+        shutil.rmtree(staged, ignore_errors=True)
+        self.saved.append(prefix)
+        while len(self.saved) > self.keep:
+            old = self.saved.pop(0)
+            for key in self.storage.list(old + "/"):
+                self.storage.delete(key)
+        log.info("job %s: checkpoint of step %d stored in %.1f s", self.run.job_id, step, time.perf_counter() - clock)
+
+    def wait(self) -> None:
+        """Block until every queued upload is stored; raise the first failure."""
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        """Finish what is in flight, drop what has not started (the job is ending)."""
+        self.pool.shutdown(wait=True, cancel_futures=False)
 
 
 # What a checkpoint may hold: tensors as safetensors, state as JSON, evaluation images as PNG.
