@@ -56,6 +56,33 @@ class _TooLarge(HTTPException):
         super().__init__(413, "the request body is too large")
 
 
+class RequestMetrics:
+    """Pure ASGI middleware: count and time every HTTP request by route template and status.
+    (Starlette's ``BaseHTTPMiddleware`` would add a task and a response stream copy per request.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}  # what the client gets if the app raises before answering
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # the router sets it on this scope
+            metrics.REQUESTS.labels(scope["method"], path, str(status["code"])).inc()
+            metrics.LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     default_seconds_per_step()  # a bad LDMQ_ESTIMATE_SECONDS_PER_STEP fails here, at start-up
@@ -69,15 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (jobs.router, models.router, datasets.router, webhooks.router, ops.router, dashboard.router):
         app.include_router(r)
 
-    @app.middleware("http")
-    async def _metrics(request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        metrics.LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

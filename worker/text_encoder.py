@@ -30,7 +30,9 @@ def load_text_encoder(max_length: int = DEFAULT_MAX_LENGTH):
 
     path = str(packaged_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=max_length)
-    encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    # With its pooler (unused: the U-Net reads token states): the saved pipeline then loads in plain
+    # diffusers without "newly initialized weights" warnings.
+    encoder = AutoModel.from_pretrained(path)
     encoder.config.use_attention_mask = True
     encoder.requires_grad_(False)
     encoder.eval()

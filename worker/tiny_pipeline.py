@@ -36,7 +36,7 @@ def build_tiny_pipeline(out_dir: Path, *, text_encoder: str = "tiny", seed: int 
     if text_encoder == "tiny":
         cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
-        encoder = BertModel(cfg, add_pooling_layer=False)
+        encoder = BertModel(cfg)  # with its pooler, as from_pretrained builds it: no missing-weight warnings
         encoder.config.use_attention_mask = True
     cross_dim = encoder.config.hidden_size if text_encoder == "tiny" else EMBED_DIM
     vae = AutoencoderKL(

@@ -192,6 +192,29 @@ def test_models_list_and_get(client, tiny_model):
     assert m["uri"].startswith("s3://") and m["uri"].endswith("/") and "model_index" in m["config"]
 
 
+def test_requests_are_counted_by_route_template_and_status(client, tiny_model):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts():
+        return {(x.labels["method"], x.labels["route"], x.labels["status"]): x.value
+                for f in text_string_to_metric_families(client.get("/metrics").text) for x in f.samples
+                if x.name == "ldmq_http_requests_total"}
+
+    _, key, model_id = tiny_model
+    before = counts()
+    assert client.get("/v1/jobs/nope", headers=auth(key)).status_code == 404
+    assert client.get("/no/such/path").status_code == 404
+    assert client.get(f"/v1/models/{model_id}", headers=auth(key)).status_code == 200
+    after = counts()
+
+    def grew(label):
+        return after.get(label, 0) - before.get(label, 0)
+
+    assert grew(("GET", "/v1/jobs/{job_id}", "404")) == 1  # the template, not the id
+    assert grew(("GET", "unmatched", "404")) == 1
+    assert grew(("GET", "/v1/models/{model_id}", "200")) == 1
+
+
 def test_ops_routes(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
