@@ -14,7 +14,7 @@ Three loops, each timed per optimisation step (batch fetch to EMA update), after
   computed once).
 - (c) **ldmq** with the defaults: latents cached once.
 
-The models are the ``{"dataset": "builtin:digits"}`` defaults (AutoencoderKL (32, 64, 64) →
+The models are the ``{"dataset": "builtin:digits"}`` defaults (AutoencoderKL (16, 32, 64) →
 2×8×8, U-Net (32, 64) with cross-attention on the packaged BERT's token states), batch 64, random
 weights (speed does not depend on them). The issue's bar: u/d ≥ 1.0 and c/d ≥ 2.
 """

@@ -12,7 +12,7 @@ def test_defaults_from_the_dataset_alone():
     p = TrainParams(dataset="builtin:digits")
     assert p.base_model is None and p.batch_size == 64 and p.learning_rate == 2e-3 and p.min_snr_gamma == 5.0
     assert p.latent_channels == 2 and p.kl_weight == 1e-4
-    assert p.autoencoder_channels == [32, 64, 64] and p.unet_channels == [32, 64] and p.resolution == 32
+    assert p.autoencoder_channels == [16, 32, 64] and p.autoencoder_steps == 200 and p.steps == 1400 and p.unet_channels == [32, 64] and p.resolution == 32
     assert p.warmup_steps == 100 and p.grad_clip == 1.0 and p.ema and p.caption_dropout == 0.1
     assert p.total_steps == p.steps + p.autoencoder_steps
     assert TrainParams(dataset="ds_1", base_model="m_1").total_steps == p.steps
