@@ -1,6 +1,7 @@
 """The whole stack under Docker Compose, end to end: the spine test's path (tests/test_e2e.py)
-against the real images, Postgres, Redis and MinIO, plus the two S3 behaviours that moto does
-not enforce the way MinIO does (presigned URL expiry, conditional writes).
+against the real images, Postgres, Redis and MinIO, plus presigned URL expiry (which moto does
+not enforce) and conditional writes (which moto 5 does enforce, and tests/shared and
+tests/worker check there too) against a real MinIO.
 
 Needs a Docker engine: skipped, with the reason, where `docker info` fails (the dev machine and CI
 have no engine; CI runs the same path against moto's S3 server in tests/test_e2e.py). Run it with
