@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -64,23 +63,16 @@ def redis_url(tmp_path_factory):
 
 
 @pytest.fixture
-def settings(migrated_pg, redis_url, s3_endpoint, s3_bucket, tmp_path):
-    from shared.settings import Settings
-
-    return Settings(
-        database_url=migrated_pg,
-        broker_url=redis_url,
-        storage_url=f"s3://{s3_bucket}/t-{uuid.uuid4().hex[:8]}",
-        s3_endpoint_url=s3_endpoint,
-        var_dir=tmp_path / "var",
-        heartbeat_seconds=0.5,
+def settings(settings):
+    """The suite's settings (tests/conftest.py) with the short timings the fault tests wait on."""
+    return settings.model_copy(update=dict(
         lease_seconds=LEASE_S,
         sweep_interval_s=0.5,
         orphan_grace_s=2,
         stop_grace_s=10,
         storage_retry_s=10,
         sample_batch_size=1,
-    )
+    ))
 
 
 @pytest.fixture(autouse=True)

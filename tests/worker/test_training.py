@@ -18,13 +18,7 @@ from worker.training import TrainHooks, TrainingStopped, encode_captions, train
 AE_STEPS, UNET_STEPS = 12, 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (several times slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_params(**overrides) -> TrainParams:
