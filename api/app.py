@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import asynccontextmanager
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, HTTPException
 
 from api import metrics
+from api.auth import KeyCache
 from api.errors import error_response, install_error_handlers
 from api.routes import dashboard, datasets, jobs, models, ops, webhooks
 from api.services.jobs import default_seconds_per_step
@@ -83,6 +88,21 @@ class RequestMetrics:
             metrics.LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    # Everything imported and built so far lives as long as the process: move it out of the
+    # collector's sight. Without this a full collection walked ~110k start-up objects every ~13 s
+    # at 100 submits/s and held the event loop ~90 ms each time (the p99; docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
+    # Sync routes, commits and key lookups share this many threads. More threads than this add no
+    # throughput (one GIL) but many switch-happy contenders once a burst queues: at 40 (anyio's
+    # default) a short stall snowballed into seconds of latency at 100 submits/s.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.settings.api_threads
+    app.state.commit_limiter = anyio.CapacityLimiter(app.state.settings.api_threads)
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     default_seconds_per_step()  # a bad LDMQ_ESTIMATE_SECONDS_PER_STEP fails here, at start-up
@@ -90,8 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="ldmq",
         version="1",
         description="A job-queue backend for latent diffusion: training and image-generation jobs.",
+        lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.key_cache = KeyCache(settings.auth_cache_s)
     install_error_handlers(app)
     for r in (jobs.router, models.router, datasets.router, webhooks.router, ops.router, dashboard.router):
         app.include_router(r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,15 +25,34 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_api(args) -> int:
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before anything imports prometheus_client: the workers (spawned by uvicorn, inheriting
+        # the environment) share their request metrics through this folder (see api.metrics).
+        import atexit
+        import shutil
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix="ldmq-api-metrics-")
+        atexit.register(shutil.rmtree, path, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     import uvicorn
 
-    from api.app import create_app
     from shared.logctx import log_format
 
     # JSON logs: no uvicorn logging config of its own, so its loggers reach the root's JSON handler.
     log_config = None if log_format() == "json" else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(create_app(_settings()), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.access_log, log_config=log_config)
+    common = dict(host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+                  log_config=log_config)
+    if args.workers == 1:
+        from api.app import create_app
+
+        uvicorn.run(create_app(_settings()), **common)
+    else:  # each worker process builds the app from the environment's settings
+        _settings()  # a bad setting fails here, once, not in every worker
+        uvicorn.run("api.app:create_app", factory=True, workers=args.workers, **common)
     return 0
 
 
@@ -351,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=8000)
     a.add_argument("--log-level", default="info")
     a.add_argument("--no-access-log", dest="access_log", action="store_false")
-    a.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers)")
+    a.add_argument("--workers", type=int, default=int(os.environ.get("LDMQ_API_WORKERS", "1")),
+                   help="API processes (uvicorn workers; one per core is typical; env LDMQ_API_WORKERS)")
     a.set_defaults(fn=cmd_api)
 
     w = sub.add_parser("worker", help="run a Celery worker")

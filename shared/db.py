@@ -37,8 +37,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # The API's threadpool runs up to 40 sync routes at once; size the pool to match so a burst
-    # queues on threads rather than timing out on connections.
+    # An API session holds its connection from its route to its commit: `api_threads` running
+    # routes (8 by default) plus those waiting for a commit thread (a limiter of their own, so they
+    # drain first). 40 covers that with room, so a burst queues for threads, not connections.
     return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20, pool_timeout=10)
 
 
@@ -68,17 +69,44 @@ def _run_after_commit(session: Session) -> None:
             log.exception("after-commit action failed; the sweeper will retry it")
 
 
+def new_session(settings: Settings | None = None) -> Session:
+    """A session for an owner that ends it with :func:`finish` or :func:`abort`."""
+    return session_factory(settings)()
+
+
+def finish(session: Session) -> None:
+    """The owner's end of a unit of work: commit, close, then run the after-commit actions."""
+    try:
+        session.commit()
+    except BaseException:
+        abort(session)
+        raise
+    session.close()
+    _run_after_commit(session)
+
+
+def is_idle(session: Session) -> bool:
+    """True when ``session`` began no transaction and holds no after-commit action: ending it
+    touches no connection."""
+    return not session.in_transaction() and not session.info.get(_AFTER_COMMIT)
+
+
+def abort(session: Session) -> None:
+    """The owner's end of a failed unit of work: roll back, drop the after-commit actions, close."""
+    try:
+        session.rollback()
+    finally:
+        session.info.pop(_AFTER_COMMIT, None)
+        session.close()
+
+
 @contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     """The one place that owns a session: commit on success, roll back on error."""
-    session = session_factory(settings)()
+    session = new_session(settings)
     try:
         yield session
-        session.commit()
     except BaseException:
-        session.rollback()
-        session.info.pop(_AFTER_COMMIT, None)
+        abort(session)
         raise
-    finally:
-        session.close()
-    _run_after_commit(session)
+    finish(session)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -33,7 +34,16 @@ def create_key(session: Session, tenant_name: str) -> str:
     return key
 
 
-def authenticate(session: Session, key: str) -> Tenant | None:
+@dataclass(frozen=True, slots=True)
+class TenantRef:
+    """The caller's tenant as a plain value: no ORM state, so the API can cache it and share it
+    between threads (services read ``id``; whatever else they need they load in their session)."""
+
+    id: str
+    name: str
+
+
+def authenticate(session: Session, key: str) -> TenantRef | None:
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         return None
@@ -47,7 +57,7 @@ def authenticate(session: Session, key: str) -> Tenant | None:
     ok = hmac.compare_digest(expected, hash_key(key))
     if not ok or row is None or row.revoked_at is not None:
         return None
-    return tenant
+    return TenantRef(id=tenant.id, name=tenant.name)
 
 
 def revoke_key(session: Session, prefix: str) -> bool:

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     max_images_per_job: int = Field(default=50_000, ge=1)
     max_steps: int = Field(default=1000, ge=1)
     max_image_size: int = Field(default=1024, ge=8)
+    api_threads: int = Field(default=8, ge=1, le=200, description=(
+        "Threads the API runs blocking work on (sync routes, commits, key lookups); requests beyond them wait "
+        "their turn on the event loop. Commits have as many threads again, of their own."))
+    auth_cache_s: float = Field(default=5.0, ge=0, description=(
+        "How long the API remembers a valid API key (by its SHA-256) before asking the database again: a "
+        "revoked key stops working within this many seconds. 0: every request asks the database."))
 
     # Jobs and leases (the database is the record of truth; a Celery message is a wake-up call).
     lease_seconds: int = Field(default=60, ge=2)

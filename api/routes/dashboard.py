@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
+from api import routing
 from api.errors import not_found
 
 DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "dashboard"
@@ -24,7 +24,7 @@ HEADERS = {
     "Cache-Control": "no-cache",
 }
 
-router = APIRouter(include_in_schema=False)
+router = routing.router(include_in_schema=False)
 
 
 @router.get("/dashboard")

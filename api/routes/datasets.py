@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
 
+from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.routes.jobs import ERRORS
 from api.services import datasets as svc
@@ -11,7 +13,7 @@ from shared.models import Dataset
 from shared.schemas import DatasetList, DatasetOut
 from shared.storage import get_storage
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = routing.router(prefix="/v1/datasets", tags=["datasets"])
 
 
 def dataset_out(d: Dataset) -> DatasetOut:
@@ -23,7 +25,9 @@ async def upload_dataset(session: SessionDep, settings: SettingsDep, tenant: Ten
                          file: Annotated[UploadFile, File(description="zip or tar(.gz) with metadata.csv/jsonl")],
                          name: Annotated[str | None, Form()] = None) -> DatasetOut:
     data = await file.read()
-    ds = svc.create_dataset(session, get_storage(settings), tenant, file.filename or "upload", data, name)
+    # Inspecting the archive, storing it and the insert block: off the event loop.
+    ds = await run_in_threadpool(svc.create_dataset, session, get_storage(settings), tenant, file.filename or "upload",
+                                 data, name)
     return dataset_out(ds)
 
 

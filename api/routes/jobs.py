@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import File, Form, Header, Query, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
 
+from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.services import jobs as svc
 from shared.models import EVENT_TYPES
@@ -24,7 +26,7 @@ from shared.schemas import (
 )
 from shared.storage import get_storage
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = routing.router(prefix="/v1/jobs", tags=["jobs"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
     422: {"model": ErrorBody}, 503: {"model": ErrorBody},
@@ -42,9 +44,9 @@ def _accepted(response: Response, created: bool) -> None:
 @router.post("/train", status_code=202, response_model=JobOut, responses=ERRORS)
 def create_train_job(params: TrainRequest, response: Response, session: SessionDep, settings: SettingsDep,
                      tenant: TenantDep, idempotency_key: IdemKey = None) -> JobOut:
-    job, created = svc.create_train_job(session, settings, tenant, params, idempotency_key=idempotency_key)
-    _accepted(response, created)
-    return svc.job_out(job)
+    submitted = svc.create_train_job(session, settings, tenant, params, idempotency_key=idempotency_key)
+    _accepted(response, submitted.created)
+    return submitted.out()
 
 
 @router.post("/sample", status_code=202, response_model=JobOut | SampleEstimate, responses=ERRORS)
@@ -54,9 +56,9 @@ def create_sample_job(req: SampleRequest, response: Response, session: SessionDe
     if dry_run:
         response.status_code = 200
         return svc.estimate_sample(session, settings, tenant, req)
-    job, created = svc.create_sample_job(session, settings, tenant, req, idempotency_key=idempotency_key)
-    _accepted(response, created)
-    return svc.job_out(job)
+    submitted = svc.create_sample_job(session, settings, tenant, req, idempotency_key=idempotency_key)
+    _accepted(response, submitted.created)
+    return submitted.out()
 
 
 @router.post("/sample/csv", status_code=202, response_model=JobOut | SampleEstimate, responses=ERRORS)
@@ -78,13 +80,19 @@ async def create_sample_job_csv(
     data = await file.read()
     form = {"model": model, "scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale,
             "webhook_url": webhook_url, "webhook_events": webhook_events}
+    # Parsing and the inserts block: off the event loop (the route is async only to read the upload).
+    return await run_in_threadpool(_submit_csv, session, settings, tenant, response, data, form, idempotency_key,
+                                   dry_run)
+
+
+def _submit_csv(session, settings, tenant, response, data, form, idempotency_key, dry_run) -> JobOut | SampleEstimate:
     req, digest = svc.sample_request_from_csv(settings, data, form)
     if dry_run:
         response.status_code = 200
         return svc.estimate_sample(session, settings, tenant, req)
-    job, created = svc.create_sample_job(session, settings, tenant, req, idempotency_key=idempotency_key, digest=digest)
-    _accepted(response, created)
-    return svc.job_out(job)
+    submitted = svc.create_sample_job(session, settings, tenant, req, idempotency_key=idempotency_key, digest=digest)
+    _accepted(response, submitted.created)
+    return submitted.out()
 
 
 @router.get("", response_model=JobList, responses=ERRORS)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
 
+from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.routes.jobs import ERRORS
 from api.services import models as svc
@@ -9,7 +9,7 @@ from api.services.jobs import get_model
 from shared.schemas import ImportModelRequest, ModelList, ModelOut
 from shared.storage import get_storage
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = routing.router(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelList, responses=ERRORS)

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api import metrics
+from api import metrics, routing
 from shared.db import get_engine
 from shared.queue import producer
 from shared.storage import get_storage
 
-router = APIRouter(tags=["operations"])
+router = routing.router(tags=["operations"])
 log = logging.getLogger(__name__)
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:  # no I/O: answered on the event loop
     return {"status": "ok"}
 
 
@@ -58,5 +58,4 @@ def readyz(request: Request):
 
 @router.get("/metrics")
 def metrics_route(request: Request) -> Response:
-    metrics.refresh(request.app.state.settings)
-    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(metrics.scrape_registry(request.app.state.settings)), media_type=CONTENT_TYPE_LATEST)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 
+from api import routing
 from api.deps import SessionDep, TenantDep
 from api.routes.jobs import ERRORS
 from api.services import webhooks as svc
 from shared.schemas import WebhookSecretOut
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+router = routing.router(prefix="/v1/webhooks", tags=["webhooks"])
 
 
 @router.get("/secret", response_model=WebhookSecretOut, responses=ERRORS)

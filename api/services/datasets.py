@@ -7,13 +7,14 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from shared.datasets import DatasetValidationError, inspect_archive
-from shared.models import Dataset, Tenant, new_id
+from shared.models import Dataset, new_id
+from shared.security import TenantRef
 from shared.storage import Storage, dataset_key
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
-def create_dataset(session: Session, storage: Storage, tenant: Tenant, filename: str, data: bytes,
+def create_dataset(session: Session, storage: Storage, tenant: TenantRef, filename: str, data: bytes,
                    name: str | None) -> Dataset:
     lower = filename.lower()
     if not lower.endswith(ARCHIVE_SUFFIXES):
@@ -35,11 +36,11 @@ def create_dataset(session: Session, storage: Storage, tenant: Tenant, filename:
     return ds
 
 
-def list_datasets(session: Session, tenant: Tenant) -> list[Dataset]:
+def list_datasets(session: Session, tenant: TenantRef) -> list[Dataset]:
     return list(session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at.desc())))
 
 
-def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
+def get_dataset(session: Session, tenant: TenantRef, dataset_id: str) -> Dataset:
     ds = session.get(Dataset, dataset_id)
     if ds is None or ds.tenant_id != tenant.id:
         raise not_found("dataset", dataset_id)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import secrets
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -31,7 +31,6 @@ from shared.models import (
     JobType,
     JobWebhook,
     Model,
-    Tenant,
     WebhookDelivery,
     utcnow,
 )
@@ -50,6 +49,7 @@ from shared.schemas import (
     WebhookDeliveryOut,
     WebhookSpec,
 )
+from shared.security import TenantRef
 from shared.settings import Settings
 from shared.storage import Storage, manifest_key
 from shared.train_schema import TrainParams
@@ -79,27 +79,40 @@ def job_out(job: Job, hook: JobWebhook | None | bool = True) -> JobOut:
     )
 
 
+class Submitted(NamedTuple):
+    """What a submit did: the job, whether this request created it (False: an idempotent replay),
+    and the webhook it created with it."""
+
+    job: Job
+    created: bool
+    webhook: JobWebhook | None = None
+
+    def out(self) -> JobOut:
+        # A replay looks its webhook up; a new job's is known (no query).
+        return job_out(self.job, self.webhook if self.created else True)
+
+
 def job_outs(session: Session, jobs: list[Job]) -> list[JobOut]:
     """Many jobs with their webhooks in one query."""
     hooks = {h.job_id: h for h in session.scalars(select(JobWebhook).where(JobWebhook.job_id.in_([j.id for j in jobs])))} if jobs else {}
     return [job_out(j, hooks.get(j.id)) for j in jobs]
 
 
-def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+def get_job(session: Session, tenant: TenantRef, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant.id:
         raise not_found("job", job_id)
     return job
 
 
-def get_model(session: Session, tenant: Tenant, model_id: str) -> Model:
+def get_model(session: Session, tenant: TenantRef, model_id: str) -> Model:
     model = session.get(Model, model_id)
     if model is None or model.tenant_id != tenant.id:
         raise not_found("model", model_id)
     return model
 
 
-def _existing_for_key(session: Session, tenant: Tenant, key: str, digest: str) -> Job | None:
+def _existing_for_key(session: Session, tenant: TenantRef, key: str, digest: str) -> Job | None:
     job = session.scalars(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key)).first()
     if job is not None and job.request_hash != digest:
         raise ApiError(422, "idempotency_key_reused",
@@ -107,7 +120,7 @@ def _existing_for_key(session: Session, tenant: Tenant, key: str, digest: str) -
     return job
 
 
-def _insert(session: Session, settings: Settings, tenant: Tenant, job: Job, idempotency_key: str | None,
+def _insert(session: Session, settings: Settings, tenant: TenantRef, job: Job, idempotency_key: str | None,
             digest: str) -> tuple[Job, bool]:
     """Insert ``job`` unless ``idempotency_key`` already names one; return (job, created)."""
     idempotency_key = (idempotency_key or "").strip() or None
@@ -122,26 +135,33 @@ def _insert(session: Session, settings: Settings, tenant: Tenant, job: Job, idem
     job.tenant_id = tenant.id
     job.max_attempts = job.max_attempts or settings.max_attempts
     job.enqueued_at = utcnow()
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        # A concurrent request with the same key won the insert.
-        found = _existing_for_key(session, tenant, idempotency_key or "", digest) if idempotency_key else None
-        if found is None:
-            raise
-        return found, False
+    if not idempotency_key:  # nothing to collide with: no savepoint (two round trips) needed
+        session.add(job)
+        session.flush()
+    else:
+        try:
+            with session.begin_nested():
+                session.add(job)
+                session.flush()
+        except IntegrityError:
+            # A concurrent request with the same key won the insert.
+            found = _existing_for_key(session, tenant, idempotency_key, digest)
+            if found is None:
+                raise
+            return found, False
     after_commit(session, lambda: enqueue(job.id, job.type, settings))
     return job, True
 
 
-def _add_webhook(session: Session, job: Job, webhook: WebhookSpec | None) -> None:
+def _add_webhook(session: Session, job: Job, webhook: WebhookSpec | None) -> JobWebhook | None:
     """Keep the job's webhook beside it, in the transaction that records the job (so it exists
     before the job's first event can)."""
-    if webhook is not None:
-        session.add(JobWebhook(job_id=job.id, url=webhook.url, events=list(webhook.events)))
-        session.flush()
+    if webhook is None:
+        return None
+    hook = JobWebhook(job_id=job.id, url=webhook.url, events=list(webhook.events))
+    session.add(hook)
+    session.flush()
+    return hook
 
 
 def _sample_problems(settings: Settings, req: SampleRequest) -> list[dict[str, Any]]:
@@ -176,8 +196,8 @@ def _check_sample(settings: Settings, req: SampleRequest) -> None:
         raise ApiError(422, "invalid_request", "the sample request is invalid", problems)
 
 
-def create_sample_job(session: Session, settings: Settings, tenant: Tenant, req: SampleRequest, *,
-                      idempotency_key: str | None = None, digest: str | None = None) -> tuple[Job, bool]:
+def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest, *,
+                      idempotency_key: str | None = None, digest: str | None = None) -> Submitted:
     model = get_model(session, tenant, req.model)
     _check_sample(settings, req)
     total = sum(p.num_images for p in req.prompts)
@@ -187,7 +207,7 @@ def create_sample_job(session: Session, settings: Settings, tenant: Tenant, req:
     if idempotency_key:
         found = _existing_for_key(session, tenant, idempotency_key, digest)
         if found is not None:
-            return found, False
+            return Submitted(found, False)
     params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook"})
     params["num_rows"] = len(req.prompts)
     job = Job(type=JobType.sample.value, status=JobStatus.queued.value, params=params, model_id=model.id,
@@ -195,8 +215,8 @@ def create_sample_job(session: Session, settings: Settings, tenant: Tenant, req:
     job.rows = [_row(i, p) for i, p in enumerate(req.prompts, start=1)]
     job, created = _insert(session, settings, tenant, job, idempotency_key, digest)
     if created:
-        _add_webhook(session, job, req.webhook)
-    return job, created
+        return Submitted(job, True, _add_webhook(session, job, req.webhook))
+    return Submitted(job, False)
 
 
 def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str | None]
@@ -267,7 +287,7 @@ def model_seconds_per_step(model: Model) -> tuple[float, str]:
     return default_seconds_per_step(), "default"
 
 
-def estimate_sample(session: Session, settings: Settings, tenant: Tenant, req: SampleRequest) -> SampleEstimate:
+def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest) -> SampleEstimate:
     """Validate a sample request as a submit would, resolve its model, and estimate its cost,
     storing and enqueueing nothing.
 
@@ -293,8 +313,8 @@ def _row(i: int, p: SamplePrompt) -> JobRow:
                   num_images=p.num_images, guidance_scale=p.guidance_scale, steps=p.steps)
 
 
-def create_train_job(session: Session, settings: Settings, tenant: Tenant, req: TrainRequest | TrainParams, *,
-                     idempotency_key: str | None = None) -> tuple[Job, bool]:
+def create_train_job(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest | TrainParams, *,
+                     idempotency_key: str | None = None) -> Submitted:
     webhook = req.webhook if isinstance(req, TrainRequest) else None
     params = req.train_params() if isinstance(req, TrainRequest) else req
     dataset_id = None
@@ -314,8 +334,8 @@ def create_train_job(session: Session, settings: Settings, tenant: Tenant, req: 
               total_items=0, max_attempts=settings.max_attempts)
     job, created = _insert(session, settings, tenant, job, idempotency_key, digest)
     if created:
-        _add_webhook(session, job, webhook)
-    return job, created
+        return Submitted(job, True, _add_webhook(session, job, webhook))
+    return Submitted(job, False)
 
 
 def _encode_cursor(job: Job) -> str:
@@ -332,7 +352,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ApiError(422, "invalid_cursor", "cursor is not one this API returned") from None
 
 
-def list_jobs(session: Session, tenant: Tenant, *, status: str | None, type_: str | None, limit: int,
+def list_jobs(session: Session, tenant: TenantRef, *, status: str | None, type_: str | None, limit: int,
               cursor: str | None) -> tuple[list[Job], str | None]:
     if status is not None and status not in JOB_STATUSES:
         raise ApiError(422, "invalid_request", f"unknown status {status!r}; valid: {', '.join(JOB_STATUSES)}")
@@ -351,7 +371,7 @@ def list_jobs(session: Session, tenant: Tenant, *, status: str | None, type_: st
     return jobs[:limit], next_cursor
 
 
-def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+def cancel_job(session: Session, tenant: TenantRef, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
     if not JobStatus(job.status).is_final:
         jobstate.request_cancel(session, job_id)
@@ -360,7 +380,7 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     return job
 
 
-def list_outputs(session: Session, settings: Settings, storage: Storage, tenant: Tenant, job_id: str
+def list_outputs(session: Session, settings: Settings, storage: Storage, tenant: TenantRef, job_id: str
                  ) -> tuple[list[OutputOut], str | None]:
     job = get_job(session, tenant, job_id)
     rows = session.execute(
@@ -395,7 +415,7 @@ def parse_event_types(types: str | None) -> list[str] | None:
     return wanted
 
 
-def list_events(session: Session, tenant: Tenant, job_id: str, *, after_id: int, limit: int,
+def list_events(session: Session, tenant: TenantRef, job_id: str, *, after_id: int, limit: int,
                 types: list[str] | None) -> tuple[list[EventOut], int, bool]:
     """A job's events in the order they happened (ascending id), after ``after_id``.
 
@@ -413,7 +433,7 @@ def list_events(session: Session, tenant: Tenant, job_id: str, *, after_id: int,
     return items, (rows[-1].id if rows else after_id), has_more
 
 
-def list_deliveries(session: Session, tenant: Tenant, job_id: str, limit: int) -> list[WebhookDeliveryOut]:
+def list_deliveries(session: Session, tenant: TenantRef, job_id: str, limit: int) -> list[WebhookDeliveryOut]:
     """The job's webhook deliveries (newest first) with how their attempts went."""
     job = get_job(session, tenant, job_id)
     rows = session.execute(

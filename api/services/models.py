@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from shared.models import Model, Tenant, new_id
+from shared.models import Model, new_id
+from shared.security import TenantRef
 from shared.pipelines import PipelineRejected, check_pipeline_files
 from shared.schemas import ModelOut
 from shared.settings import Settings
@@ -32,11 +33,11 @@ def model_out(m: Model, storage: Storage | None = None, settings: Settings | Non
                     config=m.config or {}, metrics=m.metrics or {}, artifact_urls=urls)
 
 
-def list_models(session: Session, tenant: Tenant) -> list[Model]:
+def list_models(session: Session, tenant: TenantRef) -> list[Model]:
     return list(session.scalars(select(Model).where(Model.tenant_id == tenant.id).order_by(Model.created_at.desc())))
 
 
-def import_model(session: Session, settings: Settings, storage: Storage, tenant: Tenant, source: str,
+def import_model(session: Session, settings: Settings, storage: Storage, tenant: TenantRef, source: str,
                  name: str | None) -> Model:
     parsed = urlparse(source)
     if parsed.scheme != "s3" or not parsed.netloc:

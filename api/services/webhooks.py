@@ -6,8 +6,9 @@ from sqlalchemy.orm import Session
 
 from shared.models import Tenant
 from shared.schemas import WebhookSecretOut
+from shared.security import TenantRef
 from shared.webhooks import ensure_webhook_secret
 
 
-def webhook_secret(session: Session, tenant: Tenant) -> WebhookSecretOut:
-    return WebhookSecretOut(secret=ensure_webhook_secret(session, tenant))
+def webhook_secret(session: Session, tenant: TenantRef) -> WebhookSecretOut:
+    return WebhookSecretOut(secret=ensure_webhook_secret(session, session.get_one(Tenant, tenant.id)))

@@ -27,14 +27,35 @@ def test_auth_required_and_bad_key(client):
     assert r.status_code == 401
 
 
-def test_revoked_key_is_refused(client, settings, make_tenant):
+def test_revoked_key_is_refused_once_the_key_cache_expires(client, settings, make_tenant):
     from shared.security import revoke_key
 
+    cache = client.app.state.key_cache
+    now = [1000.0]
+    cache._clock = lambda: now[0]
     _, key = make_tenant()
     assert client.get("/v1/jobs", headers=auth(key)).status_code == 200
     with session_scope(settings) as s:
         assert revoke_key(s, key.split("_")[1])
-    assert client.get("/v1/jobs", headers=auth(key)).status_code == 401
+    now[0] += settings.auth_cache_s - 0.5
+    assert client.get("/v1/jobs", headers=auth(key)).status_code == 200  # still remembered
+    now[0] += 0.5
+    r = client.get("/v1/jobs", headers=auth(key))
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid or revoked API key"
+
+
+def test_revocation_is_immediate_without_the_key_cache(settings, make_tenant):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from shared.security import revoke_key
+
+    _, key = make_tenant()
+    with TestClient(create_app(settings.model_copy(update={"auth_cache_s": 0}))) as c:
+        assert c.get("/v1/jobs", headers=auth(key)).status_code == 200
+        with session_scope(settings) as s:
+            assert revoke_key(s, key.split("_")[1])
+        assert c.get("/v1/jobs", headers=auth(key)).status_code == 401
 
 
 def test_sample_job_is_recorded_and_enqueued(client, settings, tiny_model, redis_url):
