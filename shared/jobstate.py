@@ -279,35 +279,49 @@ def cancel_abandoned(session: Session, now: datetime | None = None) -> list[str]
 
 def record_output(session: Session, job_id: str, attempt: int, *, row: int, index: int, seed: int, key: str,
                   width: int, height: int, sha256: str) -> bool:
-    """Record one output once. Refused (LeaseLost) for a fenced-off run; a duplicate is a no-op.
+    """Record one output once (see :func:`record_outputs`). Returns True if this call inserted it."""
+    return bool(record_outputs(session, job_id, attempt, [dict(row=row, index=index, seed=seed, key=key, width=width,
+                                                              height=height, sha256=sha256)]))
 
-    Returns True if this call inserted the row.
+
+def record_outputs(session: Session, job_id: str, attempt: int, records: list[dict[str, Any]]) -> set[tuple[int, int]]:
+    """Record a batch of one job's outputs, each once, in one fenced step: refused (LeaseLost) for
+    a fenced-off run; outputs already recorded are left as they are. Emits ``row_done`` for each
+    row this call completes. Returns the (row, index) pairs this call inserted.
+
+    ``records``: dicts of row, index, seed, key, width, height, sha256. Five statements a batch
+    whatever its size (it was five an image: a quarter of a tiny model's sampling time on CPU).
     """
-    # Lock the job row for this transaction so the fencing check and the insert are one step.
-    locked = session.execute(
-        select(Job.id).where(_fenced(job_id, attempt)).with_for_update()
-    ).first()
+    if not records:
+        return set()
+    # Lock the job row for this transaction so the fencing check and the inserts are one step.
+    locked = session.execute(select(Job.id).where(_fenced(job_id, attempt)).with_for_update()).first()
     if locked is None:
         raise LeaseLost(job_id)
     dialect = session.get_bind().dialect.name
     insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    now = utcnow()
     stmt = (
         insert_fn(JobOutput)
-        .values(job_id=job_id, row=row, index=index, seed=seed, key=key, width=width, height=height,
-                sha256=sha256, attempt=attempt, created_at=utcnow())
+        .values([dict(job_id=job_id, attempt=attempt, created_at=now, **r) for r in records])
         .on_conflict_do_nothing(index_elements=["job_id", "row", "index"])
-        .returning(JobOutput.id)
+        .returning(JobOutput.row, JobOutput.index)
     )
-    inserted = session.execute(stmt).first() is not None
-    if inserted:
-        session.execute(
-            update(Job).where(Job.id == job_id).values(outputs_count=Job.outputs_count + 1)
-            .execution_options(synchronize_session=False)
-        )
-        wanted = session.scalar(select(JobRow.num_images).where(JobRow.job_id == job_id, JobRow.row == row))
-        have = session.scalar(select(func.count()).select_from(JobOutput)
-                              .where(JobOutput.job_id == job_id, JobOutput.row == row))
-        if wanted is not None and have == wanted:
+    inserted = {(r, i) for r, i in session.execute(stmt).all()}
+    if not inserted:
+        return inserted
+    session.execute(
+        update(Job).where(Job.id == job_id).values(outputs_count=Job.outputs_count + len(inserted))
+        .execution_options(synchronize_session=False)
+    )
+    rows = sorted({r for r, _ in inserted})
+    wanted = dict(session.execute(select(JobRow.row, JobRow.num_images)
+                                  .where(JobRow.job_id == job_id, JobRow.row.in_(rows))).all())
+    have = dict(session.execute(select(JobOutput.row, func.count()).where(JobOutput.job_id == job_id,
+                                                                          JobOutput.row.in_(rows))
+                                .group_by(JobOutput.row)).all())
+    for row in rows:
+        if wanted.get(row) is not None and have.get(row) == wanted[row]:
             emit(session, job_id, "row_done", {"row": row})
     return inserted
 

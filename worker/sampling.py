@@ -192,8 +192,7 @@ class OutputWriter:
             made = work.made
         try:
             with session_scope(self.settings) as s:  # one transaction per batch, fenced by the attempt
-                for rec in records:
-                    jobstate.record_output(s, work.run.job_id, work.run.attempt, **rec)
+                jobstate.record_outputs(s, work.run.job_id, work.run.attempt, records)
                 jobstate.set_progress(s, work.run.job_id, work.run.attempt, made / work.total,
                                       {"images_done": made, "images_total": work.total})
         except jobstate.LeaseLost:

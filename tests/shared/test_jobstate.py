@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from shared import jobstate
 from shared.db import session_scope
@@ -72,6 +73,37 @@ def test_outputs_are_recorded_once(settings, job_id):
     with session_scope(settings) as s:
         assert jobstate.record_output(s, job_id, c.attempt, **args) is False
     assert status(settings, job_id).outputs_count == 1
+
+
+def test_a_batch_of_outputs_is_recorded_once_with_row_done_per_completed_row(settings, make_tenant):
+    from shared.models import JobEvent, JobRow
+
+    tid, _ = make_tenant()
+    with session_scope(settings) as s:
+        job = Job(tenant_id=tid, type="sample", params={}, max_attempts=2)
+        job.rows = [JobRow(row=1, prompt="a", seed=1, num_images=2), JobRow(row=2, prompt="b", seed=2, num_images=2)]
+        s.add(job)
+        s.flush()
+        jid = job.id
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, jid, "w1", 30)
+
+    def rec(row, index):
+        return dict(row=row, index=index, seed=row, key=f"k/{row}/{index}", width=8, height=8, sha256="0" * 64)
+
+    with session_scope(settings) as s:  # row 1 complete, row 2 half
+        assert jobstate.record_outputs(s, jid, c.attempt, [rec(1, 0), rec(1, 1), rec(2, 0)]) == {(1, 0), (1, 1), (2, 0)}
+    with session_scope(settings) as s:  # a replayed batch: only the new output counts
+        assert jobstate.record_outputs(s, jid, c.attempt, [rec(2, 0), rec(2, 1)]) == {(2, 1)}
+    with session_scope(settings) as s:
+        done = [e.data["row"] for e in s.scalars(select(JobEvent).where(JobEvent.job_id == jid,
+                                                                         JobEvent.type == "row_done")
+                                                  .order_by(JobEvent.id))]
+    assert done == [1, 2]
+    assert status(settings, jid).outputs_count == 4
+    with session_scope(settings) as s:  # a fenced-off attempt writes nothing
+        with pytest.raises(jobstate.LeaseLost):
+            jobstate.record_outputs(s, jid, c.attempt + 1, [rec(3, 0)])
 
 
 def test_cancel_queued_is_immediate_and_running_is_flagged(settings, job_id, make_tenant):
