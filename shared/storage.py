@@ -6,6 +6,7 @@ carries its SHA-256 (S3 user metadata, or a sidecar file) and reads verify it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -266,6 +267,11 @@ class S3Storage(Storage):
             read_timeout=30,
             s3={"addressing_style": "path"},
             signature_version="s3v4",
+            # Integrity is ours end to end: every PUT carries the body's SHA-256 (which the server
+            # checks, MinIO and S3 alike) and every read is verified against it. botocore's default
+            # CRC32 on top of that cost ~0.4 ms of client and ~0.5 ms of server CPU per small PUT.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
         # Presigning is local computation (no request): a client for the public host signs for it.
@@ -320,9 +326,10 @@ class S3Storage(Storage):
                 delay = min(self.BACKOFF_MAX_S, delay * 2)
 
     def put_bytes(self, key, data, *, content_type="application/octet-stream", if_none_match=False):
-        digest = sha256_hex(data)
+        raw = hashlib.sha256(data).digest()
+        digest = raw.hex()
         kwargs = dict(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
-                      Metadata={CHECKSUM_META: digest})
+                      Metadata={CHECKSUM_META: digest}, ChecksumSHA256=base64.b64encode(raw).decode())
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
         self._call("put", key, lambda: self.client.put_object(**kwargs))
