@@ -29,6 +29,7 @@ from shared.jobstate import Claim, LeaseLost
 from shared.models import JobStatus
 from shared.settings import Settings
 from shared.storage import StorageError, StorageUnavailable
+from worker.outputs import DatabaseUnreachable, WorkerProcessDied
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def is_transient_db_error(exc: BaseException) -> bool:
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout, DatabaseUnreachable)):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
@@ -236,6 +237,8 @@ def classify(exc: BaseException | None, extra: dict[str, Any] | None = None, job
         return Outcome("released", reason="worker shutdown")
     if isinstance(exc, JobTimeout):
         return Outcome("failed", {"code": "timeout", "message": str(exc)})
+    if isinstance(exc, WorkerProcessDied):
+        return Outcome("crashed", {"code": "writer_died", "message": str(exc)})
     if isinstance(exc, JobError):
         return Outcome("failed", {"code": exc.code, "message": str(exc)})
     if isinstance(exc, StorageUnavailable):

@@ -6,8 +6,9 @@
   alone for its seed, whatever it is batched with (tests/worker/test_sampling.py proves it).
 - Rows are packed into model batches across the whole job, grouped by (steps, guidance).
 - Text embeddings of repeated prompts (and the empty negative prompt) are computed once.
-- PNG encoding, uploads and the fenced DB records run in a small thread pool while the model
-  computes the next batch; at most ``MAX_PENDING`` batches wait, so memory stays bounded.
+- PNG encoding, uploads and the fenced DB records run in a writer process of their own while the
+  model computes the next batch (worker/outputs.py says why not a thread); at most
+  ``MAX_PENDING`` batches wait, so memory stays bounded.
 - PNGs go under deterministic keys (tenant/job/row/index); rows an earlier attempt recorded are
   skipped, so a retry never writes an output twice.
 - Cross-job micro-batching: a run also claims other queued jobs of the same model, size and
@@ -18,14 +19,18 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
 import logging
+import os
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -35,14 +40,14 @@ from shared import jobstate
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model, Tenant
 from shared.settings import Settings
-from shared.storage import Storage, get_storage, manifest_key, output_key
+from shared.storage import get_storage, manifest_key
 from worker import metrics
+from worker.outputs import OutputWriter
 from worker.pipelines import make_scheduler, pipeline_cache, resolve_device
 from worker.runner import JobError, JobRun, Outcome, classify, record_outcome, worker_identity
 
 log = logging.getLogger(__name__)
 SEED_MOD = 2**31
-MAX_PENDING = 2
 
 
 @dataclass(frozen=True)
@@ -84,14 +89,20 @@ def batches(items: list[Item], size: int) -> list[list[Item]]:
 
 
 class EmbeddingCache:
-    """Text embeddings by prompt (LRU): a CSV that repeats prompts encodes each once."""
+    """Text embeddings by prompt (LRU): a CSV that repeats prompts encodes each once. Shared by
+    the model streams (one at a time: a fast tokenizer must not be used from two threads at once)."""
 
     def __init__(self, pipe, device: str, capacity: int = 4096):
         self.pipe, self.device, self.capacity = pipe, device, capacity
         self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def get_many(self, prompts: list[str]):
+        with self._lock:
+            return self._get_many(prompts)
+
+    def _get_many(self, prompts: list[str]):
         import torch
 
         missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
@@ -140,14 +151,70 @@ def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: in
     return out.images[: len(batch)]
 
 
-def png_bytes(array) -> bytes:
-    """Encode a float (H, W, 3) array in [0, 1] as PNG, rounding exactly as diffusers' numpy_to_pil."""
-    from PIL import Image
+def plan_streams(settings: Settings, device: str) -> tuple[int, int]:
+    """(model streams, torch threads per stream) for this worker (``sample_streams``, ``worker_threads``)."""
+    import torch
 
-    img = Image.fromarray((array * 255).round().astype("uint8"))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    on_cpu = device == "cpu"
+    streams = settings.sample_streams or (min(2, cores) if on_cpu else 1)
+    threads = settings.worker_threads or (max(1, cores // streams) if on_cpu else torch.get_num_threads())
+    return streams, threads
+
+
+class StreamStopped(Exception):
+    """A batch still computing when its run stopped: dropped (never reaches the writer)."""
+
+
+class ModelStreams:
+    """Model batches computed ``n`` at a time, each on a thread of its own with its own view of the
+    pipeline (the weights are shared, the scheduler's step state is not) and ``threads`` torch
+    threads. ``imap`` hands results back in submission order with at most ``n + 1`` batches out, so
+    a stream that finishes finds its next batch waiting. Each batch is computed exactly as it would
+    be alone (fixed batch size, fixed threads per stream), so streams change no pixel."""
+
+    def __init__(self, pipe, scheduler: str, n: int, threads: int):
+        import torch
+
+        self.n = n
+        self.views: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(n):
+            view = copy.copy(pipe)  # a shallow copy: same modules, its own attributes
+            view.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+            self.views.put(view)
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ldmq-model",
+                                       initializer=torch.set_num_threads, initargs=(threads,))
+
+    def _call(self, fn, batch):
+        if self.stopping.is_set():
+            raise StreamStopped()
+        view = self.views.get()
+        try:
+            return fn(view, batch)
+        finally:
+            self.views.put(view)
+
+    def check(self) -> None:
+        """Called between denoising steps: a batch of a stopped run ends at its next step."""
+        if self.stopping.is_set():
+            raise StreamStopped()
+
+    def imap(self, fn, batches_: Iterable) -> Iterator:
+        pending: deque = deque()
+        for b in batches_:
+            pending.append((b, self.pool.submit(self._call, fn, b)))
+            if len(pending) > self.n:
+                b0, fut = pending.popleft()
+                yield b0, fut.result()
+        while pending:
+            b0, fut = pending.popleft()
+            yield b0, fut.result()
+
+    def close(self) -> None:
+        """Stop: queued batches are dropped, computing ones end at their next step; waits for them."""
+        self.stopping.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -160,54 +227,6 @@ class JobWork:
     items: list[Item]
     made: int
     total: int
-
-
-class OutputWriter:
-    """Encode, upload and record outputs off the model's thread; bounded, errors re-raised."""
-
-    def __init__(self, settings: Settings, storage: Storage, threads: int = 2):
-        self.settings, self.storage = settings, storage
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ldmq-writer")
-        self.pending: deque[Future] = deque()
-        self._lock = threading.Lock()
-
-    def submit(self, work: JobWork, items: list[Item], arrays) -> None:
-        self.pending.append(self.pool.submit(self._write, work, items, arrays))
-        while len(self.pending) > MAX_PENDING:
-            self.pending.popleft().result()
-
-    def _write(self, work: JobWork, items: list[Item], arrays) -> None:
-        records = []
-        for it, arr in zip(items, arrays):
-            data = png_bytes(arr)
-            key = output_key(work.tenant_id, work.job.id, it.row, it.index)
-            # Create-only: an object an earlier (crashed or stale) attempt left under this key is
-            # kept and recorded with its own checksum, never clobbered; same seed, same pixels on
-            # one machine, but another GPU may round differently.
-            digest, _created = self.storage.put_bytes_once(key, data, content_type="image/png")
-            records.append(dict(row=it.row, index=it.index, seed=it.seed, key=key, width=arr.shape[1],
-                                height=arr.shape[0], sha256=digest))
-        with self._lock:
-            work.made += len(items)
-            made = work.made
-        try:
-            with session_scope(self.settings) as s:  # one transaction per batch, fenced by the attempt
-                jobstate.record_outputs(s, work.run.job_id, work.run.attempt, records)
-                jobstate.set_progress(s, work.run.job_id, work.run.attempt, made / work.total,
-                                      {"images_done": made, "images_total": work.total})
-        except jobstate.LeaseLost:
-            if work.items and work.items[0].work == 0:
-                raise  # the run's own job: stop the run
-            # A packed job was taken over (or canceled and finished): its writes are refused,
-            # and the run goes on for the others; its own next check ends it.
-            log.warning("job %s: packed job fenced off; its outputs were not recorded", work.job.id)
-
-    def drain(self) -> None:
-        while self.pending:
-            self.pending.popleft().result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_work(settings: Settings, run: JobRun, index: int = 0) -> tuple[JobWork, Model | None]:
@@ -279,28 +298,30 @@ def _end_companions(settings: Settings, works: list[JobWork], outcome: Outcome |
 def run_sample(settings: Settings, run: JobRun) -> dict:
     import torch
 
-    if settings.worker_threads:
-        torch.set_num_threads(settings.worker_threads)
     storage = get_storage(settings)
     lead, model = load_work(settings, run)
     if model is None:
         raise JobError("model_not_found", f"model {lead.job.params.get('model')!r} no longer exists")
     device = resolve_device(settings.worker_device)
     pipe = pipeline_cache(settings).get(model.id, model.key, storage, device, settings)
-    pipe.scheduler = make_scheduler(lead.job.params.get("scheduler", "dpm-solver++"), pipe.scheduler.config)
     scale = pipe.vae_scale_factor
     width = lead.job.params.get("width") or pipe.unet.config.sample_size * scale
     height = lead.job.params.get("height") or pipe.unet.config.sample_size * scale
     size = batch_size_for(settings, model)
     embeddings = EmbeddingCache(pipe, device)
+    n_streams, threads = plan_streams(settings, device)
 
     works = [lead] + claim_companions(settings, lead, settings.cobatch_max_items - len(lead.items))
     items = [it for w in works for it in w.items]
-    log.info("job %s: %d images to make (%d done before), batch %d", lead.job.id, len(items), lead.made, size)
-    writer = OutputWriter(settings, storage)
+    log.info("job %s: %d images to make (%d done before), batch %d, %d stream(s) of %d thread(s)", lead.job.id,
+             len(items), lead.made, size, n_streams, threads)
     stopped: set[int] = set()
-    n_batches = 0
-    try:
+    threads_before = torch.get_num_threads()
+    streams = ModelStreams(pipe, lead.job.params.get("scheduler", "dpm-solver++"), n_streams, threads)
+    writer = OutputWriter(settings)
+
+    def dispatch():
+        """The batches to compute, each checked against the run (and its packed jobs) as it goes out."""
         for batch in batches(items, size):
             run.check()
             for i, w in enumerate(works[1:], start=1):  # a packed job that was canceled or lost leaves
@@ -312,35 +333,51 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
                         writer.drain()
                         _end_companions(settings, [w], classify(exc, job_id=w.job.id))
             batch = [it for it in batch if it.work not in stopped]
-            if not batch:
-                continue
-            clock = {"batch": time.perf_counter(), "step": time.perf_counter()}
+            if batch:
+                yield batch
 
-            def on_step(_step: int) -> None:
-                now = time.perf_counter()
-                metrics.observe_step("sample", now - clock["step"])
-                clock["step"] = now
-                run.check()
+    def compute(view, batch):
+        clock = {"batch": time.perf_counter(), "step": time.perf_counter()}
 
-            arrays = generate(pipe, batch, batch_size=size, width=width, height=height, device=device,
-                              embeddings=embeddings, on_step=on_step)
-            metrics.images_made(len(batch), time.perf_counter() - clock["batch"])
+        def on_step(_step: int) -> None:
+            now = time.perf_counter()
+            metrics.observe_step("sample", now - clock["step"])
+            clock["step"] = now
+            streams.check()
+            run.check()
+
+        arrays = generate(view, batch, batch_size=size, width=width, height=height, device=device,
+                          embeddings=embeddings, on_step=on_step)
+        metrics.images_made(len(batch), time.perf_counter() - clock["batch"])
+        return arrays
+
+    n_batches = 0
+    try:
+        for batch, arrays in streams.imap(compute, dispatch()):
             metrics.sample_gpu_memory(device)
             n_batches += 1
             for i, w in enumerate(works):
-                mine = [(it, a) for it, a in zip(batch, arrays) if it.work == i]
-                if mine:
-                    writer.submit(w, [it for it, _ in mine], [a for _, a in mine])
+                mine = [k for k, it in enumerate(batch) if it.work == i]
+                if mine and i not in stopped:
+                    w.made += len(mine)
+                    writer.submit(job_id=w.job.id, attempt=w.run.attempt, tenant_id=w.tenant_id, lead=i == 0,
+                                  made=w.made, total=w.total, arrays=arrays[mine],
+                                  meta=[(batch[k].row, batch[k].index, batch[k].seed) for k in mine])
         writer.drain()
     except BaseException:
-        writer.close()
+        streams.close()
+        writer.close()  # batches still being written finish, fenced; nobody waits for them
         _end_companions(settings, [w for i, w in enumerate(works[1:], start=1) if i not in stopped],
                         Outcome("released", reason="the run they were packed into stopped"))
         raise
+    finally:
+        streams.close()
+        torch.set_num_threads(threads_before)  # the next job (a training one, say) gets the usual threads
     writer.close()
     write_manifest(settings, lead.tenant_id, lead.job.id)
     _end_companions(settings, [w for i, w in enumerate(works[1:], start=1) if i not in stopped], None)
-    return {"model_id": model.id, "batches": n_batches, "packed_jobs": [w.job.id for w in works[1:]]}
+    return {"model_id": model.id, "batches": n_batches, "streams": n_streams,
+            "packed_jobs": [w.job.id for w in works[1:]]}
 
 
 def _neutralise(cell):

@@ -127,7 +127,8 @@ def test_each_scheduler_runs(client, settings, tiny_model, scheduler):
 def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
     """Padding every batch to one fixed size makes an image independent of its batch-mates."""
     from worker.pipelines import load_pipeline_dir, make_scheduler
-    from worker.sampling import EmbeddingCache, Item, generate, png_bytes
+    from worker.outputs import png_bytes, to_uint8
+    from worker.sampling import EmbeddingCache, Item, generate
 
     pipe = load_pipeline_dir(tiny_pipeline_dir)
     pipe.scheduler = make_scheduler("dpm-solver++", pipe.scheduler.config)
@@ -136,7 +137,7 @@ def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
     batched = generate(pipe, items, batch_size=8, width=32, height=32, device="cpu", embeddings=emb)
     for k in (0, 3, 5):
         alone = generate(pipe, [items[k]], batch_size=8, width=32, height=32, device="cpu", embeddings=emb)
-        assert png_bytes(alone[0]) == png_bytes(batched[k])
+        assert png_bytes(to_uint8(alone)[0]) == png_bytes(to_uint8(batched)[k])
         assert (alone[0] == batched[k]).all()
     assert emb.misses == 4 and emb.hits > 0  # 3 prompts + the empty negative prompt, encoded once each
 
@@ -171,3 +172,31 @@ def test_queued_jobs_of_the_same_model_share_batches(client, settings, tiny_mode
     solo = settings.model_copy(update={"sample_batch_size": 8, "cobatch_max_items": 0})
     assert run(solo, alone) == "succeeded"
     assert [o[4] for o in outputs(settings, alone)] == [o[4] for o in outputs(settings, ids[2])]
+
+
+def test_model_streams_change_no_pixel_and_keep_the_order(client, settings, tiny_model):
+    """Two batches computed side by side (each with its own scheduler) give the same images, under
+    the same keys, as one stream; progress still counts up to the end."""
+    _, key, model_id = tiny_model
+    prompts = [{"prompt": f"stream row {r}", "seed": 50 + r} for r in range(10)]
+    shas = {}
+    for n in (1, 2):
+        cfg = settings.model_copy(update={"sample_batch_size": 4, "sample_streams": n, "worker_threads": 1})
+        job_id = submit(client, key, model_id, prompts)
+        result = {}
+        assert run_job(cfg, job_id, "sample", lambda r, cfg=cfg: result.update(run_sample(cfg, r)) or result) == "succeeded"
+        assert result["streams"] == n and result["batches"] == 3
+        with session_scope(settings) as s:
+            assert s.get(Job, job_id).progress == 1.0
+        shas[n] = [(o[0], o[1], o[4]) for o in outputs(settings, job_id)]
+    assert len(shas[2]) == 10 and shas[2] == shas[1]
+
+
+def test_plan_streams():
+    from shared.settings import Settings
+    from worker.sampling import plan_streams
+
+    assert plan_streams(Settings(sample_streams=3, worker_threads=2), "cpu") == (3, 2)
+    streams, threads = plan_streams(Settings(), "cpu")
+    assert streams >= 1 and threads >= 1
+    assert plan_streams(Settings(), "cuda")[0] == 1

@@ -1,0 +1,111 @@
+"""The writer process: outputs land in S3 and Postgres, and its failures end the run as they would in-process."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared import jobstate
+from shared.db import session_scope
+from shared.models import Job, JobOutput
+from shared.storage import StorageUnavailable, get_storage, output_key
+from worker.outputs import OutputWriter, WorkerProcessDied, png_bytes, to_uint8
+from worker.runner import classify
+
+
+def claimed_job(client, settings, tiny_model, n=4):
+    _, key, model_id = tiny_model
+    r = client.post("/v1/jobs/sample", headers={"Authorization": f"Bearer {key}"},
+                    json={"model": model_id, "prompts": [{"prompt": f"p{i}", "seed": i} for i in range(n)]})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    with session_scope(settings) as s:
+        claim = jobstate.claim(s, job_id, "test-owner", 60)
+        tenant_id = s.get(Job, job_id).tenant_id
+    return job_id, claim.attempt, tenant_id
+
+
+def images(n, seed=0):
+    return np.random.default_rng(seed).random((n, 32, 32, 3), dtype=np.float32)
+
+
+def submit(writer, job_id, attempt, tenant_id, rows, arrays, *, lead=True, made=None, total=4):
+    writer.submit(job_id=job_id, attempt=attempt, tenant_id=tenant_id, lead=lead, made=made or len(rows),
+                  total=total, meta=[(r, 0, 100 + r) for r in rows], arrays=arrays)
+
+
+def test_batches_are_uploaded_and_recorded_with_progress(client, settings, tiny_model):
+    job_id, attempt, tenant_id = claimed_job(client, settings, tiny_model)
+    arrays = images(4)
+    writer = OutputWriter(settings)
+    submit(writer, job_id, attempt, tenant_id, [1, 2], arrays[:2], made=2)
+    submit(writer, job_id, attempt, tenant_id, [3, 4], arrays[2:], made=4)
+    writer.drain()
+    st = get_storage(settings)
+    with session_scope(settings) as s:
+        outs = s.query(JobOutput).filter_by(job_id=job_id).order_by(JobOutput.row).all()
+        job = s.get(Job, job_id)
+        assert job.progress == 1.0 and job.outputs_count == 4
+        assert [(o.row, o.seed) for o in outs] == [(1, 101), (2, 102), (3, 103), (4, 104)]
+    pixels = to_uint8(arrays)
+    for k, o in enumerate(outs):
+        assert o.key == output_key(tenant_id, job_id, o.row, 0)
+        data = st.get_bytes(o.key)
+        assert data == png_bytes(pixels[k])
+        assert (np.asarray(Image.open(io.BytesIO(data))) == pixels[k]).all()  # lossless, as rounded
+
+
+def test_a_fenced_lead_job_stops_the_run_a_fenced_packed_job_does_not(client, settings, tiny_model):
+    job_id, attempt, tenant_id = claimed_job(client, settings, tiny_model)
+    writer = OutputWriter(settings)
+    submit(writer, job_id, attempt + 1, tenant_id, [1], images(1), lead=False)  # a stale attempt
+    writer.drain()  # a packed job: logged, not raised
+    submit(writer, job_id, attempt + 1, tenant_id, [2], images(1), lead=True)
+    with pytest.raises(jobstate.LeaseLost):
+        writer.drain()
+    with session_scope(settings) as s:
+        assert s.query(JobOutput).filter_by(job_id=job_id).count() == 0
+
+
+def test_storage_unreachable_is_raised_as_storage_unavailable(client, settings, tiny_model):
+    job_id, attempt, tenant_id = claimed_job(client, settings, tiny_model)
+    dead = settings.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:9", "storage_retry_s": 0.0})
+    writer = OutputWriter(dead)
+    submit(writer, job_id, attempt, tenant_id, [1], images(1))
+    with pytest.raises(StorageUnavailable) as err:
+        writer.drain()
+    assert classify(err.value).error["code"] == "storage_unavailable"
+    # The writer goes on serving runs after a failed one.
+    writer = OutputWriter(settings)
+    submit(writer, job_id, attempt, tenant_id, [1], images(1))
+    writer.drain()
+
+
+def test_a_dead_writer_fails_the_attempt_and_the_next_run_gets_a_new_one(client, settings, tiny_model):
+    job_id, attempt, tenant_id = claimed_job(client, settings, tiny_model)
+    writer = OutputWriter(settings)
+    writer.process.proc.kill()
+    writer.process.proc.join()
+    with pytest.raises(WorkerProcessDied) as err:
+        submit(writer, job_id, attempt, tenant_id, [1], images(1))
+        writer.drain()
+    assert classify(err.value).kind == "crashed"  # the attempt is spent: requeued while attempts remain
+    writer = OutputWriter(settings)
+    assert writer.process.alive()
+    submit(writer, job_id, attempt, tenant_id, [1], images(1))
+    writer.drain()
+    with session_scope(settings) as s:
+        assert s.query(JobOutput).filter_by(job_id=job_id).count() == 1
+
+
+def test_answers_of_an_abandoned_run_do_not_reach_the_next(client, settings, tiny_model):
+    """A run that stops with batches in flight drops their answers; the next run sees only its own."""
+    job_id, attempt, tenant_id = claimed_job(client, settings, tiny_model)
+    writer = OutputWriter(settings)
+    submit(writer, job_id, attempt + 1, tenant_id, [1], images(1))  # will fail (fenced), answer dropped
+    writer.close()
+    writer = OutputWriter(settings)
+    submit(writer, job_id, attempt, tenant_id, [2], images(1))
+    writer.drain()
+    assert not writer.process.answers  # the dropped answer was not kept either
