@@ -109,3 +109,40 @@ def test_answers_of_an_abandoned_run_do_not_reach_the_next(client, settings, tin
     submit(writer, job_id, attempt, tenant_id, [2], images(1))
     writer.drain()
     assert not writer.process.answers  # the dropped answer was not kept either
+
+
+def _start_writer_and_report(settings_json, conn):
+    from shared.settings import Settings
+
+    writer = OutputWriter(Settings.model_validate_json(settings_json))
+    conn.send(writer.process.proc.pid)
+    conn.recv()  # wait to be killed
+
+
+def test_a_killed_executor_leaves_no_writer_behind(settings):
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    executor = ctx.Process(target=_start_writer_and_report, args=(settings.model_dump_json(), child))
+    executor.start()
+    assert parent.poll(60), "the stand-in executor did not start its writer"
+    writer_pid = parent.recv()
+    os.kill(writer_pid, 0)  # alive
+    os.kill(executor.pid, signal.SIGKILL)
+    executor.join(10)
+    deadline = time.monotonic() + 10
+    while True:  # the orphan watch checks twice a second
+        try:
+            os.kill(writer_pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap it if it was reparented to us (a subreaper); otherwise init does
+            os.waitpid(writer_pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        assert time.monotonic() < deadline, "the writer outlived its executor"
+        time.sleep(0.1)
