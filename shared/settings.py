@@ -66,7 +66,10 @@ class Settings(BaseSettings):
     # Worker.
     worker_device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     pipeline_cache_size: int = Field(default=2, ge=1)
-    sample_batch_size: int = Field(default=16, ge=1)
+    sample_batch_size: int = Field(default=16, ge=0, description=(
+        "Images per model batch (a model's own sample_batch_size wins); 0 = found from free memory: "
+        "on a GPU a probe batch measures the peak memory an image takes and the batch fills 80% of "
+        "what is free (at most 64); on a CPU, where memory is not measured, 32"))
     cobatch_max_items: int = Field(
         default=64, ge=0,
         description="Pack other queued jobs of the same model into a sample run while the images of the "

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 
 from sqlalchemy import select
@@ -241,8 +241,49 @@ def load_work(settings: Settings, run: JobRun, index: int = 0) -> tuple[JobWork,
 
 
 def batch_size_for(settings: Settings, model: Model) -> int:
-    """The fixed model batch: the model's own setting if it has one, else the worker's."""
+    """The fixed model batch: the model's own setting if it has one, else the worker's (0: auto)."""
     return int((model.config or {}).get("sample_batch_size") or settings.sample_batch_size)
+
+
+AUTO_BATCH_CAP = 64
+CPU_AUTO_BATCH = 32
+PROBE_IMAGES = 2
+_AUTO_SIZES: dict[tuple, int] = {}
+
+
+def fit_batch(free_bytes: float, per_image_bytes: float, *, streams: int = 1, cap: int = AUTO_BATCH_CAP,
+              headroom: float = 0.8) -> int:
+    """The largest batch whose images fit ``headroom`` of the free memory, shared by ``streams``."""
+    if per_image_bytes <= 0:
+        return cap
+    return max(1, min(cap, int(free_bytes * headroom / streams // per_image_bytes)))
+
+
+def auto_batch_size(device: str, key: tuple, probe, *, streams: int = 1) -> int:
+    """A batch size found from free memory, once per (model, image size, streams) and worker process, so
+    that every batch of it on this worker has the same size (and each image its seed's pixels).
+    ``probe(n)`` computes one batch of ``n`` images (one step is enough: the peak is per image)."""
+    if key in _AUTO_SIZES:
+        return _AUTO_SIZES[key]
+    if not device.startswith("cuda"):
+        size = CPU_AUTO_BATCH  # CPU memory is not measured: the allocator keeps no peak statistics
+        log.info("auto batch size on %s: %d (memory not measured on a CPU)", device, size)
+    else:
+        import torch
+
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        probe(PROBE_IMAGES)
+        torch.cuda.synchronize(device)
+        per_image = (torch.cuda.max_memory_allocated(device) - base) / PROBE_IMAGES
+        size = fit_batch(free, per_image, streams=streams)
+        log.info("auto batch size on %s: %d (%.0f MiB an image, %.0f MiB free, %d stream(s))", device, size,
+                 per_image / 2**20, free / 2**20, streams)
+    _AUTO_SIZES[key] = size
+    return size
 
 
 def _compatible(a: dict, b: dict) -> bool:
@@ -307,9 +348,23 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
     scale = pipe.vae_scale_factor
     width = lead.job.params.get("width") or pipe.unet.config.sample_size * scale
     height = lead.job.params.get("height") or pipe.unet.config.sample_size * scale
-    size = batch_size_for(settings, model)
     embeddings = EmbeddingCache(pipe, device)
     n_streams, threads = plan_streams(settings, device)
+    scheduler = lead.job.params.get("scheduler", "dpm-solver++")
+    size = batch_size_for(settings, model)
+    if not size and lead.items:
+        first = lead.items[0]
+
+        def probe(n: int) -> None:
+            view = copy.copy(pipe)
+            view.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+            # With guidance on (whatever the first row asks): packed rows may use it, and it doubles
+            # the U-Net's batch.
+            generate(view, [replace(first, steps=1, guidance_scale=max(first.guidance_scale, 2.0))], batch_size=n, width=width, height=height, device=device,
+                     embeddings=embeddings)
+
+        size = auto_batch_size(device, (model.id, width, height, n_streams), probe, streams=n_streams)
+    size = size or CPU_AUTO_BATCH  # nothing left to make: any size will do
 
     works = [lead] + claim_companions(settings, lead, settings.cobatch_max_items - len(lead.items))
     items = [it for w in works for it in w.items]
@@ -317,7 +372,7 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
              len(items), lead.made, size, n_streams, threads)
     stopped: set[int] = set()
     threads_before = torch.get_num_threads()
-    streams = ModelStreams(pipe, lead.job.params.get("scheduler", "dpm-solver++"), n_streams, threads)
+    streams = ModelStreams(pipe, scheduler, n_streams, threads)
     writer = OutputWriter(settings)
 
     def dispatch():

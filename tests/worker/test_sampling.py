@@ -200,3 +200,50 @@ def test_plan_streams():
     streams, threads = plan_streams(Settings(), "cpu")
     assert streams >= 1 and threads >= 1
     assert plan_streams(Settings(), "cuda")[0] == 1
+
+
+def test_fit_batch_fills_the_free_memory_it_is_given():
+    from worker.sampling import AUTO_BATCH_CAP, fit_batch
+
+    mib = 2**20
+    assert fit_batch(1024 * mib, 100 * mib) == 8  # 80 % of 1 GiB / 100 MiB
+    assert fit_batch(1024 * mib, 100 * mib, streams=2) == 4
+    assert fit_batch(80 * 1024 * mib, 100 * mib) == AUTO_BATCH_CAP
+    assert fit_batch(50 * mib, 100 * mib) == 1  # never 0: one image is tried, and fails clearly if it cannot fit
+    assert fit_batch(1024 * mib, 0) == AUTO_BATCH_CAP
+
+
+def test_auto_batch_size_on_cpu_runs_and_is_fixed_per_worker(client, settings, tiny_model):
+    from worker import sampling
+
+    _, key, model_id = tiny_model
+    auto = settings.model_copy(update={"sample_batch_size": 0})
+    job_id = submit(client, key, model_id, [{"prompt": f"auto {r}", "seed": r} for r in range(3)])
+    result = {}
+    assert run_job(auto, job_id, "sample", lambda r: result.update(run_sample(auto, r)) or result) == "succeeded"
+    assert result["batches"] == 1 and len(outputs(settings, job_id)) == 3
+    sizes = {k: v for k, v in sampling._AUTO_SIZES.items() if k[0] == model_id}
+    assert list(sizes.values()) == [sampling.CPU_AUTO_BATCH]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_auto_batch_size_on_cuda_is_measured(tiny_pipeline_dir):
+    import torch
+
+    from worker.pipelines import load_pipeline_dir, make_scheduler
+    from worker.sampling import EmbeddingCache, Item, auto_batch_size, generate
+
+    pipe = load_pipeline_dir(tiny_pipeline_dir, "cuda")
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    emb = EmbeddingCache(pipe, "cuda")
+    probed = []
+
+    def probe(n):
+        probed.append(n)
+        generate(pipe, [Item(1, 0, 1, "p", "", 3.0, 1)], batch_size=n, width=32, height=32, device="cuda",
+                 embeddings=emb)
+
+    size = auto_batch_size("cuda", ("tiny", 32, 32, 1), probe)
+    assert probed == [2] and 1 <= size <= 64
+    assert auto_batch_size("cuda", ("tiny", 32, 32, 1), probe) == size and probed == [2]  # once per worker
+    torch.cuda.empty_cache()
