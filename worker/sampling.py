@@ -4,7 +4,11 @@
   (the last batch is padded): a row of a batch does not depend on the other rows, and with the
   batch size fixed the kernels are the same, so each image is bit-identical to what it would be
   alone for its seed, whatever it is batched with (tests/worker/test_sampling.py proves it).
-- Rows are packed into model batches across the whole job, grouped by (steps, guidance).
+- Rows are packed into model batches across the whole job, grouped by (steps, guidance). The
+  batch size is set per model or per worker, or found from free memory (``auto_batch_size``).
+- On a CPU, two batches are computed side by side (``ModelStreams``, ``plan_streams``): a small
+  model's kernels use two cores better as two single-threaded batches than as one batch split
+  over both. Each stream has its own scheduler; results are handed on in order.
 - Text embeddings of repeated prompts (and the empty negative prompt) are computed once.
 - PNG encoding, uploads and the fenced DB records run in a writer process of their own while the
   model computes the next batch (worker/outputs.py says why not a thread); at most
@@ -336,6 +340,22 @@ def _end_companions(settings: Settings, works: list[JobWork], outcome: Outcome |
             w.run.stop()
 
 
+def _auto_size(pipe, model: Model, lead: JobWork, scheduler: str, embeddings: EmbeddingCache, *, device: str,
+               width: int, height: int, streams: int) -> int:
+    """The batch size found from free memory, probed on the run's first image."""
+    if not lead.items:
+        return CPU_AUTO_BATCH  # nothing left to make: any size will do
+    # Guidance on, whatever the first row asks: packed rows may use it, and it doubles the U-Net's batch.
+    first = replace(lead.items[0], steps=1, guidance_scale=max(lead.items[0].guidance_scale, 2.0))
+
+    def probe(n: int) -> None:
+        view = copy.copy(pipe)
+        view.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        generate(view, [first], batch_size=n, width=width, height=height, device=device, embeddings=embeddings)
+
+    return auto_batch_size(device, (model.id, width, height, streams), probe, streams=streams)
+
+
 def run_sample(settings: Settings, run: JobRun) -> dict:
     import torch
 
@@ -351,20 +371,8 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
     embeddings = EmbeddingCache(pipe, device)
     n_streams, threads = plan_streams(settings, device)
     scheduler = lead.job.params.get("scheduler", "dpm-solver++")
-    size = batch_size_for(settings, model)
-    if not size and lead.items:
-        first = lead.items[0]
-
-        def probe(n: int) -> None:
-            view = copy.copy(pipe)
-            view.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-            # With guidance on (whatever the first row asks): packed rows may use it, and it doubles
-            # the U-Net's batch.
-            generate(view, [replace(first, steps=1, guidance_scale=max(first.guidance_scale, 2.0))], batch_size=n, width=width, height=height, device=device,
-                     embeddings=embeddings)
-
-        size = auto_batch_size(device, (model.id, width, height, n_streams), probe, streams=n_streams)
-    size = size or CPU_AUTO_BATCH  # nothing left to make: any size will do
+    size = batch_size_for(settings, model) or _auto_size(pipe, model, lead, scheduler, embeddings, device=device,
+                                                        width=width, height=height, streams=n_streams)
 
     works = [lead] + claim_companions(settings, lead, settings.cobatch_max_items - len(lead.items))
     items = [it for w in works for it in w.items]
@@ -420,7 +428,7 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
                                   meta=[(batch[k].row, batch[k].index, batch[k].seed) for k in mine])
         writer.drain()
     except BaseException:
-        streams.close()
+        streams.close()  # first: batches still computing stop at their next step
         writer.close()  # batches still being written finish, fenced; nobody waits for them
         _end_companions(settings, [w for i, w in enumerate(works[1:], start=1) if i not in stopped],
                         Outcome("released", reason="the run they were packed into stopped"))
