@@ -19,6 +19,8 @@ Design (one job at a time per worker process):
   leaves a job without one.
 
 With a prefork pool (``--concurrency N``) every pool process has its own executor child.
+The executor has a child of its own for sample outputs (``worker.outputs``: PNGs, uploads and
+their records, off the model's GIL); it exits when the executor does, however that dies.
 """
 
 from __future__ import annotations
