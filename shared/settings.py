@@ -65,7 +65,10 @@ class Settings(BaseSettings):
 
     # Worker.
     worker_device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
-    pipeline_cache_size: int = Field(default=2, ge=1)
+    pipeline_cache_size: int = Field(default=4, ge=1, description="at most this many loaded pipelines per worker")
+    pipeline_cache_mb: int = Field(default=0, ge=0, description=(
+        "Memory the cached pipelines' weights may take, MiB; the least recently used go first. "
+        "0 = auto: half the GPU's memory, or a quarter of the machine's RAM on a CPU"))
     sample_batch_size: int = Field(default=16, ge=0, description=(
         "Images per model batch (a model's own sample_batch_size wins); 0 = found from free memory: "
         "on a GPU a probe batch measures the peak memory an image takes and the batch fills 80% of "

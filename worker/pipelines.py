@@ -1,4 +1,4 @@
-"""Load diffusers text-to-image pipelines from storage, cached per worker process (LRU).
+"""Load diffusers text-to-image pipelines from storage, cached per worker process (LRU by memory).
 
 Only safetensors weights are accepted: the file list is checked before anything is loaded, and
 ``from_pretrained`` is told ``use_safetensors=True``.
@@ -7,6 +7,7 @@ Only safetensors weights are accepted: the file list is checked before anything 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -87,21 +88,49 @@ def load_pipeline_dir(path: Path, device: str = "cpu", *, dtype: str = "auto", c
     return pipe
 
 
-class PipelineCache:
-    """An LRU of loaded pipelines keyed by model id; the files are kept under ``cache_dir``."""
+def pipeline_bytes(pipe) -> int:
+    """Bytes of the pipeline's weights and buffers (what it holds on its device while cached)."""
+    import torch
 
-    def __init__(self, cache_dir: Path, capacity: int = 2):
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in component.parameters())
+            total += sum(t.numel() * t.element_size() for t in component.buffers())
+    return total
+
+
+def default_cache_bytes(device: str) -> int:
+    """Auto budget: half the GPU's memory (the rest is for activations), or a quarter of the RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+class PipelineCache:
+    """Loaded pipelines keyed by model id, least recently used evicted first: past ``capacity``
+    pipelines, or once their weights take more than ``max_bytes`` (the pipeline just loaded always
+    stays). The files are kept under ``cache_dir``, so a reload reads the disk, not the storage."""
+
+    def __init__(self, cache_dir: Path, capacity: int = 4, max_bytes: int | None = None):
         self.cache_dir = Path(cache_dir)
         self.capacity = capacity
-        self._items: OrderedDict[str, object] = OrderedDict()
+        self.max_bytes = max_bytes  # None: decided on the first load, from its device
+        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self._items.values())
 
     def get(self, model_id: str, model_key: str, storage: Storage, device: str, settings: Settings | None = None):
         with self._lock:
             if model_id in self._items:
                 self._items.move_to_end(model_id)
-                return self._items[model_id]
+                return self._items[model_id][0]
             local = self.cache_dir / model_id
             if not (local / "model_index.json").exists():
                 storage.download_dir(model_key, local)
@@ -109,11 +138,23 @@ class PipelineCache:
                                                     compile_unet=settings.worker_compile)
             pipe = load_pipeline_dir(local, device, **opts)
             self.loads += 1
-            self._items[model_id] = pipe
-            while len(self._items) > self.capacity:
-                evicted, _ = self._items.popitem(last=False)
-                log.info("pipeline cache: evicted %s", evicted)
+            self._items[model_id] = (pipe, pipeline_bytes(pipe))
+            if self.max_bytes is None:
+                self.max_bytes = default_cache_bytes(device)
+            self._evict(device)
             return pipe
+
+    def _evict(self, device: str) -> None:
+        evicted = False
+        while len(self._items) > 1 and (len(self._items) > self.capacity or self.bytes > self.max_bytes):
+            model_id, (_, size) = self._items.popitem(last=False)
+            evicted = True
+            log.info("pipeline cache: evicted %s (%.0f MiB); %d cached, %.0f MiB", model_id, size / 2**20,
+                     len(self._items), self.bytes / 2**20)
+        if evicted and device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # hand the evicted weights' memory back for the next batch
 
 
 _CACHE: PipelineCache | None = None
@@ -122,5 +163,6 @@ _CACHE: PipelineCache | None = None
 def pipeline_cache(settings: Settings) -> PipelineCache:
     global _CACHE
     if _CACHE is None:
-        _CACHE = PipelineCache(settings.var_dir / "cache" / "models", settings.pipeline_cache_size)
+        _CACHE = PipelineCache(settings.var_dir / "cache" / "models", settings.pipeline_cache_size,
+                               settings.pipeline_cache_mb * 2**20 or None)
     return _CACHE
