@@ -153,6 +153,9 @@ def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
             conn.send(("result", seq, outcome.to_dict()))
         except (EOFError, OSError):
             break
+    from worker.outputs import close_writer_process
+
+    close_writer_process()  # lets it finish what it was given rather than be terminated at exit
     conn.close()
 
 
