@@ -76,7 +76,7 @@ def cmd_worker(args) -> int:
         print(f"unknown queue(s) {bad or queues}; valid: {', '.join(sorted(valid))}", file=sys.stderr)
         return 2
     argv = ["worker", "-Q", ",".join(queues), "-c", str(args.concurrency), "-l", args.log_level.upper(),
-            "--pool", "solo" if args.concurrency == 1 else "prefork", "-n", args.name, "--without-gossip",
+            "--pool", "solo" if args.concurrency == 1 else "threads", "-n", args.name, "--without-gossip",
             "--without-mingle"]
     from shared.logctx import log_format
 
@@ -377,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a Celery worker")
     w.add_argument("--queues", default="sample,train")
-    w.add_argument("--concurrency", type=int, default=1)
+    w.add_argument("--concurrency", type=int, default=1, help=(
+        "jobs run at once, each in its own executor process (N > 1: Celery's thread pool, whose "
+        "threads only supervise)"))
     w.add_argument("--log-level", default="info")
     w.add_argument("--name", default="ldmq@%h")
     w.set_defaults(fn=cmd_worker)

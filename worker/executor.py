@@ -18,7 +18,8 @@ Design (one job at a time per worker process):
 - The parent writes the final state (``worker.runner.record_outcome``), so a dead child never
   leaves a job without one.
 
-With a prefork pool (``--concurrency N``) every pool process has its own executor child.
+With ``--concurrency N`` Celery runs a thread pool (the tasks only supervise; the work is in the
+executors) and the worker keeps N executor children (``ExecutorPool``), one per job running.
 The executor has a child of its own for sample outputs (``worker.outputs``: PNGs, uploads and
 their records, off the model's GIL); it exits when the executor does, however that dies.
 """
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 _REASON_CODE = {r: i + 1 for i, r in enumerate(STOP_REASONS)}
 _CODE_REASON = {v: k for k, v in _REASON_CODE.items()}
 
-# Set (from a signal handler: a plain attribute, no locks) when the worker is shutting down.
+# Set (from a signal handler: a plain attribute, no locks) when the worker is shutting down; every
+# task thread of the worker process sees it.
 _shutdown = {"requested": False}
 
 
@@ -354,26 +356,65 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
-_EXECUTOR: Executor | None = None
-_EXECUTOR_LOCK = threading.Lock()
+class ExecutorPool:
+    """The worker's executors, one per job it runs at once (``ldmq worker --concurrency N``: Celery's
+    thread pool, whose task threads only supervise): a task takes an idle executor, starting one if
+    none is idle, and gives it back warm for the next job."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._idle: list[Executor] = []
+        self._all: list[Executor] = []
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Executor:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            executor = Executor(self.settings)
+            self._all.append(executor)
+            return executor
+
+    def release(self, executor: Executor) -> None:
+        with self._lock:
+            self._idle.append(executor)
+
+    def prewarm(self, n: int) -> None:
+        """Start ``n`` executors now (torch imports take seconds), so the first jobs do not wait."""
+        taken = [self.acquire() for _ in range(n)]
+        for executor in taken:
+            executor.start()
+            self.release(executor)
+
+    def executors(self) -> list[Executor]:
+        with self._lock:
+            return list(self._all)
+
+    def close(self) -> None:
+        for executor in self.executors():
+            executor.close()
 
 
-def get_executor(settings: Settings) -> Executor:
-    global _EXECUTOR
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None or _EXECUTOR.settings != settings:
-            if _EXECUTOR is not None:
-                _EXECUTOR.close()
-            _EXECUTOR = Executor(settings)
-        return _EXECUTOR
+_POOL: ExecutorPool | None = None
+_POOL_LOCK = threading.Lock()
 
 
-def close_executor() -> None:
-    global _EXECUTOR
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is not None:
-            _EXECUTOR.close()
-            _EXECUTOR = None
+def get_executors(settings: Settings) -> ExecutorPool:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.settings != settings:
+            if _POOL is not None:
+                _POOL.close()
+            _POOL = ExecutorPool(settings)
+        return _POOL
+
+
+def close_executors() -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.close()
+            _POOL = None
 
 
 def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
@@ -391,22 +432,26 @@ def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
         # moment the child starts the job (not while it warms up).
         run = JobRun(settings, claim, job_type, owner, enforce_time_limit=False)
         run.start()
-        executor = get_executor(settings)
+        pool = get_executors(settings)
+        executor = pool.acquire()
         clock = time.perf_counter()
         metrics.BUSY.inc()
         try:
-            outcome = executor.run(run)
+            try:
+                outcome = executor.run(run)
+            finally:
+                run.stop()
+                metrics.BUSY.dec()
+            result = record_outcome(settings, claim, job_type, outcome)
+            metrics.job_finished(job_type, result, time.perf_counter() - clock)
+            log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
+            if not shutdown_requested() and not executor.alive():
+                executor.start()  # warm a fresh child for the next job
         finally:
-            run.stop()
-            metrics.BUSY.dec()
-        result = record_outcome(settings, claim, job_type, outcome)
-        metrics.job_finished(job_type, result, time.perf_counter() - clock)
-        log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
-    if not shutdown_requested() and not executor.alive():
-        executor.start()  # warm a fresh child for the next job
+            pool.release(executor)
     return result
 
 
 def describe(settings: Settings) -> dict[str, Any]:  # pragma: no cover - for debugging
-    ex = _EXECUTOR
-    return {"pid": ex.proc.pid if ex and ex.proc else None, "ready": bool(ex and ex.ready)}
+    executors = _POOL.executors() if _POOL else []
+    return {"executors": [{"pid": ex.proc.pid if ex.proc else None, "ready": ex.ready} for ex in executors]}

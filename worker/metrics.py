@@ -3,7 +3,7 @@
 Off by default; ``LDMQ_WORKER_METRICS_PORT=9101`` turns it on (``start_server()`` returns the
 port, or None when off).
 
-A worker is several processes: the Celery process (or its prefork pool processes), which claims
+A worker is several processes: the Celery process (its task threads, with --concurrency N), which claims
 and supervises jobs, and the spawned executor child of each, which runs the model. Samples are
 made in all of them, so ``ldmq worker`` runs prometheus_client in *multiprocess mode*
 (:func:`worker.multiproc.prepare`, before anything imports prometheus_client): every process

@@ -4,14 +4,12 @@ worker's spawned executor process and records the outcome (see ``worker.executor
 from __future__ import annotations
 
 import logging
-import os
 
 from celery import shared_task, signals
 
 from shared.queue import TASK_SAMPLE, TASK_TRAIN
 from shared.settings import get_settings
-from worker import metrics
-from worker.executor import close_executor, execute_job, get_executor, request_shutdown
+from worker.executor import close_executors, execute_job, get_executors, request_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +33,12 @@ def _on_shutting_down(**_kwargs) -> None:
 
 @signals.worker_ready.connect
 def _prewarm(sender=None, **_kwargs) -> None:
-    # Solo pool: tasks run in this process, so start its executor now (torch imports take seconds).
+    # Tasks run in this process (solo pool, or threads with --concurrency N): start one executor
+    # per job that can run at once, now (torch imports take seconds).
     pool = getattr(sender, "pool", None)
-    if pool is not None and "solo" in type(pool).__module__:
-        get_executor(get_settings()).start()
-
-
-@signals.worker_process_init.connect
-def _prewarm_pool_process(**_kwargs) -> None:
-    get_executor(get_settings()).start()
+    get_executors(get_settings()).prewarm(max(1, int(getattr(pool, "limit", 1) or 1)))
 
 
 @signals.worker_shutdown.connect
 def _on_shutdown(**_kwargs) -> None:
-    close_executor()
-
-
-@signals.worker_process_shutdown.connect
-def _pool_process_exits(**_kwargs) -> None:
-    close_executor()
-    metrics.process_exited(os.getpid())  # its live gauges (jobs running) go with it
+    close_executors()

@@ -176,8 +176,10 @@ class FaultStack:
         wait_until(up, 60, "the API to answer /healthz")
         return p
 
-    def start_worker(self, name: str, extra_env=None, ready: bool = True, queues: str = "sample,train") -> Worker:
-        w = Worker(["worker", "--queues", queues, "--name", f"{name}@%h", "--log-level", "info"],
+    def start_worker(self, name: str, extra_env=None, ready: bool = True, queues: str = "sample,train",
+                     concurrency: int = 1) -> Worker:
+        w = Worker(["worker", "--queues", queues, "--name", f"{name}@%h", "--log-level", "info",
+                    "--concurrency", str(concurrency)],
                    {**self.env, **(extra_env or {})}, self.tmp_path / f"worker-{name}.log")
         self.procs.append(w)
         if ready:

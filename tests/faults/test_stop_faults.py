@@ -59,12 +59,14 @@ def test_cancel_reaches_a_running_job_within_seconds(fstack):
     assert fstack.job(job_id).outputs_count == n and w.alive()
 
 
-def test_8_sigterm_mid_training_checkpoints_requeues_at_once_and_resumes(fstack):
+@pytest.mark.parametrize("concurrency", [1, 2], ids=["solo", "two-at-once"])
+def test_8_sigterm_mid_training_checkpoints_requeues_at_once_and_resumes(fstack, concurrency):
+    """Also with ``--concurrency 2`` (a thread pool supervising two executors)."""
     fstack.start_api()
-    # Two workers: the one that gets the job is stopped, the other takes over (both warm up now).
-    fstack.start_worker("w1", ready=False)
-    fstack.start_worker("w2", ready=False)
+    # Two workers: the first gets the job and is stopped, the other takes over (it warms up meanwhile).
+    fstack.start_worker("w1", concurrency=concurrency)
     job_id = fstack.submit_train(**TRAIN)
+    fstack.start_worker("w2", ready=False)
     fstack.wait_status(job_id, lambda j: checkpoint_step(j.checkpoint_key) >= 20, 180,
                        "a checkpoint in the U-Net stage", interval=0.05)
     w1 = fstack.owner_of(job_id)
@@ -89,3 +91,22 @@ def test_8_sigterm_mid_training_checkpoints_requeues_at_once_and_resumes(fstack)
     resumed = steps_of_attempt(fstack.events(job_id), 2)
     assert resumed and min(resumed) > k
     assert f"job {job_id}: attempt 2 claimed" in w2.output()
+
+
+def test_concurrency_two_runs_two_jobs_at_once_each_in_its_own_executor(fstack):
+    fstack.start_api()
+    fstack.start_worker("w1", concurrency=2, extra_env={"LDMQ_COBATCH_MAX_ITEMS": "0"})  # no packing
+    jobs = [fstack.submit_sample(200, steps=8) for _ in range(2)]
+
+    def both_running():
+        js = [fstack.job(j) for j in jobs]
+        return js if all(j.status == "running" and j.outputs_count >= 1 for j in js) else None
+
+    running = wait_until(both_running, 90, "both jobs to be making images at once", interval=0.05)
+    owners = {j.lease_owner for j in running}
+    assert len(owners) == 2  # two task threads of one worker process
+    assert len({o.split(":")[1] for o in owners}) == 1
+    for j in jobs:
+        r = fstack.http.post(f"/v1/jobs/{j}/cancel")
+        assert r.status_code in (200, 202), r.text
+    assert {fstack.wait_final(j, 30).status for j in jobs} == {"canceled"}
