@@ -9,12 +9,11 @@ key created a moment ago works at once.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 
 from api.errors import ApiError
-from shared.security import TenantRef
+from shared.security import TenantRef, hash_key
 
 
 def bearer_token(authorization: str) -> str:
@@ -32,16 +31,12 @@ class KeyCache:
 
     def __init__(self, ttl_s: float, max_entries: int = 10_000, clock=time.monotonic):
         self.ttl_s, self.max_entries, self._clock = ttl_s, max_entries, clock
-        self._entries: OrderedDict[bytes, tuple[TenantRef, float]] = OrderedDict()
-
-    @staticmethod
-    def _digest(key: str) -> bytes:
-        return hashlib.sha256(key.encode()).digest()
+        self._entries: OrderedDict[str, tuple[TenantRef, float]] = OrderedDict()
 
     def get(self, key: str) -> TenantRef | None:
         if self.ttl_s <= 0:
             return None
-        digest = self._digest(key)
+        digest = hash_key(key)
         found = self._entries.get(digest)
         if found is None:
             return None
@@ -55,7 +50,7 @@ class KeyCache:
     def put(self, key: str, tenant: TenantRef) -> None:
         if self.ttl_s <= 0:
             return
-        digest = self._digest(key)
+        digest = hash_key(key)
         self._entries[digest] = (tenant, self._clock() + self.ttl_s)
         self._entries.move_to_end(digest)
         while len(self._entries) > self.max_entries:

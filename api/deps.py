@@ -38,19 +38,20 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
     connection from the route to the commit, and with one shared limiter a burst of new routes
     could hold every thread, each waiting for a connection that only a queued commit would free."""
     session = db.new_session(settings)
-    limiter = request.app.state.commit_limiter
     try:
         yield session
     except BaseException:
-        if db.is_idle(session):
-            session.close()
-        else:
-            await anyio.to_thread.run_sync(db.abort, session, limiter=limiter)
+        await _end(request, session, db.abort)
         raise
+    await _end(request, session, db.finish)
+
+
+async def _end(request: Request, session: Session, end) -> None:
+    """``end`` (commit or roll back) on a commit thread, or just close a session that did nothing."""
     if db.is_idle(session):
         session.close()
     else:
-        await anyio.to_thread.run_sync(db.finish, session, limiter=limiter)
+        await anyio.to_thread.run_sync(end, session, limiter=request.app.state.commit_limiter)
 
 
 # scope="function": the commit happens before the response is sent, so a 202 means "recorded".
