@@ -91,14 +91,11 @@ def bench_model_loop(pipe, prompts, steps, guidance, batch, scheduler) -> float:
     """(a') ldmq's own model loop in-process, outputs dropped: the worker's ``generate`` (fixed padded
     batches, per-image generators, cached text embeddings) on its model streams, as the worker plans
     them for this machine. Tells model-loop differences from the cost of the system around it."""
-    import torch
-
     from shared.settings import Settings
     from worker.sampling import EmbeddingCache, Item, ModelStreams, batches, generate, plan_streams
 
     items = [Item(i, 0, s, p, "", guidance, steps) for i, (p, s) in enumerate(prompts)]
     emb = EmbeddingCache(pipe, "cpu")
-    before = torch.get_num_threads()
     streams = ModelStreams(pipe, scheduler, *plan_streams(Settings(), "cpu"))
     t0 = time.perf_counter()
     try:
@@ -108,7 +105,6 @@ def bench_model_loop(pipe, prompts, steps, guidance, batch, scheduler) -> float:
         return time.perf_counter() - t0
     finally:
         streams.close()
-        torch.set_num_threads(before)
 
 
 class Stack:

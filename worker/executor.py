@@ -39,6 +39,7 @@ from shared.db import session_scope
 from shared.logctx import job_context
 from shared.settings import Settings
 from worker import metrics
+from worker.outputs import close_writer_process
 from worker.runner import STOP_REASONS, JobRun, Outcome, record_outcome, time_limit_s, worker_identity
 
 log = logging.getLogger(__name__)
@@ -89,34 +90,39 @@ def tune_engine(settings: Settings) -> None:
 # The child
 # ================================================================================================
 
-def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
-    """Entry point of the spawned executor process."""
-    import logging as _logging
-
-    from shared.jobstate import Claim
+def start_child(role: str, parent_pid: int) -> None:
+    """What a spawned helper process (the executor, its output writer) does first: log in the
+    worker's format (LDMQ_LOG_FORMAT, inherited; JSON lines carry the job id and tenant of the job
+    running) tagged with its role, leave SIGINT to its parent, and exit at once if the parent dies
+    without telling it (even by SIGKILL)."""
     from shared.logctx import configure_logging
 
-    # The worker's format (LDMQ_LOG_FORMAT, inherited): JSON lines carry the job id and tenant of
-    # the job running, as the worker's own lines do.
-    configure_logging(_logging.INFO, text_format="%(asctime)s %(levelname)s %(name)s [executor %(process)d]: %(message)s")
+    configure_logging(logging.INFO, text_format=f"%(asctime)s %(levelname)s %(name)s [{role} %(process)d]: %(message)s")
     for noisy in ("httpx", "botocore", "urllib3"):
-        _logging.getLogger(noisy).setLevel(_logging.WARNING)
-    clog = _logging.getLogger("worker.executor.child")
-    state = {"shutdown": False}
-
-    def on_term(_sig, _frame):
-        state["shutdown"] = True  # stop between steps, checkpoint, give the job back
-
-    signal.signal(signal.SIGTERM, on_term)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    def orphan_watch():  # the worker process died without telling us: stop at once
+    def orphan_watch():
         while True:
             if os.getppid() != parent_pid:
                 os._exit(70)
             time.sleep(0.5)
 
     threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
+
+
+def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
+    """Entry point of the spawned executor process."""
+    from shared.jobstate import Claim
+
+    start_child("executor", parent_pid)
+    clog = logging.getLogger("worker.executor.child")
+    state = {"shutdown": False}
+
+    def on_term(_sig, _frame):
+        state["shutdown"] = True  # stop between steps, checkpoint, give the job back
+
+    signal.signal(signal.SIGTERM, on_term)
 
     settings = Settings.model_validate_json(settings_json)
     tune_engine(settings)
@@ -155,8 +161,6 @@ def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
             conn.send(("result", seq, outcome.to_dict()))
         except (EOFError, OSError):
             break
-    from worker.outputs import close_writer_process
-
     close_writer_process()  # lets it finish what it was given rather than be terminated at exit
     conn.close()
 
@@ -437,18 +441,16 @@ def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
         clock = time.perf_counter()
         metrics.BUSY.inc()
         try:
-            try:
-                outcome = executor.run(run)
-            finally:
-                run.stop()
-                metrics.BUSY.dec()
-            result = record_outcome(settings, claim, job_type, outcome)
-            metrics.job_finished(job_type, result, time.perf_counter() - clock)
-            log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
-            if not shutdown_requested() and not executor.alive():
-                executor.start()  # warm a fresh child for the next job
+            outcome = executor.run(run)
         finally:
+            run.stop()
+            metrics.BUSY.dec()
             pool.release(executor)
+        result = record_outcome(settings, claim, job_type, outcome)
+        metrics.job_finished(job_type, result, time.perf_counter() - clock)
+        log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
+    if not shutdown_requested() and not executor.alive():
+        executor.start()  # warm a fresh child for the next job (idempotent if another took it)
     return result
 
 

@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -136,24 +135,10 @@ def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch) -> None:
 
 def _writer_main(batches, results, parent_pid: int) -> None:
     """Entry point of the writer process: batches in, one (seq, error) answer out per batch."""
-    import logging as _logging
-    import signal
+    from shared.logctx import job_context
+    from worker.executor import start_child, tune_engine
 
-    from shared.logctx import configure_logging, job_context
-    from worker.executor import tune_engine
-
-    configure_logging(_logging.INFO, text_format="%(asctime)s %(levelname)s %(name)s [outputs %(process)d]: %(message)s")
-    for noisy in ("botocore", "urllib3"):
-        _logging.getLogger(noisy).setLevel(_logging.WARNING)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor decides when we stop
-
-    def orphan_watch():
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(70)
-            time.sleep(0.5)
-
-    threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
+    start_child("outputs", parent_pid)
     inbox: queue.Queue = queue.Queue()
 
     def read():  # take batches off the pipe at once, so the sender never blocks on a full pipe
@@ -272,7 +257,7 @@ def _writer_process() -> _Process:
 
 
 def close_writer_process() -> None:
-    """Stop the writer process once its queued batches are written (at executor exit, in tests)."""
+    """Stop the writer process once its queued batches are written (at executor exit)."""
     global _PROCESS
     with _PROCESS_LOCK:
         if _PROCESS is not None:

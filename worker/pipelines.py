@@ -47,6 +47,16 @@ def make_scheduler(name: str, base_config):
     raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
 
 
+def pipeline_view(pipe, scheduler: str):
+    """A shallow copy of ``pipe`` with a scheduler of its own: the same modules (no weights copied),
+    its own attributes, so several sampling calls can share a cached pipeline at once."""
+    import copy
+
+    view = copy.copy(pipe)
+    view.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return view
+
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 

@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -47,7 +46,7 @@ from shared.settings import Settings
 from shared.storage import get_storage, manifest_key
 from worker import metrics
 from worker.outputs import OutputWriter
-from worker.pipelines import make_scheduler, pipeline_cache, resolve_device
+from worker.pipelines import pipeline_cache, pipeline_view, resolve_device
 from worker.runner import JobError, JobRun, Outcome, classify, record_outcome, worker_identity
 
 log = logging.getLogger(__name__)
@@ -181,11 +180,10 @@ class ModelStreams:
         import torch
 
         self.n = n
+        self.threads_before = torch.get_num_threads()
         self.views: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(n):
-            view = copy.copy(pipe)  # a shallow copy: same modules, its own attributes
-            view.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-            self.views.put(view)
+            self.views.put(pipeline_view(pipe, scheduler))
         self.stopping = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ldmq-model",
                                        initializer=torch.set_num_threads, initargs=(threads,))
@@ -216,9 +214,13 @@ class ModelStreams:
             yield b0, fut.result()
 
     def close(self) -> None:
-        """Stop: queued batches are dropped, computing ones end at their next step; waits for them."""
+        """Stop: queued batches are dropped, computing ones end at their next step; waits for them,
+        then gives the process back its torch threads (the next job, a training one say, gets them)."""
+        import torch
+
         self.stopping.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self.threads_before)
 
 
 @dataclass
@@ -349,16 +351,13 @@ def _auto_size(pipe, model: Model, lead: JobWork, scheduler: str, embeddings: Em
     first = replace(lead.items[0], steps=1, guidance_scale=max(lead.items[0].guidance_scale, 2.0))
 
     def probe(n: int) -> None:
-        view = copy.copy(pipe)
-        view.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-        generate(view, [first], batch_size=n, width=width, height=height, device=device, embeddings=embeddings)
+        generate(pipeline_view(pipe, scheduler), [first], batch_size=n, width=width, height=height, device=device,
+                 embeddings=embeddings)
 
     return auto_batch_size(device, (model.id, width, height, streams), probe, streams=streams)
 
 
 def run_sample(settings: Settings, run: JobRun) -> dict:
-    import torch
-
     storage = get_storage(settings)
     lead, model = load_work(settings, run)
     if model is None:
@@ -379,7 +378,6 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
     log.info("job %s: %d images to make (%d done before), batch %d, %d stream(s) of %d thread(s)", lead.job.id,
              len(items), lead.made, size, n_streams, threads)
     stopped: set[int] = set()
-    threads_before = torch.get_num_threads()
     streams = ModelStreams(pipe, scheduler, n_streams, threads)
     writer = OutputWriter(settings)
 
@@ -433,9 +431,7 @@ def run_sample(settings: Settings, run: JobRun) -> dict:
         _end_companions(settings, [w for i, w in enumerate(works[1:], start=1) if i not in stopped],
                         Outcome("released", reason="the run they were packed into stopped"))
         raise
-    finally:
-        streams.close()
-        torch.set_num_threads(threads_before)  # the next job (a training one, say) gets the usual threads
+    streams.close()
     writer.close()
     write_manifest(settings, lead.tenant_id, lead.job.id)
     _end_companions(settings, [w for i, w in enumerate(works[1:], start=1) if i not in stopped], None)
