@@ -6,22 +6,32 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task, signals
+from celery.exceptions import Reject
 
 from shared.queue import TASK_SAMPLE, TASK_TRAIN
 from shared.settings import get_settings
-from worker.executor import close_executors, execute_job, get_executors, request_shutdown
+from worker.executor import close_executors, execute_job, get_executors, request_shutdown, shutdown_requested
 
 log = logging.getLogger(__name__)
 
 
+def _execute(job_id: str, job_type: str) -> str:
+    if shutdown_requested():
+        # A worker on its way out takes no new job (with --concurrency N an idle task thread would
+        # otherwise claim the very job another thread just gave back, and give it back again):
+        # the message goes back to the broker for another worker.
+        raise Reject("worker shutting down", requeue=True)
+    return execute_job(get_settings(), job_id, job_type)
+
+
 @shared_task(name=TASK_SAMPLE, acks_late=True, ignore_result=True)
 def sample(job_id: str) -> str:
-    return execute_job(get_settings(), job_id, "sample")
+    return _execute(job_id, "sample")
 
 
 @shared_task(name=TASK_TRAIN, acks_late=True, ignore_result=True)
 def train(job_id: str) -> str:
-    return execute_job(get_settings(), job_id, "train")
+    return _execute(job_id, "train")
 
 
 @signals.worker_shutting_down.connect
