@@ -28,6 +28,27 @@ import time
 from pathlib import Path
 
 
+def params_with_overrides(fields: dict, overrides: list[str]):
+    """TrainParams from ``fields`` and ``--set FIELD=JSON`` items (a bad item exits with the reason)."""
+    from pydantic import ValidationError
+
+    from shared.train_schema import TrainParams
+
+    fields = dict(fields)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected FIELD=JSON")
+            fields[key] = json.loads(value)
+        except ValueError as e:
+            raise SystemExit(f"--set {item!r}: {e}") from None
+    try:
+        return TrainParams(**fields)
+    except ValidationError as e:
+        raise SystemExit(f"--set: {e}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldmq bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the 2-core bar)")
@@ -54,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
 
-    from shared.train_schema import TrainParams
     from worker import evaluation
     from worker.data import load_dataset
     from worker.training import TrainHooks, train
@@ -64,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         fields["steps"] = args.steps
     if args.autoencoder_steps is not None:
         fields["autoencoder_steps"] = args.autoencoder_steps
-    for item in args.set:
-        key, _, value = item.partition("=")
-        fields[key] = json.loads(value)
-    params = TrainParams(**fields)
+    params = params_with_overrides(fields, args.set)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ldmq-bench-"))
     t0 = time.perf_counter()

@@ -35,11 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="rounds of the three loops, interleaved (default 2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the 2-core machine)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override a TrainParams field of the builtin:digits defaults, e.g. "
+                        "--set 'autoencoder_channels=[32,64,64]'")
     return p
 
 
-def diffusers_style_loop(params, dataset, *, steps: int, warmup: int, seed: int = 0) -> list[float]:
-    """Per-step seconds of the example script's loop (see the module docstring)."""
+def diffusers_style_loop(params, dataset, *, steps: int, warmup: int, seed: int = 0,
+                         parts: dict[str, list[float]] | None = None) -> list[float]:
+    """Per-step seconds of the example script's loop (see the module docstring). With ``parts``,
+    also the seconds of its batch fetch, VAE encode and text encoder per timed step."""
     import torch
     import torch.nn.functional as F
     from diffusers.optimization import get_scheduler
@@ -84,12 +89,16 @@ def diffusers_style_loop(params, dataset, *, steps: int, warmup: int, seed: int 
         except StopIteration:
             it = iter(loader)
             batch = next(it)
+        t_data = time.perf_counter()
         latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+        t_vae = time.perf_counter()
         noise = torch.randn_like(latents)
         bsz = latents.shape[0]
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,)).long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        t_text = time.perf_counter()
         encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        t_unet = time.perf_counter()
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         snr = compute_snr(noise_scheduler, timesteps)
         mse_loss_weights = torch.stack([snr, params.min_snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
@@ -104,6 +113,9 @@ def diffusers_style_loop(params, dataset, *, steps: int, warmup: int, seed: int 
         loss.item()  # the script logs it every step
         if step >= warmup:
             seconds.append(time.perf_counter() - clock)
+            if parts is not None:
+                for name, a, b in (("data", clock, t_data), ("vae", t_data, t_vae), ("text", t_text, t_unet)):
+                    parts.setdefault(name, []).append(b - a)
     return seconds
 
 
@@ -132,19 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from shared.train_schema import TrainParams
+    from worker.bench_train import params_with_overrides
     from worker.data import load_dataset
 
     torch.set_num_threads(args.threads)
-    params = TrainParams(dataset="builtin:digits", batch_size=args.batch_size)
+    params = params_with_overrides({"dataset": "builtin:digits", "batch_size": args.batch_size}, args.set)
     train_set, _ = load_dataset("builtin:digits", resolution=params.resolution).split(params.holdout_fraction, seed=0)
     print(f"U-Net training speed, builtin:digits defaults, batch {args.batch_size}, {args.threads} threads, "
-          f"{args.steps} timed steps × {args.rounds} rounds after {args.warmup} warm-up steps", flush=True)
+          f"{args.steps} timed steps × {args.rounds} rounds after {args.warmup} warm-up steps"
+          + (f"; {' '.join(args.set)}" if args.set else ""), flush=True)
     times: dict[str, list[float]] = {"d": [], "u": [], "c": []}
+    d_parts: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for name in ("d", "u", "c"):
             if name == "d":
-                t = diffusers_style_loop(params, train_set, steps=args.steps, warmup=args.warmup, seed=r)
+                t = diffusers_style_loop(params, train_set, steps=args.steps, warmup=args.warmup, seed=r, parts=d_parts)
             else:
                 t = ldmq_loop(params, train_set, steps=args.steps, warmup=args.warmup, cache_latents=name == "c")
             times[name] += t
@@ -155,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(u) ldmq, latents not cached    {rate['u']:7.2f} steps/s   u/d {rate['u'] / rate['d']:.2f}  (bar ≥ 1.0)")
     print(f"(c) ldmq, latents cached        {rate['c']:7.2f} steps/s   c/d {rate['c'] / rate['d']:.2f}  (bar ≥ 2.0)")
     print("(medians of per-step wall times; steps/s = 1 / median)")
+    # What caching can win at most: (d)'s step without its batch fetch, VAE encode and text encoder
+    # is the U-Net step (plus optimizer and EMA) that every loop still pays.
+    part_ms = {k: 1000 * statistics.median(v) for k, v in d_parts.items()}
+    d_ms = 1000 / rate["d"]
+    rest_ms = d_ms - sum(part_ms.values())
+    print(f"(d) per step: batch fetch {part_ms['data']:.1f} ms, VAE encode {part_ms['vae']:.1f} ms, "
+          f"text encoder {part_ms['text']:.1f} ms, U-Net step + optimizer + EMA {rest_ms:.1f} ms; "
+          f"c/d if (c) were (d)'s U-Net step alone: {d_ms / rest_ms:.2f}")
     return 0
 
 
