@@ -94,10 +94,28 @@ def unet_flops(pipe, batch: int, device: str) -> float:
     return float(fc.get_total_flops())
 
 
+def _auto_batch(pipe_dir: Path, args, side: int) -> int:
+    """The worker's ``auto_batch_size`` on this model and size: a probe batch's peak memory per image
+    (guidance on, one step) against the free memory."""
+
+    from worker.pipelines import load_pipeline_dir
+    from worker.sampling import EmbeddingCache, Item, auto_batch_size, generate
+
+    pipe = load_pipeline_dir(pipe_dir, args.device, dtype=args.dtype, channels_last=args.channels_last)
+    emb = EmbeddingCache(pipe, args.device)
+    first = Item(1, 0, 0, PROMPT.format(0), "", 5.0, 1)
+
+    def probe(n: int) -> None:
+        generate(pipe, [first], batch_size=n, width=side, height=side, device=args.device, embeddings=emb)
+
+    return auto_batch_size(args.device, ("bench", side, side, 1), probe)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ldmq bench gpu", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="images per pipeline call; 0: found from free memory as the worker does (LDMQ_SAMPLE_BATCH_SIZE=0)")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
@@ -118,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe_dir = build_sd15_like(workdir / "sd", args.smoke)
     side = 64 if args.smoke else 512
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if args.batch_size == 0:
+        args.batch_size = _auto_batch(pipe_dir, args, side)
+        if cuda:
+            torch.cuda.empty_cache()  # the probe's pipeline is gone with the function
+        print(f"batch size found from free memory: {args.batch_size}", flush=True)
     prompts = [PROMPT.format(i) for i in range(args.batch_size * args.batches)]
 
     # Baseline: diffusers' fp16 pipeline, called the usual way on the same batches.
@@ -138,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     run_base()
     sync()
     t_base = time.perf_counter() - t0
-    del base
+    base = None  # its weights go before ldmq's pipeline loads
     if cuda:
         torch.cuda.empty_cache()
 
@@ -163,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(prompts)
     flops = unet_flops(pipe, args.batch_size, args.device) * args.steps * args.batches
     out = {"device": torch.cuda.get_device_name() if cuda else args.device, "images": n, "steps": args.steps,
+           "batch_size": args.batch_size,
            "side": side, "dtype": args.dtype, "channels_last": args.channels_last, "compile": args.compile,
            "diffusers_fp16_images_per_s": n / t_base, "ldmq_images_per_s": n / t_ldmq,
            "speedup": t_base / t_ldmq, "unet_tflops_achieved": flops / t_ldmq / 1e12}

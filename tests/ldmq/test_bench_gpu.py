@@ -26,3 +26,14 @@ def test_smoke_run_without_the_packaged_text_model(tmp_path, monkeypatch):
     for key in ("diffusers_fp16_images_per_s", "ldmq_images_per_s", "speedup", "unet_tflops_achieved"):
         assert figures[key] > 0, key
     assert "fraction_of_peak" not in figures  # no CUDA peak to compare with on a CPU
+
+
+def test_batch_size_zero_is_found_as_the_worker_finds_it(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert main(["--smoke", "--device", "cpu", "--dtype", "float32", "--batch-size", "0", "--batches", "1",
+                 "--steps", "1", "--json", str(out)]) == 0
+    from worker.sampling import CPU_AUTO_BATCH
+
+    assert "batch size found from free memory: " in capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert figures["batch_size"] == CPU_AUTO_BATCH and figures["images"] == CPU_AUTO_BATCH
