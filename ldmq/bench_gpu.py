@@ -97,7 +97,6 @@ def unet_flops(pipe, batch: int, device: str) -> float:
 def _auto_batch(pipe_dir: Path, args, side: int) -> int:
     """The worker's ``auto_batch_size`` on this model and size: a probe batch's peak memory per image
     (guidance on, one step) against the free memory."""
-
     from worker.pipelines import load_pipeline_dir
     from worker.sampling import EmbeddingCache, Item, auto_batch_size, generate
 
