@@ -92,7 +92,8 @@ def bench_model_loop(pipe, prompts, steps, guidance, batch, scheduler) -> float:
     batches, per-image generators, cached text embeddings) on its model streams, as the worker plans
     them for this machine. Tells model-loop differences from the cost of the system around it."""
     from shared.settings import Settings
-    from worker.sampling import EmbeddingCache, Item, ModelStreams, batches, generate, plan_streams
+    from worker.jobs.sample import plan_streams
+    from worker.model.sampling import EmbeddingCache, Item, ModelStreams, batches, generate
 
     items = [Item(i, 0, s, p, "", guidance, steps) for i, (p, s) in enumerate(prompts)]
     emb = EmbeddingCache(pipe, "cpu")
@@ -262,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     import statistics
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    from worker.pipelines import load_pipeline_dir, make_scheduler
-    from worker.tiny_pipeline import build_tiny_pipeline
+    from worker.model.pipelines import load_pipeline_dir
+    from worker.model.schedulers import make_scheduler
+    from worker.model.tiny_pipeline import build_tiny_pipeline
 
     workdir = Path(tempfile.mkdtemp(prefix="ldmq-bench-"))
     pipe_dir = build_tiny_pipeline(workdir / "tiny")

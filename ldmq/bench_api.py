@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     import redis
     from sqlalchemy import create_engine, text
 
-    from worker.tiny_pipeline import build_tiny_pipeline
+    from worker.model.tiny_pipeline import build_tiny_pipeline
 
     workdir = Path(tempfile.mkdtemp(prefix="ldmq-bench-api-"))
     db = f"ldmq_bench_{uuid.uuid4().hex[:8]}"

@@ -1,7 +1,7 @@
 """``ldmq bench gpu``: a Stable-Diffusion-1.5-sized U-Net (random weights) at 512x512, 25 steps.
 
-Compares images/s of ldmq's worker path (``worker.sampling.generate``: fixed padded batches,
-cached text embeddings, the precision/layout options of ``worker.pipelines.load_pipeline_dir``)
+Compares images/s of ldmq's worker path (``worker.jobs.sample.generate``: fixed padded batches,
+cached text embeddings, the precision/layout options of ``worker.model.pipelines.load_pipeline_dir``)
 against diffusers' own fp16 pipeline called the usual way, and reports the achieved fraction of
 the bf16 matmul peak measured on the same device in the same run (U-Net FLOPs counted with
 ``torch.utils.flop_counter``). Needs a CUDA device; ``--smoke`` runs a tiny config on any device
@@ -34,10 +34,10 @@ def bench_tokenizer(max_length: int = 77):
 
 def build_sd15_like(out: Path, smoke: bool) -> Path:
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import BertConfig, BertModel
 
-    from worker.tiny_pipeline import scheduler_config
+    from worker.model.schedulers import make_noise_scheduler
 
     torch.manual_seed(0)
     tokenizer = bench_tokenizer()
@@ -60,7 +60,7 @@ def build_sd15_like(out: Path, smoke: bool) -> Path:
                                   num_attention_heads=12, intermediate_size=3072), add_pooling_layer=False)
     te.config.use_attention_mask = True
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(**scheduler_config()), safety_checker=None,
+                                   scheduler=make_noise_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -97,8 +97,8 @@ def unet_flops(pipe, batch: int, device: str) -> float:
 def _auto_batch(pipe_dir: Path, args, side: int) -> int:
     """The worker's ``auto_batch_size`` on this model and size: a probe batch's peak memory per image
     (guidance on, one step) against the free memory."""
-    from worker.pipelines import load_pipeline_dir
-    from worker.sampling import EmbeddingCache, Item, auto_batch_size, generate
+    from worker.model.pipelines import load_pipeline_dir
+    from worker.model.sampling import EmbeddingCache, Item, auto_batch_size, generate
 
     pipe = load_pipeline_dir(pipe_dir, args.device, dtype=args.dtype, channels_last=args.channels_last)
     emb = EmbeddingCache(pipe, args.device)
@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from worker.pipelines import load_pipeline_dir, make_scheduler
-    from worker.sampling import EmbeddingCache, Item, generate
+    from worker.model.pipelines import load_pipeline_dir
+    from worker.model.sampling import EmbeddingCache, Item, generate
+    from worker.model.schedulers import make_scheduler
 
     cuda = args.device.startswith("cuda")
     workdir = Path(tempfile.mkdtemp(prefix="ldmq-bench-gpu-"))

@@ -57,11 +57,11 @@ def cmd_api(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from worker import multiproc
+    from worker.runtime import multiproc
 
     try:  # before anything imports prometheus_client: the worker's processes share their samples
         multiproc.prepare()
-        from worker import metrics
+        from worker.runtime import metrics
 
         port = metrics.configured_port()
     except ValueError as exc:

@@ -326,6 +326,17 @@ def record_outputs(session: Session, job_id: str, attempt: int, records: list[di
     return inserted
 
 
+def outputs_with_rows(session: Session, job_id: str) -> list[tuple[JobOutput, JobRow]]:
+    """A job's outputs in (row, index) order, each with the CSV/JSON row it was made for (its
+    prompt and negative prompt): what the outputs listing and the manifest both show."""
+    return [tuple(r) for r in session.execute(
+        select(JobOutput, JobRow)
+        .join(JobRow, and_(JobRow.job_id == JobOutput.job_id, JobRow.row == JobOutput.row))
+        .where(JobOutput.job_id == job_id)
+        .order_by(JobOutput.row, JobOutput.index)
+    ).all()]
+
+
 def expired_or_orphaned(session: Session, stale_after_s: float, now: datetime | None = None) -> list[tuple[str, str]]:
     """Jobs a sweeper should re-enqueue: running with an expired lease (attempts left), or queued
     and not enqueued for ``stale_after_s`` (the broker may have lost the message)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from shared.storage import PICKLE_SUFFIXES
+# Weight files that are pickles: refused by name, never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")

@@ -10,10 +10,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.catalog import DEFAULT_SCHEDULER, SchedulerName
 from shared.train_schema import TrainParams
 
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
-SchedulerName = Literal["ddpm", "ddim", "dpm-solver++"]
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 JOB_TYPES = ("train", "sample")
 SEED_MAX = 2**31 - 1
@@ -90,7 +89,7 @@ class WebhookSpec(Strict):
 class SampleRequest(Strict):
     model: str = Field(min_length=1, description="A model id.")
     prompts: list[SamplePrompt] = Field(min_length=1)
-    scheduler: SchedulerName = "dpm-solver++"
+    scheduler: SchedulerName = DEFAULT_SCHEDULER
     steps: int = Field(default=20, ge=1)
     guidance_scale: float = Field(default=5.0, ge=0, le=50)
     width: int | None = Field(default=None, ge=8)

@@ -21,8 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-BUILTIN_DATASETS = ("builtin:digits",)
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
+from shared.catalog import BUILTIN_DATASETS, DEFAULT_SCHEDULER, SchedulerName
 
 
 class TrainParams(BaseModel):
@@ -101,7 +100,7 @@ class TrainParams(BaseModel):
         default=None, max_length=32, description="Prompts of the sample grid; default: up to 10 of the dataset's captions."
     )
     eval_at_checkpoints: bool = Field(default=True, description="Evaluate (and store the evaluation) at each checkpoint.")
-    eval_scheduler: Literal["ddpm", "ddim", "dpm-solver++"] = "dpm-solver++"
+    eval_scheduler: SchedulerName = DEFAULT_SCHEDULER
     eval_steps: int = Field(default=20, ge=1, le=1000)
     eval_guidance_scale: float = Field(
         default=2.0, ge=0, le=50, description="2: where accuracy and Fréchet bars both hold on digits (5 narrows the samples)."

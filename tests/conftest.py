@@ -166,7 +166,7 @@ def client(settings):
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
-    from worker.tiny_pipeline import build_tiny_pipeline
+    from worker.model.tiny_pipeline import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
 

@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
 
-    from worker import evaluation
-    from worker.data import load_dataset
-    from worker.training import TrainHooks, train
+    from worker.model import evaluation
+    from worker.model.data import load_dataset
+    from worker.model.training import TrainHooks, train
 
     fields: dict = {"dataset": "builtin:digits", "seed": args.seed, "eval_at_checkpoints": args.checkpoint_eval}
     if args.steps is not None:

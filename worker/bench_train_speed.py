@@ -9,7 +9,7 @@ Three loops, each timed per optimisation step (batch fetch to EMA update), after
   batch, ``noise_scheduler.add_noise``, the U-Net, Min-SNR-γ weighting via
   ``diffusers.training_utils.compute_snr`` (the script's ``--snr_gamma``; ldmq's default is γ = 5),
   backward, ``clip_grad_norm_``, AdamW, the LR scheduler, ``EMAModel.step``.
-- (u) **ldmq, latents not cached** (``cache_latents=false``): ``worker.training.train`` encoding
+- (u) **ldmq, latents not cached** (``cache_latents=false``): ``worker.model.training.train`` encoding
   every batch through the frozen autoencoder (text embeddings of the distinct captions are still
   computed once).
 - (c) **ldmq** with the defaults: latents cached once.
@@ -50,8 +50,9 @@ def diffusers_style_loop(params, dataset, *, steps: int, warmup: int, seed: int 
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
-    from worker.text_encoder import load_text_encoder
-    from worker.training import make_autoencoder, make_noise_scheduler, make_unet
+    from worker.model.text_encoder import load_text_encoder
+    from worker.model.schedulers import make_noise_scheduler
+    from worker.model.training import make_autoencoder, make_unet
 
     torch.manual_seed(seed)
     tokenizer, text_encoder = load_text_encoder()
@@ -120,8 +121,8 @@ def diffusers_style_loop(params, dataset, *, steps: int, warmup: int, seed: int 
 
 
 def ldmq_loop(params, dataset, *, steps: int, warmup: int, cache_latents: bool) -> list[float]:
-    """Per-step seconds of ``worker.training.train``'s U-Net stage (one autoencoder step first)."""
-    from worker.training import TrainHooks, TrainingStopped, train
+    """Per-step seconds of ``worker.model.training.train``'s U-Net stage (one autoencoder step first)."""
+    from worker.model.training import TrainHooks, TrainingStopped, train
 
     p = params.model_copy(update={"steps": warmup + steps, "autoencoder_steps": 1, "cache_latents": cache_latents,
                                   "checkpoint_every": 10**6, "eval_at_checkpoints": False})
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from worker.bench_train import params_with_overrides
-    from worker.data import load_dataset
+    from worker.model.data import load_dataset
 
     torch.set_num_threads(args.threads)
     params = params_with_overrides({"dataset": "builtin:digits", "batch_size": args.batch_size}, args.set)

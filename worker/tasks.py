@@ -1,5 +1,5 @@
 """Celery tasks: thin. Each takes a job id; the executor claims it in the database, runs it in the
-worker's spawned executor process and records the outcome (see ``worker.executor``)."""
+worker's spawned executor process and records the outcome (see ``worker.runtime.executor``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from celery.exceptions import Reject
 
 from shared.queue import TASK_SAMPLE, TASK_TRAIN
 from shared.settings import get_settings
-from worker.executor import close_executors, execute_job, get_executors, request_shutdown, shutdown_requested
+from worker.runtime.executor import close_executors, execute_job, get_executors
+from worker.runtime.shutdown import request_shutdown, shutdown_requested
 
 log = logging.getLogger(__name__)
 

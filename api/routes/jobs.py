@@ -10,9 +10,9 @@ from starlette.concurrency import run_in_threadpool
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.services import jobs as svc
+from shared.catalog import SCHEDULERS
 from shared.models import EVENT_TYPES
 from shared.schemas import (
-    SCHEDULERS,
     WEBHOOK_EVENTS,
     ErrorBody,
     EventList,

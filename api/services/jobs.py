@@ -19,13 +19,13 @@ from pydantic import ValidationError
 from api.errors import ApiError, not_found
 from shared.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from shared import jobstate
+from shared.catalog import BUILTIN_DATASETS
 from shared.db import after_commit
 from shared.models import (
     EVENT_TYPES,
     Dataset,
     Job,
     JobEvent,
-    JobOutput,
     JobRow,
     JobStatus,
     JobType,
@@ -54,7 +54,6 @@ from shared.settings import Settings
 from shared.storage import Storage, manifest_key
 from shared.train_schema import TrainParams
 
-BUILTIN_DATASETS = ("builtin:digits",)
 
 
 def request_hash(kind: str, payload: Any) -> str:
@@ -383,18 +382,12 @@ def cancel_job(session: Session, tenant: TenantRef, job_id: str) -> Job:
 def list_outputs(session: Session, settings: Settings, storage: Storage, tenant: TenantRef, job_id: str
                  ) -> tuple[list[OutputOut], str | None]:
     job = get_job(session, tenant, job_id)
-    rows = session.execute(
-        select(JobOutput, JobRow.prompt)
-        .join(JobRow, and_(JobRow.job_id == JobOutput.job_id, JobRow.row == JobOutput.row))
-        .where(JobOutput.job_id == job.id)
-        .order_by(JobOutput.row, JobOutput.index)
-    ).all()
     prefix = f"{tenant.id}/"
     items = []
-    for out, prompt in rows:
+    for out, row in jobstate.outputs_with_rows(session, job.id):
         if not out.key.startswith(prefix):  # presigned URLs only under the tenant's own prefix
             continue
-        items.append(OutputOut(row=out.row, prompt=prompt, seed=out.seed, index=out.index, key=out.key,
+        items.append(OutputOut(row=out.row, prompt=row.prompt, seed=out.seed, index=out.index, key=out.key,
                                url=storage.presigned_url(out.key, settings.presign_expiry_s),
                                width=out.width, height=out.height))
     manifest = None

@@ -167,7 +167,7 @@ def api_key(stack) -> str:
 
 @pytest.fixture(scope="module")
 def model_id(stack, api_key) -> str:
-    stack.exec("worker-cpu", "python", "-m", "worker.tiny_pipeline", "/tmp/tiny", timeout=600)
+    stack.exec("worker-cpu", "python", "-m", "worker.model.tiny_pipeline", "/tmp/tiny", timeout=600)
     out = stack.exec("worker-cpu", "ldmq", "models", "import", "/tmp/tiny", "--tenant", "t1", "--name", "tiny",
                      timeout=600)
     mid = out.strip().splitlines()[-1].strip()

@@ -26,8 +26,8 @@ def auth(key):
 
 
 def test_a_pickled_checkpoint_is_refused_before_it_is_read(client, settings, make_tenant):
-    from worker.runner import run_job
-    from worker.train_job import run_train
+    from worker.runtime.run import run_job
+    from worker.jobs.train import run_train
 
     if os.path.exists(MARKER):
         os.remove(MARKER)
@@ -52,8 +52,8 @@ def test_a_pickled_checkpoint_is_refused_before_it_is_read(client, settings, mak
 
 
 def test_manifest_csv_neutralises_formula_cells(client, settings, tiny_model):
-    from worker.runner import run_job
-    from worker.sampling import run_sample
+    from worker.runtime.run import run_job
+    from worker.jobs.sample import run_sample
 
     tid, key, model_id = tiny_model
     prompts = ["=HYPERLINK(\"http://x\")", "+1+1", "-2", "@SUM(A1)", "a plain prompt"]

@@ -32,7 +32,7 @@ def test_batch_size_zero_is_found_as_the_worker_finds_it(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert main(["--smoke", "--device", "cpu", "--dtype", "float32", "--batch-size", "0", "--batches", "1",
                  "--steps", "1", "--json", str(out)]) == 0
-    from worker.sampling import CPU_AUTO_BATCH
+    from worker.model.sampling import CPU_AUTO_BATCH
 
     assert "batch size found from free memory: " in capsys.readouterr().out
     figures = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""shared.logctx (job context on every line, JSON lines) and worker.metrics (the worker's own
+"""shared.logctx (job context on every line, JSON lines) and worker.runtime.metrics (the worker's own
 Prometheus endpoint)."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 def test_worker_metrics_server(monkeypatch):
-    from worker import metrics as wm
+    from worker.runtime import metrics as wm
 
     assert wm.configured_port("") is None and wm.configured_port("0") is None
     assert wm.configured_port("9101") == 9101

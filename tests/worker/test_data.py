@@ -1,4 +1,4 @@
-"""Datasets as tensors (worker/data.py)."""
+"""Datasets as tensors (worker/model/data.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from shared.datasets import DatasetValidationError
-from worker.data import digit_caption, load_dataset
+from worker.model.data import digit_caption, load_dataset
 
 
 def test_builtin_digits_are_the_real_digits_upsampled():

@@ -1,4 +1,4 @@
-"""The DDPM math of worker/diffusion.py against diffusers and against independent derivations."""
+"""The DDPM math of worker/model/diffusion.py against diffusers and against independent derivations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from worker.diffusion import (
+from worker.model.diffusion import (
     GaussianDiffusion,
     discretized_gaussian_log_likelihood,
     get_named_beta_schedule,

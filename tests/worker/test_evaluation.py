@@ -1,4 +1,4 @@
-"""worker/evaluation.py: pictures, the digits judge, Fréchet distance and the held-out VLB."""
+"""worker/model/evaluation.py: pictures, the digits judge, Fréchet distance and the held-out VLB."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from worker import evaluation
-from worker.data import load_dataset
-from worker.diffusion import GaussianDiffusion
+from worker.model import evaluation
+from worker.model.data import load_dataset
+from worker.model.diffusion import GaussianDiffusion
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ from shared import jobstate
 from shared.db import session_scope
 from shared.models import Job, JobOutput
 from shared.storage import StorageUnavailable, get_storage, output_key
-from worker.outputs import OutputWriter, WorkerProcessDied, png_bytes, to_uint8
-from worker.runner import classify
+from worker.runtime.errors import WorkerProcessDied
+from worker.runtime.outcome import classify
+from worker.runtime.outputs import OutputWriter, png_bytes, to_uint8
 
 
 def claimed_job(client, settings, tiny_model, n=4):

@@ -3,7 +3,12 @@
 import pytest
 
 from shared.storage import FileStorage
-from worker.pipelines import PipelineCache, pipeline_bytes
+from worker.model.pipelines import PipelineCache, pipeline_bytes
+
+
+def _get(cache, name, storage):
+    """A cache lookup whose miss fetches the model's files from storage, as a sample job's does."""
+    return cache.get(name, lambda local: storage.download_dir(f"models/{name}", local), "cpu")
 
 
 @pytest.fixture
@@ -15,7 +20,7 @@ def stored_models(tiny_pipeline_dir, tmp_path):
 
 
 def test_pipeline_bytes_counts_every_weight(tiny_pipeline_dir):
-    from worker.pipelines import load_pipeline_dir
+    from worker.model.pipelines import load_pipeline_dir
 
     pipe = load_pipeline_dir(tiny_pipeline_dir)
     expected = sum(p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
@@ -24,22 +29,22 @@ def test_pipeline_bytes_counts_every_weight(tiny_pipeline_dir):
 
 def test_the_least_recently_used_goes_once_the_memory_budget_is_passed(stored_models, tmp_path):
     probe = PipelineCache(tmp_path / "probe")
-    one = pipeline_bytes(probe.get("m1", "models/m1", stored_models, "cpu"))
+    one = pipeline_bytes(_get(probe, "m1", stored_models))
     cache = PipelineCache(tmp_path / "cache", capacity=10, max_bytes=int(2.5 * one))
-    p1 = cache.get("m1", "models/m1", stored_models, "cpu")
-    cache.get("m2", "models/m2", stored_models, "cpu")
-    assert cache.get("m1", "models/m1", stored_models, "cpu") is p1  # a hit; m1 is now the most recent
-    cache.get("m3", "models/m3", stored_models, "cpu")  # 3 × one > 2.5 × one: m2 goes, not m1
+    p1 = _get(cache, "m1", stored_models)
+    _get(cache, "m2", stored_models)
+    assert _get(cache, "m1", stored_models) is p1  # a hit; m1 is now the most recent
+    _get(cache, "m3", stored_models)  # 3 × one > 2.5 × one: m2 goes, not m1
     assert list(cache._items) == ["m1", "m3"] and cache.loads == 3 and cache.bytes == 2 * one
     # A reload reads the files kept on disk: the storage is not asked again.
     for key in stored_models.list("models/m2"):
         stored_models.delete(key)
-    cache.get("m2", "models/m2", stored_models, "cpu")
+    _get(cache, "m2", stored_models)
     assert cache.loads == 4 and list(cache._items) == ["m3", "m2"]
 
 
 def test_the_count_cap_holds_and_one_pipeline_always_stays(stored_models, tmp_path):
     cache = PipelineCache(tmp_path / "cache", capacity=1, max_bytes=1)  # smaller than any pipeline
-    cache.get("m1", "models/m1", stored_models, "cpu")
-    cache.get("m2", "models/m2", stored_models, "cpu")
+    _get(cache, "m1", stored_models)
+    _get(cache, "m2", stored_models)
     assert list(cache._items) == ["m2"]

@@ -8,8 +8,8 @@ from PIL import Image
 from shared.db import session_scope
 from shared.models import Job, JobOutput
 from shared.storage import get_storage
-from worker.runner import run_job
-from worker.sampling import run_sample
+from worker.runtime.run import run_job
+from worker.jobs.sample import run_sample
 
 
 def submit(client, key, model_id, prompts, **kw):
@@ -126,9 +126,10 @@ def test_each_scheduler_runs(client, settings, tiny_model, scheduler):
 
 def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
     """Padding every batch to one fixed size makes an image independent of its batch-mates."""
-    from worker.pipelines import load_pipeline_dir, make_scheduler
-    from worker.outputs import png_bytes, to_uint8
-    from worker.sampling import EmbeddingCache, Item, generate
+    from worker.model.pipelines import load_pipeline_dir
+    from worker.model.schedulers import make_scheduler
+    from worker.runtime.outputs import png_bytes, to_uint8
+    from worker.model.sampling import EmbeddingCache, Item, generate
 
     pipe = load_pipeline_dir(tiny_pipeline_dir)
     pipe.scheduler = make_scheduler("dpm-solver++", pipe.scheduler.config)
@@ -194,7 +195,7 @@ def test_model_streams_change_no_pixel_and_keep_the_order(client, settings, tiny
 
 def test_plan_streams():
     from shared.settings import Settings
-    from worker.sampling import plan_streams
+    from worker.jobs.sample import plan_streams
 
     assert plan_streams(Settings(sample_streams=3, worker_threads=2), "cpu") == (3, 2)
     streams, threads = plan_streams(Settings(), "cpu")
@@ -203,7 +204,7 @@ def test_plan_streams():
 
 
 def test_fit_batch_fills_the_free_memory_it_is_given():
-    from worker.sampling import AUTO_BATCH_CAP, fit_batch
+    from worker.model.sampling import AUTO_BATCH_CAP, fit_batch
 
     mib = 2**20
     assert fit_batch(1024 * mib, 100 * mib) == 8  # 80 % of 1 GiB / 100 MiB
@@ -214,7 +215,7 @@ def test_fit_batch_fills_the_free_memory_it_is_given():
 
 
 def test_auto_batch_size_on_cpu_runs_and_is_fixed_per_worker(client, settings, tiny_model):
-    from worker import sampling
+    from worker.model import sampling
 
     _, key, model_id = tiny_model
     auto = settings.model_copy(update={"sample_batch_size": 0})
@@ -230,8 +231,9 @@ def test_auto_batch_size_on_cpu_runs_and_is_fixed_per_worker(client, settings, t
 def test_auto_batch_size_on_cuda_is_measured(tiny_pipeline_dir):
     import torch
 
-    from worker.pipelines import load_pipeline_dir, make_scheduler
-    from worker.sampling import EmbeddingCache, Item, auto_batch_size, generate
+    from worker.model.pipelines import load_pipeline_dir
+    from worker.model.schedulers import make_scheduler
+    from worker.model.sampling import EmbeddingCache, Item, auto_batch_size, generate
 
     pipe = load_pipeline_dir(tiny_pipeline_dir, "cuda")
     pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)

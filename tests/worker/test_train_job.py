@@ -1,4 +1,4 @@
-"""worker.train_job.CheckpointUploader: background uploads, in order, pointer after the files."""
+"""worker.jobs.train.CheckpointUploader: background uploads, in order, pointer after the files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from shared.jobstate import LeaseLost
 from shared.storage import FileStorage
-from worker.train_job import CheckpointUploader
+from worker.jobs.train import CheckpointUploader
 
 
 class Run:

@@ -1,4 +1,4 @@
-"""The training loop (worker/training.py) on a tiny configuration: 16×16 digits, a 60k-parameter
+"""The training loop (worker/model/training.py) on a tiny configuration: 16×16 digits, a 60k-parameter
 autoencoder and a small U-Net, a few dozen steps."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from shared.train_schema import TrainParams
-from worker.data import load_dataset
-from worker.training import TrainHooks, TrainingStopped, encode_captions, train
+from worker.model.data import load_dataset
+from worker.model.training import TrainHooks, TrainingStopped, encode_captions, train
 
 AE_STEPS, UNET_STEPS = 12, 30
 

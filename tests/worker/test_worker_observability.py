@@ -78,5 +78,5 @@ def test_worker_metrics_and_json_logs_cover_the_executor(stack, tiny_pipeline_di
     assert len(processes) >= 2, f"expected lines from the worker and its executor, got {mine}"
     tenants = {r["tenant_id"] for r in mine}
     assert len(tenants) == 1 and None not in tenants
-    executor_lines = [r for r in mine if r["logger"].startswith("worker.executor.child")]
+    executor_lines = [r for r in mine if r["logger"].startswith("worker.runtime.executor.child")]
     assert executor_lines and executor_lines[0]["process"] != worker.p.pid

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 
-# ldmq's import closure for the bench (worker.sampling → shared → settings, storage, DB models)
+# ldmq's import closure for the bench (worker.jobs.sample → shared → settings, storage, DB models)
 # minus what the device image already holds (torch, numpy, pillow, safetensors, tokenizers, …).
 PACKAGES=(
   diffusers huggingface_hub hf-xet httpx2 httpcore2 truststore transformers typer importlib_metadata

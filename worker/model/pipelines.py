@@ -1,4 +1,4 @@
-"""Load diffusers text-to-image pipelines from storage, cached per worker process (LRU by memory).
+"""Load diffusers text-to-image pipelines from local folders, cached per worker process (LRU by memory).
 
 Only safetensors weights are accepted: the file list is checked before anything is loaded, and
 ``from_pretrained`` is told ``use_safetensors=True``.
@@ -10,16 +10,13 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.pipelines import check_pipeline_files
-from shared.settings import Settings
-from shared.storage import Storage
+from worker.model.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
-
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
-
 
 def resolve_device(name: str) -> str:
     import torch
@@ -29,22 +26,6 @@ def resolve_device(name: str) -> str:
     if name == "cpu" or name.startswith("cuda"):
         return name
     raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
-
-
-def make_scheduler(name: str, base_config):
-    """A diffusers scheduler for sampling. DDPM is Algorithm 2; DDIM and DPM-Solver++ are faster.
-
-    ``clip_sample`` is forced off: in latent space clipping to [-1, 1] wrecks guided samples.
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    if name == "ddpm":
-        return DDPMScheduler.from_config(base_config, clip_sample=False)
-    if name == "ddim":
-        return DDIMScheduler.from_config(base_config, clip_sample=False, set_alpha_to_one=False)
-    if name == "dpm-solver++":
-        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
 
 
 def pipeline_view(pipe, scheduler: str):
@@ -136,17 +117,18 @@ class PipelineCache:
     def bytes(self) -> int:
         return sum(size for _, size in self._items.values())
 
-    def get(self, model_id: str, model_key: str, storage: Storage, device: str, settings: Settings | None = None):
+    def get(self, model_id: str, fetch: Callable[[Path], object], device: str, **load_options):
+        """The pipeline of ``model_id`` on ``device``; on a miss ``fetch(local_dir)`` puts its files
+        there first (unless an earlier load left them), then :func:`load_pipeline_dir` loads them
+        with ``load_options`` (dtype, channels_last, compile_unet)."""
         with self._lock:
             if model_id in self._items:
                 self._items.move_to_end(model_id)
                 return self._items[model_id][0]
             local = self.cache_dir / model_id
             if not (local / "model_index.json").exists():
-                storage.download_dir(model_key, local)
-            opts = {} if settings is None else dict(dtype=settings.worker_dtype, channels_last=settings.worker_channels_last,
-                                                    compile_unet=settings.worker_compile)
-            pipe = load_pipeline_dir(local, device, **opts)
+                fetch(local)
+            pipe = load_pipeline_dir(local, device, **load_options)
             self.loads += 1
             self._items[model_id] = (pipe, pipeline_bytes(pipe))
             if self.max_bytes is None:
@@ -165,14 +147,3 @@ class PipelineCache:
             import torch
 
             torch.cuda.empty_cache()  # hand the evicted weights' memory back for the next batch
-
-
-_CACHE: PipelineCache | None = None
-
-
-def pipeline_cache(settings: Settings) -> PipelineCache:
-    global _CACHE
-    if _CACHE is None:
-        _CACHE = PipelineCache(settings.var_dir / "cache" / "models", settings.pipeline_cache_size,
-                               settings.pipeline_cache_mb * 2**20 or None)
-    return _CACHE

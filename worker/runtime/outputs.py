@@ -36,19 +36,13 @@ from dataclasses import dataclass
 
 from shared import jobstate
 from shared.settings import Settings
-from shared.storage import StorageError, StorageUnavailable, output_key
+from shared.storage import output_key
+from worker.runtime.child import start_child, tune_engine
+from worker.runtime.errors import WorkerProcessDied, error_kind, raise_kind
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 2
 UPLOAD_THREADS = 4
-
-
-class DatabaseUnreachable(Exception):
-    """The writer could not reach the database (classified as transient, like the error it stands for)."""
-
-
-class WorkerProcessDied(Exception):
-    """A helper process of the executor died while it held a job's work."""
 
 
 def to_uint8(arrays):
@@ -83,23 +77,6 @@ class Batch:
 # ================================================================================================
 # The writer process
 # ================================================================================================
-
-_ERROR_KINDS = ("lease_lost", "storage_unavailable", "storage_error", "db_unreachable", "internal")
-
-
-def _kind(exc: BaseException) -> str:
-    from worker.runner import is_transient_db_error
-
-    if isinstance(exc, jobstate.LeaseLost):
-        return "lease_lost"
-    if isinstance(exc, StorageUnavailable):
-        return "storage_unavailable"
-    if isinstance(exc, StorageError):
-        return "storage_error"
-    if is_transient_db_error(exc):
-        return "db_unreachable"
-    return "internal"
-
 
 def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch) -> None:
     """Encode and upload the batch's PNGs, then record them and the job's progress in one transaction."""
@@ -136,7 +113,6 @@ def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch) -> None:
 def _writer_main(batches, results, parent_pid: int) -> None:
     """Entry point of the writer process: batches in, one (seq, error) answer out per batch."""
     from shared.logctx import job_context
-    from worker.executor import start_child, tune_engine
 
     start_child("outputs", parent_pid)
     inbox: queue.Queue = queue.Queue()
@@ -165,7 +141,7 @@ def _writer_main(batches, results, parent_pid: int) -> None:
             with job_context(b.job_id, b.tenant_id):
                 write_batch(settings, pool, b)
         except Exception as exc:
-            kind = _kind(exc)
+            kind = error_kind(exc)
             if kind == "internal":
                 log.exception("job %s: writing outputs failed", b.job_id)
             error = (kind, f"{type(exc).__name__}: {exc}" if kind == "internal" else str(exc))
@@ -265,18 +241,6 @@ def close_writer_process() -> None:
             _PROCESS = None
 
 
-def _raise(kind: str, message: str, job_id: str):
-    if kind == "lease_lost":
-        raise jobstate.LeaseLost(job_id)
-    if kind == "storage_unavailable":
-        raise StorageUnavailable(message)
-    if kind == "storage_error":
-        raise StorageError(message)
-    if kind == "db_unreachable":
-        raise DatabaseUnreachable(message)
-    raise RuntimeError(f"writing outputs failed: {message}")
-
-
 class OutputWriter:
     """A run's handle on the writer process: ``submit`` a batch, ``drain`` at the end, ``close``
     (after an error: answers still due are dropped; the writer finishes those batches, fenced)."""
@@ -297,7 +261,7 @@ class OutputWriter:
         seq, job_id = self.pending.popleft()
         error = self.process.wait(seq)
         if error is not None:
-            _raise(*error, job_id=job_id)
+            raise_kind(*error, job_id=job_id)
 
     def drain(self) -> None:
         while self.pending:

@@ -52,13 +52,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from shared.train_schema import TrainParams
-from worker import evaluation
-from worker.data import ImageCaptionDataset
-from worker.diffusion import GaussianDiffusion, mean_flat
+from worker.model import evaluation
+from worker.model.data import ImageCaptionDataset
+from worker.model.diffusion import GaussianDiffusion, mean_flat
+from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
 
 CHECKPOINT_FORMAT = 1
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 1e-4, 0.02
 GRID_IMAGES_PER_PROMPT = 8
 # Params that do not change the trained weights: a resumed job may differ in these.
 NON_TRAINING_FIELDS = {
@@ -151,26 +150,6 @@ def make_unet(params: TrainParams, *, in_channels: int, sample_size: int, cross_
         attention_head_dim=params.attention_heads,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=_norm_groups(params.unet_channels),
         **extra,
-    )
-
-
-def make_noise_scheduler():
-    """What the saved pipeline samples with by default: DDPM (Algorithm 2), linear β 1e-4..0.02,
-    T = 1000, ε-prediction, and ``clip_sample=False`` (DDIM built from this config inherits it)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_start=BETA_START,
-        beta_end=BETA_END,
-        beta_schedule="linear",
-        clip_sample=False,
-        prediction_type="epsilon",
-        variance_type="fixed_small",
-        # Every sampler starts at t = T−1 (Lin et al. 2024); with "trailing" spacing steps_offset is
-        # unused, and 1 keeps StableDiffusionPipeline from rewriting the config with a deprecation.
-        timestep_spacing="trailing",
-        steps_offset=1,
     )
 
 
@@ -416,7 +395,7 @@ def train(
         noise_scheduler = make_scheduler_like(noise_scheduler)
         del base
     else:
-        from worker.text_encoder import load_text_encoder
+        from worker.model.text_encoder import load_text_encoder
 
         tokenizer, text_encoder = load_text_encoder()
         vae = make_autoencoder(params)
@@ -637,14 +616,6 @@ def train(
 # ================================================================================================
 
 
-def make_scheduler_like(scheduler):
-    """A DDPMScheduler with the base model's training schedule (its config may belong to another class),
-    with ``clip_sample`` off (see :func:`make_noise_scheduler`)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(scheduler.config, clip_sample=False)
-
-
 def _tail_mean(history, n: int = 50):
     vals = [v for _, v in history[-n:]]
     return float(sum(vals) / len(vals)) if vals else None
@@ -774,7 +745,7 @@ class _Evaluator:
     def _autoencoder_frechet(self, n: int, seed: int) -> float:
         """Fréchet distance of n real digits passed through the autoencoder (encode, posterior mean,
         decode): what the autoencoder alone costs, the best a perfect U-Net could reach."""
-        from worker.data import load_digits
+        from worker.model.data import load_digits
 
         real = load_digits(self.run.params.resolution).images
         idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]

@@ -1,4 +1,4 @@
-"""Train jobs: glue between the job runner (leases, progress, storage) and ``worker.training``.
+"""Train jobs: glue between the job's run (leases, progress), storage and ``worker.model.training``.
 
 Checkpoints go to storage under the job's prefix, one folder per step; the pointer to the latest
 lives in the database (``jobs.checkpoint_key``), and only the last K are kept. A job that is
@@ -17,7 +17,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-
 from shared.db import session_scope
 from shared.jobstate import LeaseLost
 from shared.models import Dataset, Job, Model
@@ -25,18 +24,17 @@ from shared.registry import register_pipeline_dir
 from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
 from shared.train_schema import TrainParams
-from worker import metrics
-from worker.pipelines import resolve_device
-from worker.runner import JobError, JobRun
+from worker.jobs.base import JobError, Run
+from worker.model.pipelines import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def run_train(settings: Settings, run: JobRun) -> dict:
+def run_train(settings: Settings, run: Run) -> dict:
     import torch
 
-    from worker.data import load_dataset
-    from worker.training import TrainHooks, TrainingStopped, train
+    from worker.model.data import load_dataset
+    from worker.model.training import TrainHooks, TrainingStopped, train
 
     if settings.worker_threads:
         torch.set_num_threads(settings.worker_threads)
@@ -71,7 +69,7 @@ def run_train(settings: Settings, run: JobRun) -> dict:
             # No run.check() here: should_stop() (next) stops the loop *after* a checkpoint.
             total = max(1, int(info.get("total_steps") or 1))
             run.progress(min(1.0, float(info.get("step", 0)) / total), info)
-            metrics.sample_gpu_memory(device)
+            run.device_memory(device)
 
         def should_stop() -> bool:
             try:
@@ -89,7 +87,7 @@ def run_train(settings: Settings, run: JobRun) -> dict:
 
         hooks = TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=uploader.submit,
                            latest_checkpoint=latest_checkpoint,
-                           step_done=lambda _stage, seconds: metrics.observe_step("train", seconds))
+                           step_done=lambda _stage, seconds: run.observe_step(seconds))
         try:
             result = train(params, workdir=workdir / "run", dataset=data, base_model_dir=base_dir, hooks=hooks,
                            device=device)
@@ -129,7 +127,7 @@ class CheckpointUploader:
     ``max_pending`` uploads wait; beyond that ``submit`` waits for the oldest (bounded disk). A
     failed upload is raised by the next ``submit`` or by ``wait``."""
 
-    def __init__(self, storage, run: JobRun, tenant_id: str, keep: int, staging: Path, *, saved: list[str],
+    def __init__(self, storage, run: Run, tenant_id: str, keep: int, staging: Path, *, saved: list[str],
                  max_pending: int = 2):
         self.storage, self.run, self.tenant_id, self.keep = storage, run, tenant_id, keep
         self.staging, self.saved, self.max_pending = staging, saved, max_pending

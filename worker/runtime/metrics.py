@@ -6,7 +6,7 @@ port, or None when off).
 A worker is several processes: the Celery process (its task threads, with --concurrency N), which claims
 and supervises jobs, and the spawned executor child of each, which runs the model. Samples are
 made in all of them, so ``ldmq worker`` runs prometheus_client in *multiprocess mode*
-(:func:`worker.multiproc.prepare`, before anything imports prometheus_client): every process
+(:func:`worker.runtime.multiproc.prepare`, before anything imports prometheus_client): every process
 writes its samples to memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` and the server
 aggregates them at scrape time (counters and histograms summed over processes, dead ones
 included; the images/s gauge is the most recent value; GPU memory is summed over live processes).

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.catalog import BUILTIN_DATASETS
 from shared.datasets import archive_format, read_records
 
-BUILTIN_DATASETS = ("builtin:digits",)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 

@@ -3,10 +3,10 @@
 Design (one job at a time per worker process):
 
 - The Celery task (in the worker process, which never imports torch) *claims* the job in the
-  database, heartbeats its lease (``worker.runner.JobRun``) and hands the job to the executor: a
+  database, heartbeats its lease (``worker.runtime.run.JobRun``) and hands the job to the executor: a
   long-lived child started with ``multiprocessing.get_context("spawn")`` (so CUDA never meets
   ``fork``). The child keeps the pipeline cache warm across jobs; it re-reads the job by id,
-  runs ``worker.sampling.run_sample`` / ``worker.train_job.run_train`` and writes progress,
+  runs ``worker.jobs.sample.run_sample`` / ``worker.jobs.train.run_train`` and writes progress,
   outputs and checkpoints itself, every write fenced by the attempt.
 - The parent tells the child to stop through a shared word (job sequence number + reason):
   cancel, lease lost, worker shutdown (SIGTERM), soft time limit. The child's ``check()`` between
@@ -15,12 +15,12 @@ Design (one job at a time per worker process):
   that), the parent SIGKILLs it, which frees its GPU memory, records the outcome, and starts a
   fresh child for the next job. A child that dies by itself (segfault, OOM kill) spends the
   attempt: the job is requeued, or failed once its attempts are used up (a poison job).
-- The parent writes the final state (``worker.runner.record_outcome``), so a dead child never
+- The parent writes the final state (``worker.runtime.outcome.record_outcome``), so a dead child never
   leaves a job without one.
 
 With ``--concurrency N`` Celery runs a thread pool (the tasks only supervise; the work is in the
 executors) and the worker keeps N executor children (``ExecutorPool``), one per job running.
-The executor has a child of its own for sample outputs (``worker.outputs``: PNGs, uploads and
+The executor has a child of its own for sample outputs (``worker.runtime.outputs``: PNGs, uploads and
 their records, off the model's GIL); it exits when the executor does, however that dies.
 """
 
@@ -34,89 +34,30 @@ import threading
 import time
 from typing import Any
 
-from shared import jobstate
-from shared.db import session_scope
 from shared.logctx import job_context
 from shared.settings import Settings
-from worker import metrics
-from worker.outputs import close_writer_process
-from worker.runner import STOP_REASONS, JobRun, Outcome, record_outcome, time_limit_s, worker_identity
+from worker.runtime import metrics
+from worker.runtime.child import start_child, tune_engine
+from worker.runtime.outcome import Outcome, record_outcome
+from worker.runtime.outputs import close_writer_process
+from worker.runtime.run import STOP_REASONS, JobRun, claim_run, run_work, time_limit_s
+from worker.runtime.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
 
 _REASON_CODE = {r: i + 1 for i, r in enumerate(STOP_REASONS)}
 _CODE_REASON = {v: k for k, v in _REASON_CODE.items()}
 
-# Set (from a signal handler: a plain attribute, no locks) when the worker is shutting down; every
-# task thread of the worker process sees it.
-_shutdown = {"requested": False}
-
-
-def request_shutdown() -> None:
-    _shutdown["requested"] = True
-
-
-def shutdown_requested() -> bool:
-    return _shutdown["requested"]
-
-
-_TUNED: set[int] = set()
-
-
-def tune_engine(settings: Settings) -> None:
-    """Worker connections: a session left idle inside a transaction (a frozen or stopped process
-    holding a row lock) is ended by the server, so it cannot block the run that takes over."""
-    from sqlalchemy import event
-
-    from shared.db import get_engine
-
-    engine = get_engine(settings)
-    if engine.dialect.name != "postgresql" or id(engine) in _TUNED:
-        return
-    _TUNED.add(id(engine))
-    timeout_ms = int(max(5.0, float(settings.lease_seconds)) * 1000)
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
-        cur = dbapi_conn.cursor()
-        cur.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
-        cur.close()
-        dbapi_conn.commit()
-
-    engine.dispose()  # connections made before the listener get replaced
-
-
 # ================================================================================================
 # The child
 # ================================================================================================
-
-def start_child(role: str, parent_pid: int) -> None:
-    """What a spawned helper process (the executor, its output writer) does first: log in the
-    worker's format (LDMQ_LOG_FORMAT, inherited; JSON lines carry the job id and tenant of the job
-    running) tagged with its role, leave SIGINT to its parent, and exit at once if the parent dies
-    without telling it (even by SIGKILL)."""
-    from shared.logctx import configure_logging
-
-    configure_logging(logging.INFO, text_format=f"%(asctime)s %(levelname)s %(name)s [{role} %(process)d]: %(message)s")
-    for noisy in ("httpx", "botocore", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def orphan_watch():
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(70)
-            time.sleep(0.5)
-
-    threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
-
 
 def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
     """Entry point of the spawned executor process."""
     from shared.jobstate import Claim
 
     start_child("executor", parent_pid)
-    clog = logging.getLogger("worker.executor.child")
+    clog = logging.getLogger("worker.runtime.executor.child")
     state = {"shutdown": False}
 
     def on_term(_sig, _frame):
@@ -127,9 +68,8 @@ def _child_main(conn, stop_word, settings_json: str, parent_pid: int) -> None:
     settings = Settings.model_validate_json(settings_json)
     tune_engine(settings)
     # Import the heavy parts now, so that the first job does not wait for them.
-    from worker.runner import run_work
-    from worker.sampling import run_sample
-    from worker.train_job import run_train
+    from worker.jobs.sample import run_sample
+    from worker.jobs.train import run_train
 
     _preload(clog)
 
@@ -424,17 +364,15 @@ def close_executors() -> None:
 def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
     """The body of the Celery tasks: claim, supervise the executor, record the outcome."""
     tune_engine(settings)
-    owner = worker_identity()
-    with session_scope(settings) as s:
-        claim = jobstate.claim(s, job_id, owner, settings.lease_seconds)
-    if claim is None:
+    # The lease and cancel are watched here; the time limits are timed by Executor.run from the
+    # moment the child starts the job (not while it warms up).
+    run = claim_run(settings, job_id, job_type, enforce_time_limit=False)
+    if run is None:
         log.info("job %s: not claimable (taken, final or out of attempts); message ignored", job_id)
         return "skipped"
+    claim = run.claim
     with job_context(job_id, claim.tenant_id):
-        log.info("job %s: attempt %s claimed by %s", job_id, claim.attempt, owner)
-        # The lease and cancel are watched here; the time limits are timed by Executor.run from the
-        # moment the child starts the job (not while it warms up).
-        run = JobRun(settings, claim, job_type, owner, enforce_time_limit=False)
+        log.info("job %s: attempt %s claimed by %s", job_id, claim.attempt, run.owner)
         run.start()
         pool = get_executors(settings)
         executor = pool.acquire()

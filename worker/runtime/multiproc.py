@@ -1,4 +1,4 @@
-"""Set up prometheus_client's multiprocess mode for ``ldmq worker`` (see ``worker.metrics``).
+"""Set up prometheus_client's multiprocess mode for ``ldmq worker`` (see ``worker.runtime.metrics``).
 
 This module must not import prometheus_client: the mode is chosen when prometheus_client is first
 imported, from ``PROMETHEUS_MULTIPROC_DIR``, so :func:`prepare` runs first, in the ``ldmq worker``
@@ -26,7 +26,7 @@ def prepare(port_value: str | None = None) -> Path | None:
     if raw in ("", "0"):
         return None
     if "prometheus_client" in sys.modules:
-        raise RuntimeError("worker.multiproc.prepare() must run before prometheus_client is imported")
+        raise RuntimeError("worker.runtime.multiproc.prepare() must run before prometheus_client is imported")
     given = os.environ.get(ENV, "").strip()
     if given:
         path = Path(given)

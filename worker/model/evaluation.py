@@ -2,7 +2,7 @@
 
 - :func:`loss_curve_png` — the training losses (log scale), drawn with Pillow (no matplotlib).
 - :func:`image_grid_png` — a grid of generated images.
-- :func:`heldout_bits_per_dim` — the variational bound on held-out data via :mod:`worker.diffusion`:
+- :func:`heldout_bits_per_dim` — the variational bound on held-out data via :mod:`worker.model.diffusion`:
   bits per dimension of the *scaled latents* z = scaling_factor · E(x) (posterior mean), quantised at
   2/255 (the resolution DDPM uses for pixels in [−1, 1]) with no edge bins. It measures the U-Net as a
   density model of the latents; it is not a pixel likelihood (the decoder is deterministic).
@@ -12,7 +12,7 @@
   images, fitted on the real digits), next to its floor: the distance of the same number of *real*
   digits to all real digits (averaged over random draws), which is what sampling noise alone costs.
   Generated R×R images are averaged to gray, block-averaged to 8×8 and rescaled to 0..16 (the exact
-  inverse of :func:`worker.data.load_digits`).
+  inverse of :func:`worker.model.data.load_digits`).
 - :func:`generate` — images from a :class:`diffusers.StableDiffusionPipeline` (the same code path a
   user of the saved model runs) with DDPM, DDIM or DPM-Solver++.
 """
@@ -26,31 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.diffusion import GaussianDiffusion
-
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver++")
+from worker.model.diffusion import GaussianDiffusion
+from worker.model.schedulers import make_scheduler
 
 
 # --------------------------------------------------------------------------------------------
 # Sampling through diffusers
 # --------------------------------------------------------------------------------------------
 
-
-def make_scheduler(name: str, config):
-    """A diffusers scheduler for sampling, built from the model's (DDPM) scheduler config.
-
-    ``clip_sample`` is forced off: DDIM inherits ``clip_sample=True`` from a DDPM config by default and
-    clipping the predicted latent x_0 to [−1, 1] wrecks latent models (see the measured notes).
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    if name == "ddpm":
-        return DDPMScheduler.from_config(config, clip_sample=False)
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=False)
-    if name == "dpm-solver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
 
 
 @torch.no_grad()
@@ -309,7 +292,7 @@ class DigitsJudge:
 
 def digit_prompts(n: int) -> tuple[list[str], list[int]]:
     """``n`` prompts cycling through the ten digits, and their labels."""
-    from worker.data import digit_caption
+    from worker.model.data import digit_caption
 
     labels = [i % 10 for i in range(n)]
     return [digit_caption(y) for y in labels], labels

@@ -4,7 +4,7 @@ Tests, benchmarks and the compose smoke test use it: it needs no download. The t
 either the real packaged MiniLM BERT (``text_encoder="minilm"``) or a tiny random BERT that shares
 its tokenizer (``"tiny"``, the default: a few MB, so storage round-trips stay fast).
 
-    python -m worker.tiny_pipeline OUT_DIR [--text-encoder tiny|minilm] [--seed N]
+    python -m worker.model.tiny_pipeline OUT_DIR [--text-encoder tiny|minilm] [--seed N]
 """
 
 from __future__ import annotations
@@ -15,19 +15,14 @@ from pathlib import Path
 TEXT_ENCODERS = ("tiny", "minilm")
 
 
-def scheduler_config() -> dict:
-    """DDPM as in Ho et al.: T=1000, beta linear 1e-4..0.02; clip_sample off (latent space)."""
-    return dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                clip_sample=False, prediction_type="epsilon", steps_offset=1)
-
-
 def build_tiny_pipeline(out_dir: Path, *, text_encoder: str = "tiny", seed: int = 0, image_size: int = 32,
                         max_length: int = 16):
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import BertConfig, BertModel
 
-    from worker.text_encoder import EMBED_DIM, load_text_encoder
+    from worker.model.schedulers import make_noise_scheduler
+    from worker.model.text_encoder import EMBED_DIM, load_text_encoder
 
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"unknown text_encoder {text_encoder!r}; valid: {', '.join(TEXT_ENCODERS)}")
@@ -52,7 +47,7 @@ def build_tiny_pipeline(out_dir: Path, *, text_encoder: str = "tiny", seed: int 
     )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(**scheduler_config()),
+        scheduler=make_noise_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     out_dir = Path(out_dir)

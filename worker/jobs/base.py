@@ -1,0 +1,69 @@
+"""What a job needs from whoever runs it, and the one error a job raises of its own.
+
+The jobs package sits below the runtime (``worker.runtime``: leases, executor, output writer,
+metrics) in the one-way import order ``tasks → runtime → jobs → model``, so a job never imports
+the runtime: it is handed a :class:`Run` (``worker.runtime.run.JobRun`` implements it) and talks
+to the runtime only through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class JobError(Exception):
+    """A failure that is the job's own (bad data, missing model): final, with a clear message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class OutputSink(Protocol):
+    """Where a sample job's images go (``worker.runtime.outputs.OutputWriter``)."""
+
+    def submit(self, *, job_id: str, attempt: int, tenant_id: str, lead: bool, made: int, total: int,
+               meta: list[tuple[int, int, int]], arrays) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Run(Protocol):
+    """A claimed job's handle: cooperative stop checks, fenced writes, metrics, and (for sample
+    runs that pack other jobs into their batches) claiming and ending companion jobs."""
+
+    job_id: str
+    attempt: int
+    job_type: str
+
+    def check(self) -> None:
+        """Raise if the run must stop now (canceled, lease lost, shutdown, time limit)."""
+
+    def progress(self, fraction: float, detail: dict[str, Any] | None = None) -> None: ...
+
+    def set_checkpoint(self, key: str) -> None: ...
+
+    # -- metrics
+    def observe_step(self, seconds: float) -> None: ...
+
+    def images_made(self, count: int, seconds: float) -> None: ...
+
+    def device_memory(self, device: str) -> None: ...
+
+    # -- sample runs
+    def output_writer(self) -> OutputSink: ...
+
+    def claim_companion(self, job_id: str) -> Run | None:
+        """Claim another queued job to run inside this one (its own lease and fencing token)."""
+
+    def succeed(self, extra: dict[str, Any] | None = None) -> str: ...
+
+    def end_by(self, exc: BaseException) -> str:
+        """Record how a companion ended, from the exception that stopped it."""
+
+    def release(self, reason: str) -> str: ...
+
+    def stop(self) -> None:
+        """Stop this run's heartbeat (idempotent)."""

@@ -1,0 +1,273 @@
+"""Sample jobs: what to make, from which model, and where it goes.
+
+The model side (batches, streams, embeddings) is ``worker.model.sampling``; this module reads the
+job from the database, fetches the model from storage, packs companion jobs and hands the images
+to the output writer.
+
+- Every image has its own seeded ``torch.Generator`` and is computed in a batch of a *fixed* size
+  (the last batch is padded): a row of a batch does not depend on the other rows, and with the
+  batch size fixed the kernels are the same, so each image is bit-identical to what it would be
+  alone for its seed, whatever it is batched with (tests/worker/test_sampling.py proves it).
+- Rows are packed into model batches across the whole job, grouped by (steps, guidance). The
+  batch size is set per model or per worker, or found from free memory (``auto_batch_size``).
+- On a CPU, two batches are computed side by side (``ModelStreams``, ``plan_streams``): a small
+  model's kernels use two cores better as two single-threaded batches than as one batch split
+  over both. Each stream has its own scheduler; results are handed on in order.
+- Text embeddings of repeated prompts (and the empty negative prompt) are computed once.
+- PNG encoding, uploads and the fenced DB records run in a writer process of their own while the
+  model computes the next batch (``worker.runtime.outputs`` says why not a thread); at most
+  ``MAX_PENDING`` batches wait, so memory stays bounded.
+- PNGs go under deterministic keys (tenant/job/row/index); rows an earlier attempt recorded are
+  skipped, so a retry never writes an output twice.
+- Cross-job micro-batching: a run also claims other queued jobs of the same model, size and
+  scheduler (each with its own claim, fencing token and heartbeat) while the images of the run
+  stay under ``cobatch_max_items``, and packs their rows into the same model batches. Their own
+  Celery messages later find them claimed and do nothing. If the run stops, they are released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+
+from sqlalchemy import select
+
+from shared.catalog import DEFAULT_SCHEDULER
+from shared.db import session_scope
+from shared.models import Job, JobOutput, JobRow, Model
+from shared.settings import Settings
+from shared.storage import get_storage
+from worker.jobs.base import JobError, Run
+from worker.jobs.manifest import write_manifest
+from worker.model.pipelines import PipelineCache, pipeline_view, resolve_device
+from worker.model.sampling import (
+    CPU_AUTO_BATCH,
+    EmbeddingCache,
+    Item,
+    ModelStreams,
+    auto_batch_size,
+    batches,
+    generate,
+)
+
+log = logging.getLogger(__name__)
+SEED_MOD = 2**31
+
+
+def plan_items(job: Job, rows: list[JobRow], done: set[tuple[int, int]], work: int = 0) -> list[Item]:
+    """The images still to make. Image ``i`` of a row uses seed ``(row.seed + i) mod 2^31``."""
+    p = job.params
+    items = []
+    for r in rows:
+        for i in range(r.num_images):
+            if (r.row, i) in done:
+                continue
+            items.append(Item(r.row, i, (r.seed + i) % SEED_MOD, r.prompt, r.negative_prompt or "",
+                              r.guidance_scale if r.guidance_scale is not None else p["guidance_scale"],
+                              r.steps if r.steps is not None else p["steps"], work))
+    return items
+
+
+def plan_streams(settings: Settings, device: str) -> tuple[int, int]:
+    """(model streams, torch threads per stream) for this worker (``sample_streams``, ``worker_threads``)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    on_cpu = device == "cpu"
+    streams = settings.sample_streams or (min(2, cores) if on_cpu else 1)
+    threads = settings.worker_threads or (max(1, cores // streams) if on_cpu else torch.get_num_threads())
+    return streams, threads
+
+
+_CACHE: PipelineCache | None = None
+
+
+def pipeline_cache(settings: Settings) -> PipelineCache:
+    """The worker process's pipeline cache (``pipeline_cache_size``, ``pipeline_cache_mb``)."""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = PipelineCache(settings.var_dir / "cache" / "models", settings.pipeline_cache_size,
+                               settings.pipeline_cache_mb * 2**20 or None)
+    return _CACHE
+
+
+def load_pipeline(settings: Settings, model: Model, device: str):
+    """The model's pipeline on ``device``, from the cache or fetched from storage."""
+    storage = get_storage(settings)
+    return pipeline_cache(settings).get(
+        model.id, lambda local: storage.download_dir(model.key, local), device,
+        dtype=settings.worker_dtype, channels_last=settings.worker_channels_last, compile_unet=settings.worker_compile,
+    )
+
+
+@dataclass
+class JobWork:
+    """One job being sampled: its run handle, where its outputs go, and its remaining items."""
+
+    run: Run
+    job: Job
+    tenant_id: str
+    items: list[Item]
+    made: int
+    total: int
+
+
+def load_work(settings: Settings, run: Run, index: int = 0) -> tuple[JobWork, Model | None]:
+    with session_scope(settings) as s:
+        job = s.get(Job, run.job_id)
+        rows = list(s.scalars(select(JobRow).where(JobRow.job_id == job.id).order_by(JobRow.row)))
+        model = s.get(Model, job.model_id) if job.model_id else None
+        done = {(o.row, o.index) for o in s.scalars(select(JobOutput).where(JobOutput.job_id == job.id))}
+    items = plan_items(job, rows, done, index)
+    return JobWork(run, job, job.tenant_id, items, len(done), job.total_items or 1), model
+
+
+def batch_size_for(settings: Settings, model: Model) -> int:
+    """The fixed model batch: the model's own setting if it has one, else the worker's (0: auto)."""
+    return int((model.config or {}).get("sample_batch_size") or settings.sample_batch_size)
+
+
+def _compatible(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("scheduler", "width", "height"))
+
+
+def claim_companions(settings: Settings, lead: JobWork, budget: int) -> list[JobWork]:
+    """Claim queued jobs of the same model that can share this run's batches (FIFO, bounded)."""
+    if budget <= 0:
+        return []
+    with session_scope(settings) as s:
+        candidates = s.execute(
+            select(Job.id, Job.params, Job.total_items)
+            .where(Job.status == "queued", Job.type == "sample", Job.model_id == lead.job.model_id,
+                   Job.id != lead.job.id, Job.cancel_requested.is_(False))
+            .order_by(Job.created_at).limit(50)
+        ).all()
+    works: list[JobWork] = []
+    for job_id, params, total in candidates:
+        if total > budget or not _compatible(params, lead.job.params):
+            continue
+        run = lead.run.claim_companion(job_id)
+        if run is None:
+            continue  # another worker took it first
+        work, _ = load_work(settings, run, index=len(works) + 1)
+        works.append(work)
+        budget -= total
+    if works:
+        log.info("job %s: packing %d more job(s) into its batches: %s", lead.job.id, len(works),
+                 ", ".join(w.job.id for w in works))
+    return works
+
+
+def _end_companion(w: JobWork, end) -> None:
+    """Record a packed job's end (``end(run)``); on failure its lease expires and the sweeper requeues it."""
+    try:
+        end(w.run)
+    except Exception:
+        log.exception("job %s: could not record its end; its lease will expire and the sweeper requeue it", w.job.id)
+    finally:
+        w.run.stop()  # its heartbeat
+
+
+def _auto_size(pipe, model: Model, lead: JobWork, scheduler: str, embeddings: EmbeddingCache, *, device: str,
+               width: int, height: int, streams: int) -> int:
+    """The batch size found from free memory, probed on the run's first image."""
+    if not lead.items:
+        return CPU_AUTO_BATCH  # nothing left to make: any size will do
+    # Guidance on, whatever the first row asks: packed rows may use it, and it doubles the U-Net's batch.
+    first = replace(lead.items[0], steps=1, guidance_scale=max(lead.items[0].guidance_scale, 2.0))
+
+    def probe(n: int) -> None:
+        generate(pipeline_view(pipe, scheduler), [first], batch_size=n, width=width, height=height, device=device,
+                 embeddings=embeddings)
+
+    return auto_batch_size(device, (model.id, width, height, streams), probe, streams=streams)
+
+
+def run_sample(settings: Settings, run: Run) -> dict:
+    """Make every image of the job (and of the jobs packed into its batches) not made yet."""
+    lead, model = load_work(settings, run)
+    if model is None:
+        raise JobError("model_not_found", f"model {lead.job.params.get('model')!r} no longer exists")
+    device = resolve_device(settings.worker_device)
+    pipe = load_pipeline(settings, model, device)
+    scale = pipe.vae_scale_factor
+    width = lead.job.params.get("width") or pipe.unet.config.sample_size * scale
+    height = lead.job.params.get("height") or pipe.unet.config.sample_size * scale
+    embeddings = EmbeddingCache(pipe, device)
+    n_streams, threads = plan_streams(settings, device)
+    scheduler = lead.job.params.get("scheduler", DEFAULT_SCHEDULER)
+    size = batch_size_for(settings, model) or _auto_size(pipe, model, lead, scheduler, embeddings, device=device,
+                                                        width=width, height=height, streams=n_streams)
+
+    works = [lead] + claim_companions(settings, lead, settings.cobatch_max_items - len(lead.items))
+    log.info("job %s: %d images to make (%d done before), batch %d, %d stream(s) of %d thread(s)", lead.job.id,
+             sum(len(w.items) for w in works), lead.made, size, n_streams, threads)
+    stopped: set[int] = set()  # packed jobs that left the run (canceled, lease lost)
+    streams = ModelStreams(pipe, scheduler, n_streams, threads)
+    writer = run.output_writer()
+
+    def packed():
+        return [w for i, w in enumerate(works[1:], start=1) if i not in stopped]
+
+    def dispatch():
+        """The batches to compute, each checked against the run (and its packed jobs) as it goes out."""
+        for batch in batches([it for w in works for it in w.items], size):
+            run.check()
+            for i, w in enumerate(works[1:], start=1):  # a packed job that was canceled or lost leaves
+                if i not in stopped:
+                    try:
+                        w.run.check()
+                    except Exception as exc:
+                        stopped.add(i)
+                        writer.drain()
+                        _end_companion(w, lambda r, exc=exc: r.end_by(exc))
+            batch = [it for it in batch if it.work not in stopped]
+            if batch:
+                yield batch
+
+    def compute(view, batch):
+        clock = {"batch": time.perf_counter(), "step": time.perf_counter()}
+
+        def on_step(_step: int) -> None:
+            now = time.perf_counter()
+            run.observe_step(now - clock["step"])
+            clock["step"] = now
+            streams.check()
+            run.check()
+
+        arrays = generate(view, batch, batch_size=size, width=width, height=height, device=device,
+                          embeddings=embeddings, on_step=on_step)
+        run.images_made(len(batch), time.perf_counter() - clock["batch"])
+        return arrays
+
+    n_batches = 0
+    try:
+        for batch, arrays in streams.imap(compute, dispatch()):
+            run.device_memory(device)
+            n_batches += 1
+            for i, w in enumerate(works):
+                mine = [k for k, it in enumerate(batch) if it.work == i]
+                if mine and i not in stopped:
+                    w.made += len(mine)
+                    writer.submit(job_id=w.job.id, attempt=w.run.attempt, tenant_id=w.tenant_id, lead=i == 0,
+                                  made=w.made, total=w.total, arrays=arrays[mine],
+                                  meta=[(batch[k].row, batch[k].index, batch[k].seed) for k in mine])
+        writer.drain()
+    except BaseException:
+        streams.close()  # first: batches still computing stop at their next step
+        writer.close()  # batches still being written finish, fenced; nobody waits for them
+        for w in packed():
+            _end_companion(w, lambda r: r.release("the run they were packed into stopped"))
+        raise
+    streams.close()
+    writer.close()
+    write_manifest(settings, lead.tenant_id, lead.job.id)
+    for w in packed():
+        def finish(r, w=w):
+            write_manifest(settings, w.tenant_id, w.job.id)
+            r.succeed({"model_id": w.job.model_id})
+        _end_companion(w, finish)
+    return {"model_id": model.id, "batches": n_batches, "streams": n_streams,
+            "packed_jobs": [w.job.id for w in works[1:]]}
