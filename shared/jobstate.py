@@ -337,22 +337,6 @@ def outputs_with_rows(session: Session, job_id: str) -> list[tuple[JobOutput, Jo
     ).all()]
 
 
-def expired_or_orphaned(session: Session, stale_after_s: float, now: datetime | None = None) -> list[tuple[str, str]]:
-    """Jobs a sweeper should re-enqueue: running with an expired lease (attempts left), or queued
-    and not enqueued for ``stale_after_s`` (the broker may have lost the message)."""
-    now = now or utcnow()
-    stale = now - timedelta(seconds=stale_after_s)
-    rows = session.execute(
-        select(Job.id, Job.type).where(
-            or_(
-                and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now, Job.attempts < Job.max_attempts),
-                and_(Job.status == JobStatus.queued.value, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)),
-            )
-        )
-    ).all()
-    return [(r[0], r[1]) for r in rows]
-
-
 def mark_enqueued(session: Session, job_ids: list[str], now: datetime | None = None) -> None:
     if job_ids:
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now or utcnow())

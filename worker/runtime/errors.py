@@ -54,13 +54,10 @@ def is_transient_db_error(exc: BaseException) -> bool:
         return False
 
 
-# Kinds, most specific first. "internal" is everything else (a bug): logged with its traceback.
-KINDS = ("lease_lost", "canceled", "interrupted", "timeout", "process_died", "job_error",
-         "storage_unavailable", "storage_error", "db_unreachable", "internal")
-
-
 def error_kind(exc: BaseException) -> str:
-    """One word for what ``exc`` means to the run (one of :data:`KINDS`)."""
+    """One word for what ``exc`` means to the run: lease_lost, canceled, interrupted, timeout,
+    process_died, job_error, storage_unavailable, storage_error, db_unreachable, or internal (anything
+    else: a bug, logged with its traceback)."""
     if isinstance(exc, LeaseLost):
         return "lease_lost"
     if isinstance(exc, JobCanceled):

@@ -32,7 +32,6 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
 from shared.logctx import job_context
 from shared.settings import Settings
@@ -213,17 +212,13 @@ class Executor:
         """Run the claimed job in the child, supervising it; returns how it ended."""
         self.start()
         self.seq += 1
-        seq = self.seq
         self.stop_word.value = 0
-        grace = self.settings.stop_grace_s
         try:
-            self.conn.send((seq, run.job_id, run.job_type, run.attempt, run.owner, run.claim.tenant_id))
+            self.conn.send((self.seq, run.job_id, run.job_type, run.attempt, run.owner, run.claim.tenant_id))
         except (OSError, EOFError):
             self.kill()
             return Outcome("released", reason="executor unavailable")
-        started = False
-        soft = hard = None
-        stop_reason, stop_sent = None, 0.0
+        watch = _Watch(self, run, self.seq)
         while True:
             try:
                 msg = self._recv(0.2)
@@ -233,60 +228,85 @@ class Executor:
                     self.proc.join(timeout=5)
                     code = self.proc.exitcode
                 self._reap()
-                if not started and (stop_reason == "shutdown" or shutdown_requested()):
-                    return Outcome("released", reason="worker shutdown (before the job began)")
-                if not started:
-                    # Not the job's doing: the child died before it began (a broken install, an
-                    # OOM kill while importing). Back off, so that a broken worker does not spin.
-                    self.early_deaths += 1
-                    pause = min(30.0, 2.0 ** self.early_deaths)
-                    log.error("executor: died before starting job %s (%s); giving the job back in %.0f s",
-                              run.job_id, _exit_text(code), pause)
-                    time.sleep(pause)
-                    return Outcome("released", reason=f"executor exited before the job began ({_exit_text(code)})")
-                if stop_reason == "shutdown":
-                    return Outcome("released", reason=f"worker shutdown (executor exited: {exc})")
-                if stop_reason == "cancel":
-                    return Outcome("canceled")
-                if stop_reason == "lease_lost":
-                    return Outcome("lease_lost", reason="executor exited after losing its lease")
-                return Outcome("crashed", {"code": "executor_died",
-                                           "message": f"the job's executor process died ({_exit_text(code)})"})
-            now = time.monotonic()
-            if msg is not None:
-                if msg[0] == "ready":
-                    self.ready = True
-                elif msg[0] == "started" and msg[1] == seq:
-                    started = True
-                    self.early_deaths = 0
-                    soft = now + time_limit_s(self.settings, run.job_type)
-                    hard = soft + grace
-                elif msg[0] == "result" and msg[1] == seq:
-                    return Outcome.from_dict(msg[2])
-                continue
-            reason = run.stop_reason()
-            if reason is None and shutdown_requested():
-                reason = "shutdown"
-            if reason is None and soft is not None and now > soft:
-                reason = "timeout"
-            if reason is not None and stop_reason is None:
-                log.info("job %s: asking the executor to stop (%s)", run.job_id, reason)
-                self.tell_stop(seq, reason)
-                stop_reason, stop_sent = reason, now
-            if hard is not None and now > hard:
-                self.kill()
-                return Outcome("failed", {"code": "timeout", "message": (
-                    f"the job ran past its hard time limit of {time_limit_s(self.settings, run.job_type) + grace:g} s "
-                    f"and its process was killed")})
-            if stop_reason is not None and stop_reason != "timeout" and now - stop_sent > grace:
-                log.warning("job %s: the executor did not stop within %g s (%s); killing it", run.job_id, grace,
-                            stop_reason)
-                self.kill()
-                if stop_reason == "cancel":
-                    return Outcome("canceled")
-                if stop_reason == "shutdown":
-                    return Outcome("released", reason="worker shutdown (executor killed)")
-                return Outcome("lease_lost", reason="executor killed after losing its lease")
+                return watch.died(exc, code)
+            outcome = watch.message(msg) if msg is not None else watch.tick(time.monotonic())
+            if outcome is not None:
+                return outcome
+
+
+class _Watch:
+    """One job's supervision by :meth:`Executor.run`: the child's messages, the reasons to stop
+    (the run's own, worker shutdown, the soft time limit), the grace before a kill, and what each
+    way of ending means for the job."""
+
+    def __init__(self, executor: Executor, run: JobRun, seq: int):
+        self.executor, self.run, self.seq = executor, run, seq
+        self.grace = executor.settings.stop_grace_s
+        self.limit = time_limit_s(executor.settings, run.job_type)
+        self.started = False
+        self.soft = self.hard = None  # deadlines, from the moment the child starts the job
+        self.stop_reason: str | None = None
+        self.stop_sent = 0.0
+
+    def message(self, msg: tuple) -> Outcome | None:
+        if msg[0] == "ready":
+            self.executor.ready = True
+        elif msg[0] == "started" and msg[1] == self.seq:
+            self.started = True
+            self.executor.early_deaths = 0
+            self.soft = time.monotonic() + self.limit
+            self.hard = self.soft + self.grace
+        elif msg[0] == "result" and msg[1] == self.seq:
+            return Outcome.from_dict(msg[2])
+        return None
+
+    def tick(self, now: float) -> Outcome | None:
+        """No message: ask the child to stop when there is a reason; kill it past the grace."""
+        reason = self.run.stop_reason()
+        if reason is None and shutdown_requested():
+            reason = "shutdown"
+        if reason is None and self.soft is not None and now > self.soft:
+            reason = "timeout"
+        if reason is not None and self.stop_reason is None:
+            log.info("job %s: asking the executor to stop (%s)", self.run.job_id, reason)
+            self.executor.tell_stop(self.seq, reason)
+            self.stop_reason, self.stop_sent = reason, now
+        if self.hard is not None and now > self.hard:
+            self.executor.kill()
+            return Outcome("failed", {"code": "timeout", "message": (
+                f"the job ran past its hard time limit of {self.limit + self.grace:g} s and its process was killed")})
+        if self.stop_reason is not None and self.stop_reason != "timeout" and now - self.stop_sent > self.grace:
+            log.warning("job %s: the executor did not stop within %g s (%s); killing it", self.run.job_id, self.grace,
+                        self.stop_reason)
+            self.executor.kill()
+            if self.stop_reason == "cancel":
+                return Outcome("canceled")
+            if self.stop_reason == "shutdown":
+                return Outcome("released", reason="worker shutdown (executor killed)")
+            return Outcome("lease_lost", reason="executor killed after losing its lease")
+        return None
+
+    def died(self, exc: ExecutorDied, code: int | None) -> Outcome:
+        """The child is gone: what that means depends on whether the job began and why it was stopping."""
+        if not self.started and (self.stop_reason == "shutdown" or shutdown_requested()):
+            return Outcome("released", reason="worker shutdown (before the job began)")
+        if not self.started:
+            # Not the job's doing: the child died before it began (a broken install, an OOM kill
+            # while importing). Back off, so that a broken worker does not spin.
+            self.executor.early_deaths += 1
+            pause = min(30.0, 2.0 ** self.executor.early_deaths)
+            log.error("executor: died before starting job %s (%s); giving the job back in %.0f s",
+                      self.run.job_id, _exit_text(code), pause)
+            time.sleep(pause)
+            return Outcome("released", reason=f"executor exited before the job began ({_exit_text(code)})")
+        if self.stop_reason == "shutdown":
+            return Outcome("released", reason=f"worker shutdown (executor exited: {exc})")
+        if self.stop_reason == "cancel":
+            return Outcome("canceled")
+        if self.stop_reason == "lease_lost":
+            return Outcome("lease_lost", reason="executor exited after losing its lease")
+        return Outcome("crashed", {"code": "executor_died",
+                                   "message": f"the job's executor process died ({_exit_text(code)})"})
 
 
 def _exit_text(code: int | None) -> str:
@@ -390,8 +410,3 @@ def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
     if not shutdown_requested() and not executor.alive():
         executor.start()  # warm a fresh child for the next job (idempotent if another took it)
     return result
-
-
-def describe(settings: Settings) -> dict[str, Any]:  # pragma: no cover - for debugging
-    executors = _POOL.executors() if _POOL else []
-    return {"executors": [{"pid": ex.proc.pid if ex.proc else None, "ready": ex.ready} for ex in executors]}

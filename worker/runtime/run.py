@@ -156,10 +156,6 @@ class JobRun:
         with session_scope(self.settings) as s:
             jobstate.set_progress(s, self.job_id, self.attempt, fraction, detail)
 
-    def record_output(self, **kwargs) -> bool:
-        with session_scope(self.settings) as s:
-            return jobstate.record_output(s, self.job_id, self.attempt, **kwargs)
-
     def set_checkpoint(self, key: str) -> None:
         with session_scope(self.settings) as s:
             jobstate.set_checkpoint(s, self.job_id, self.attempt, key)
