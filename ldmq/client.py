@@ -1,4 +1,4 @@
-"""A small typed client of the ldmq REST API (``../shared/spec/api.md``), on httpx.
+"""A small typed client of the ldmq REST API (``docs/api.md``), on httpx.
 
     from ldmq.client import Client
 
