@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.models import Model, Tenant, new_id
-from shared.pipelines import check_pipeline_files
+from shared.pipelines import check_pipeline_dir
 from shared.storage import Storage, model_prefix
 
 
@@ -31,9 +31,7 @@ def register_pipeline_dir(session: Session, storage: Storage, tenant_id: str, lo
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise FileNotFoundError(f"{local_dir} is not a directory")
-    rel = [p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()]
-    index_path = local_dir / "model_index.json"
-    index = check_pipeline_files(rel, index_path.read_bytes() if index_path.exists() else None)
+    index = check_pipeline_dir(local_dir)
     model_id = model_id or new_id()
     prefix = model_prefix(tenant_id, model_id)
     storage.upload_dir(local_dir, prefix)

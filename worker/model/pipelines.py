@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.pipelines import check_pipeline_files
+from shared.pipelines import check_pipeline_dir
 from worker.model.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ def load_pipeline_dir(path: Path, device: str = "cpu", *, dtype: str = "auto", c
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
-    rel = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-    index = (path / "model_index.json").read_bytes() if (path / "model_index.json").exists() else None
-    check_pipeline_files(rel, index)
+    check_pipeline_dir(path)
     pipe = StableDiffusionPipeline.from_pretrained(
         path, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         use_safetensors=True, local_files_only=True, dtype=resolve_dtype(dtype, device),
