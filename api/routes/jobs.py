@@ -9,10 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.services import jobs as svc
-from shared.catalog import SCHEDULERS
-from shared.models import EVENT_TYPES
-from shared.schemas import (
+from api.schemas import (
     WEBHOOK_EVENTS,
     ErrorBody,
     EventList,
@@ -24,6 +21,9 @@ from shared.schemas import (
     TrainRequest,
     WebhookDeliveryList,
 )
+from api.services import jobs as svc
+from shared.catalog import SCHEDULERS
+from shared.models import EVENT_TYPES
 from shared.storage import get_storage
 
 router = routing.router(prefix="/v1/jobs", tags=["jobs"])

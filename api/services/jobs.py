@@ -16,8 +16,22 @@ from sqlalchemy.orm import Session, object_session
 
 from pydantic import ValidationError
 
+from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from api.errors import ApiError, not_found
-from shared.csvrows import CsvError, CsvLimits, parse_prompts_csv
+from api.schemas import (
+    JOB_STATUSES,
+    JOB_TYPES,
+    SEED_MAX,
+    EventOut,
+    JobOut,
+    OutputOut,
+    SampleEstimate,
+    SamplePrompt,
+    SampleRequest,
+    TrainRequest,
+    WebhookDeliveryOut,
+    WebhookSpec,
+)
 from shared import jobstate
 from shared.catalog import BUILTIN_DATASETS
 from shared.db import after_commit
@@ -35,20 +49,6 @@ from shared.models import (
     utcnow,
 )
 from shared.queue import enqueue
-from shared.schemas import (
-    JOB_STATUSES,
-    JOB_TYPES,
-    SEED_MAX,
-    EventOut,
-    JobOut,
-    OutputOut,
-    SampleEstimate,
-    SamplePrompt,
-    SampleRequest,
-    TrainRequest,
-    WebhookDeliveryOut,
-    WebhookSpec,
-)
 from shared.security import TenantRef
 from shared.settings import Settings
 from shared.storage import Storage, manifest_key

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from shared.schemas import SEED_MAX, SamplePrompt
+from api.schemas import SEED_MAX, SamplePrompt
 
 REQUIRED = ("prompt",)
 OPTIONAL = ("negative_prompt", "seed", "num_images", "guidance_scale", "steps")
