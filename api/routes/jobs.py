@@ -10,7 +10,6 @@ from starlette.concurrency import run_in_threadpool
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import (
-    WEBHOOK_EVENTS,
     ErrorBody,
     EventList,
     JobList,
@@ -25,6 +24,7 @@ from api.services import jobs as svc
 from shared.catalog import SCHEDULERS
 from shared.models import EVENT_TYPES
 from shared.storage import get_storage
+from shared.webhooks import WEBHOOK_EVENTS
 
 router = routing.router(prefix="/v1/jobs", tags=["jobs"])
 ERRORS: dict[int | str, dict[str, Any]] = {
