@@ -39,11 +39,9 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import and_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from shared.db import session_scope
+from shared.db import insert_for, session_scope
 from shared.logctx import job_context
 from shared.models import FINAL_STATUSES, Job, JobEvent, JobWebhook, Tenant, WebhookDelivery, utcnow
 from shared.settings import Settings
@@ -99,15 +97,11 @@ def backoff_delay(attempt: int, ws: WebhookSettings, rand: random.Random | None 
 
 # ---- step 1: scan the outbox ---------------------------------------------------------------------
 
-def _insert_ignore(session: Session):
-    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-
-
 def scan(session: Session, ws: WebhookSettings, now: datetime | None = None) -> int:
     """Add deliveries for new events of jobs with live webhooks; returns how many were added."""
     now = now or utcnow()
     settled_before = now - timedelta(seconds=ws.settle_s)
-    insert_fn = _insert_ignore(session)
+    insert_fn = insert_for(session)
     added = 0
     after = 0
     # Per job: (url, subscribed events, cursor now, last settled id in order, still settling?, final seen)
