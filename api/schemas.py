@@ -9,11 +9,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.catalog import DEFAULT_SCHEDULER, SchedulerName
+from shared.models import JobStatus, JobType
 from shared.train_schema import TrainParams
 from shared.webhooks import DEFAULT_WEBHOOK_EVENTS, SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_EVENTS, check_url
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-JOB_TYPES = ("train", "sample")
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+JOB_TYPES = tuple(t.value for t in JobType)
 SEED_MAX = 2**31 - 1
 
 
@@ -227,11 +228,6 @@ class DatasetOut(BaseModel):
 
 class DatasetList(BaseModel):
     items: list[DatasetOut]
-
-
-class ErrorDetail(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    message: str
 
 
 class ErrorInfo(BaseModel):
