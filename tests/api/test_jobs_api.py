@@ -14,6 +14,23 @@ def auth(key):
     return {"Authorization": f"Bearer {key}"}
 
 
+def race(n, call):
+    """``call()`` from ``n`` threads released at once; their results."""
+    results = []
+    barrier = threading.Barrier(n)
+
+    def go():
+        barrier.wait()
+        results.append(call())
+
+    threads = [threading.Thread(target=go) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def upload(client, key, csv_bytes, model, **form):
     return client.post("/v1/jobs/sample/csv", headers=auth(key),
                        files={"file": ("prompts.csv", io.BytesIO(csv_bytes), "text/csv")},
@@ -123,18 +140,7 @@ def test_concurrent_submits_with_one_idempotency_key_make_one_job(client, settin
     _, key, model_id = tiny_model
     body = {"model": model_id, "prompts": [{"prompt": "race"}]}
     h = {**auth(key), "Idempotency-Key": "race-key"}
-    results = []
-    barrier = threading.Barrier(8)
-
-    def go():
-        barrier.wait()
-        results.append(client.post("/v1/jobs/sample", headers=h, json=body))
-
-    threads = [threading.Thread(target=go) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race(8, lambda: client.post("/v1/jobs/sample", headers=h, json=body))
     assert all(r.status_code == 202 for r in results), [r.text for r in results]
     assert len({r.json()["id"] for r in results}) == 1
     with session_scope(settings) as s:
@@ -164,18 +170,7 @@ def test_every_create_path_has_the_same_idempotency(client, settings, tiny_model
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_idempotency_key", r.text
 
     h = {**auth(key), "Idempotency-Key": "train-race"}
-    results = []
-    barrier = threading.Barrier(4)
-
-    def go():
-        barrier.wait()
-        results.append(client.post("/v1/jobs/train", headers=h, json={"dataset": "builtin:digits", "steps": 5}))
-
-    threads = [threading.Thread(target=go) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race(4, lambda: client.post("/v1/jobs/train", headers=h, json={"dataset": "builtin:digits", "steps": 5}))
     assert all(r.status_code == 202 for r in results), [r.text for r in results]
     assert len({r.json()["id"] for r in results}) == 1
     with session_scope(settings) as s:
