@@ -89,7 +89,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_sweeper(args) -> int:
-    from shared.sweeper import run_forever, sweep_once
+    from shared.processes.sweeper import run_forever, sweep_once
 
     s = _settings()
     if args.once:
@@ -104,7 +104,7 @@ def cmd_webhooks(args) -> int:
     import signal
     import threading
 
-    from shared.webhooks import WebhookSettings, deliver_once, run_forever
+    from shared.processes.webhook_sender import WebhookSettings, deliver_once, run_forever
 
     s, ws = _settings(), WebhookSettings()
     if args.once:

@@ -252,9 +252,26 @@ def _validate(
     max_uncompressed_bytes: int,
     keep_bytes: bool,
 ) -> tuple[DatasetInfo, list[Record]]:
+    """Read the archive whole and check it: its description and its rows (with their image bytes
+    when ``keep_bytes``), or DatasetValidationError listing every problem found (up to a cap)."""
     archive = _Archive(data, filename, max_uncompressed_bytes)
     problems = list(archive.problems)
-    names = archive.names()
+    metadata_file = _metadata_file(archive.names(), filename, problems)
+    rows, meta_problems = _parse_metadata(archive.read(metadata_file), metadata_file)
+    problems += meta_problems
+    if len(rows) > max_images:
+        raise DatasetValidationError(
+            problems + [{"file": metadata_file, "message": f"{len(rows)} rows; at most {max_images} images allowed"}]
+        )
+    tally = _read_rows(archive, metadata_file, rows, problems, max_image_side=max_image_side,
+                       max_caption_chars=max_caption_chars, keep_bytes=keep_bytes)
+    if problems:
+        raise DatasetValidationError(problems[:MAX_REPORTED_PROBLEMS])
+    return _describe(archive, metadata_file, tally), tally.records
+
+
+def _metadata_file(names: list[str], filename: str, problems: list[dict]) -> str:
+    """The archive's one metadata file; none or more than one ends the check (with ``problems``)."""
     meta = [n for n in names if posixpath.basename(n) in METADATA_NAMES]
     if not meta:
         raise DatasetValidationError(
@@ -264,41 +281,40 @@ def _validate(
         raise DatasetValidationError(
             problems + [{"file": m, "message": "more than one metadata file in the archive"} for m in meta]
         )
-    metadata_file = meta[0]
-    root = posixpath.dirname(metadata_file)
-    rows, meta_problems = _parse_metadata(archive.read(metadata_file), metadata_file)
-    problems += meta_problems
-    if len(rows) > max_images:
-        raise DatasetValidationError(
-            problems + [{"file": metadata_file, "message": f"{len(rows)} rows; at most {max_images} images allowed"}]
-        )
+    return meta[0]
 
-    sizes: Counter = Counter()
-    formats: Counter = Counter()
-    records: list[Record] = []
-    listed: set[str] = set()
-    captions: set[str] = set()
-    max_chars = 0
+
+@dataclass
+class _Tally:
+    """What the good rows read so far add up to."""
+
+    records: list[Record] = field(default_factory=list)
+    listed: set[str] = field(default_factory=set)  # archive paths the rows named (good or not)
+    sizes: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+    captions: set[str] = field(default_factory=set)
+    max_chars: int = 0
+
+    def add(self, record: Record, size: tuple[int, int], fmt: str) -> None:
+        self.records.append(record)
+        self.sizes[f"{size[0]}x{size[1]}"] += 1
+        self.formats[fmt] += 1
+        self.captions.add(record.text)
+        self.max_chars = max(self.max_chars, len(record.text))
+
+
+def _read_rows(archive: _Archive, metadata_file: str, rows: list[tuple[int, dict]], problems: list[dict], *,
+               max_image_side: int, max_caption_chars: int, keep_bytes: bool) -> _Tally:
+    """Check each row's caption, file name and image, adding to ``problems``; the good rows are
+    tallied. Reading stops after a good row once the problems reach the reporting cap."""
+    tally = _Tally()
+    root = posixpath.dirname(metadata_file)
+    names = set(archive.names())
     for line, row in rows:
         where = f"row {line}" if metadata_file.endswith(".csv") else f"line {line}"
-        rel = _normalise(row["file_name"].strip())
-        text = row["text"]
-        if not text.strip():
-            problems.append({"file": metadata_file, "message": f"{where}: empty caption for {row['file_name']!r}"})
-        elif len(text) > max_caption_chars:
-            problems.append(
-                {"file": metadata_file, "message": f"{where}: caption has {len(text)} characters; at most {max_caption_chars}"}
-            )
-        if not row["file_name"].strip() or rel is None:
-            problems.append({"file": metadata_file, "message": f"{where}: bad file_name {row['file_name']!r}"})
-            continue
-        path = posixpath.join(root, rel) if root else rel
-        if path in listed:
-            problems.append({"file": metadata_file, "message": f"{where}: {row['file_name']!r} is listed twice"})
-            continue
-        listed.add(path)
-        if path not in names:
-            problems.append({"file": path, "message": f"listed in {metadata_file} ({where}) but not in the archive"})
+        problems += _caption_problems(row, where, metadata_file, max_caption_chars)
+        path = _listed_path(row["file_name"], root, where, metadata_file, tally.listed, names, problems)
+        if path is None:
             continue
         blob = archive.read(path)
         try:
@@ -306,32 +322,60 @@ def _validate(
         except ValueError as exc:
             problems.append({"file": path, "message": str(exc)})
             continue
-        sizes[f"{size[0]}x{size[1]}"] += 1
-        formats[fmt] += 1
-        captions.add(text)
-        max_chars = max(max_chars, len(text))
-        records.append(Record(row["file_name"], text, blob if keep_bytes else b""))
+        tally.add(Record(row["file_name"], row["text"], blob if keep_bytes else b""), size, fmt)
         if len(problems) >= MAX_REPORTED_PROBLEMS:
             break
-    if problems:
-        raise DatasetValidationError(problems[:MAX_REPORTED_PROBLEMS])
-    widths = [int(k.split("x")[0]) for k in sizes]
-    heights = [int(k.split("x")[1]) for k in sizes]
-    info = DatasetInfo(
-        num_images=len(records),
+    return tally
+
+
+def _caption_problems(row: dict, where: str, metadata_file: str, max_caption_chars: int) -> list[dict]:
+    """An empty caption, or one longer than ``max_caption_chars``."""
+    text = row["text"]
+    if not text.strip():
+        return [{"file": metadata_file, "message": f"{where}: empty caption for {row['file_name']!r}"}]
+    if len(text) > max_caption_chars:
+        return [{"file": metadata_file,
+                 "message": f"{where}: caption has {len(text)} characters; at most {max_caption_chars}"}]
+    return []
+
+
+def _listed_path(file_name: str, root: str, where: str, metadata_file: str, listed: set[str], names: set[str],
+                 problems: list[dict]) -> str | None:
+    """The archive path a row's ``file_name`` names (relative to the metadata file's folder), noted
+    in ``listed``; None, with the problem added, when it is bad, listed twice or not in the archive."""
+    rel = _normalise(file_name.strip())
+    if not file_name.strip() or rel is None:
+        problems.append({"file": metadata_file, "message": f"{where}: bad file_name {file_name!r}"})
+        return None
+    path = posixpath.join(root, rel) if root else rel
+    if path in listed:
+        problems.append({"file": metadata_file, "message": f"{where}: {file_name!r} is listed twice"})
+        return None
+    listed.add(path)
+    if path not in names:
+        problems.append({"file": path, "message": f"listed in {metadata_file} ({where}) but not in the archive"})
+        return None
+    return path
+
+
+def _describe(archive: _Archive, metadata_file: str, tally: _Tally) -> DatasetInfo:
+    """The DatasetInfo of a dataset whose every row was good."""
+    widths = [int(k.split("x")[0]) for k in tally.sizes]
+    heights = [int(k.split("x")[1]) for k in tally.sizes]
+    return DatasetInfo(
+        num_images=len(tally.records),
         archive_format=archive.format,
         metadata_file=metadata_file,
-        image_sizes=dict(sizes),
+        image_sizes=dict(tally.sizes),
         min_width=min(widths),
         min_height=min(heights),
         max_width=max(widths),
         max_height=max(heights),
-        image_formats=dict(formats),
-        num_distinct_captions=len(captions),
-        max_caption_chars=max_chars,
-        unlisted_files=sorted(n for n in names if n not in listed and n != metadata_file),
+        image_formats=dict(tally.formats),
+        num_distinct_captions=len(tally.captions),
+        max_caption_chars=tally.max_chars,
+        unlisted_files=sorted(n for n in archive.names() if n not in tally.listed and n != metadata_file),
     )
-    return info, records
 
 
 def inspect_archive(

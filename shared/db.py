@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,6 +56,12 @@ def get_engine(settings: Settings | None = None) -> Engine:
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(settings), expire_on_commit=False)
+
+
+def insert_for(session: Session):
+    """The ``insert`` of the session's dialect (PostgreSQL or SQLite): both have
+    ``on_conflict_do_nothing``, which the generic one lacks."""
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:

@@ -19,10 +19,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from shared.db import insert_for
 from shared.models import FINAL_STATUSES, Job, JobEvent, JobOutput, JobRow, JobStatus, utcnow
 
 _FINAL = [s.value for s in FINAL_STATUSES]
@@ -298,8 +297,7 @@ def record_outputs(session: Session, job_id: str, attempt: int, records: list[di
     locked = session.execute(select(Job.id).where(_fenced(job_id, attempt)).with_for_update()).first()
     if locked is None:
         raise LeaseLost(job_id)
-    dialect = session.get_bind().dialect.name
-    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    insert_fn = insert_for(session)
     now = utcnow()
     stmt = (
         insert_fn(JobOutput)

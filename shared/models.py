@@ -220,8 +220,8 @@ class JobWebhook(Base):
     """Where to POST a job's events and which of them (set at submit, one per job).
 
     ``scanned_through`` is this job's cursor into the ``job_events`` outbox for the delivery loop
-    (``shared.webhooks``); ``done`` is set once the job's final event has been scanned, so the
-    loop only ever looks at jobs whose webhooks can still fire.
+    (``shared.processes.webhook_sender``); ``done`` is set once the job's final event has been
+    scanned, so the loop only ever looks at jobs whose webhooks can still fire.
     """
 
     __tablename__ = "job_webhooks"

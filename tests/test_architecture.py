@@ -112,7 +112,7 @@ FORBIDDEN = {
     "worker.model": ("worker.jobs", "worker.runtime", "worker.tasks", "worker.celery_app",
                      # no database, no storage, no broker
                      "shared.db", "shared.models", "shared.jobstate", "shared.storage", "shared.registry",
-                     "shared.queue", "shared.sweeper", "shared.webhooks", "sqlalchemy", "boto3", "botocore",
+                     "shared.queue", "shared.processes", "shared.webhooks", "sqlalchemy", "boto3", "botocore",
                      "celery", "kombu", "redis", "psycopg"),
     "worker.jobs": ("worker.runtime", "worker.tasks", "worker.celery_app", "celery", "kombu"),
     "worker.runtime": ("worker.tasks", "worker.celery_app"),

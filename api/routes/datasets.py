@@ -8,9 +8,9 @@ from starlette.concurrency import run_in_threadpool
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.routes.jobs import ERRORS
+from api.schemas import DatasetList, DatasetOut
 from api.services import datasets as svc
 from shared.models import Dataset
-from shared.schemas import DatasetList, DatasetOut
 from shared.storage import get_storage
 
 router = routing.router(prefix="/v1/datasets", tags=["datasets"])

@@ -9,11 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.services import jobs as svc
-from shared.catalog import SCHEDULERS
-from shared.models import EVENT_TYPES
-from shared.schemas import (
-    WEBHOOK_EVENTS,
+from api.schemas import (
     ErrorBody,
     EventList,
     JobList,
@@ -24,7 +20,11 @@ from shared.schemas import (
     TrainRequest,
     WebhookDeliveryList,
 )
+from api.services import jobs as svc
+from shared.catalog import SCHEDULERS
+from shared.models import EVENT_TYPES
 from shared.storage import get_storage
+from shared.webhooks import WEBHOOK_EVENTS
 
 router = routing.router(prefix="/v1/jobs", tags=["jobs"])
 ERRORS: dict[int | str, dict[str, Any]] = {

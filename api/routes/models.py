@@ -4,9 +4,9 @@ from __future__ import annotations
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.routes.jobs import ERRORS
+from api.schemas import ImportModelRequest, ModelList, ModelOut
 from api.services import models as svc
 from api.services.jobs import get_model
-from shared.schemas import ImportModelRequest, ModelList, ModelOut
 from shared.storage import get_storage
 
 router = routing.router(prefix="/v1/models", tags=["models"])

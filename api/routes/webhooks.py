@@ -6,8 +6,8 @@ from __future__ import annotations
 from api import routing
 from api.deps import SessionDep, TenantDep
 from api.routes.jobs import ERRORS
+from api.schemas import WebhookSecretOut
 from api.services import webhooks as svc
-from shared.schemas import WebhookSecretOut
 
 router = routing.router(prefix="/v1/webhooks", tags=["webhooks"])
 

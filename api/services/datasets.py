@@ -6,12 +6,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
-from shared.datasets import DatasetValidationError, inspect_archive
+from shared.datasets import ARCHIVE_SUFFIXES, DatasetValidationError, inspect_archive
 from shared.models import Dataset, new_id
 from shared.security import TenantRef
 from shared.storage import Storage, dataset_key
-
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
 def create_dataset(session: Session, storage: Storage, tenant: TenantRef, filename: str, data: bytes,

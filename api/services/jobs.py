@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -16,8 +17,22 @@ from sqlalchemy.orm import Session, object_session
 
 from pydantic import ValidationError
 
+from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from api.errors import ApiError, not_found
-from shared.csvrows import CsvError, CsvLimits, parse_prompts_csv
+from api.schemas import (
+    JOB_STATUSES,
+    JOB_TYPES,
+    SEED_MAX,
+    EventOut,
+    JobOut,
+    OutputOut,
+    SampleEstimate,
+    SamplePrompt,
+    SampleRequest,
+    TrainRequest,
+    WebhookDeliveryOut,
+    WebhookSpec,
+)
 from shared import jobstate
 from shared.catalog import BUILTIN_DATASETS
 from shared.db import after_commit
@@ -35,25 +50,10 @@ from shared.models import (
     utcnow,
 )
 from shared.queue import enqueue
-from shared.schemas import (
-    JOB_STATUSES,
-    JOB_TYPES,
-    SEED_MAX,
-    EventOut,
-    JobOut,
-    OutputOut,
-    SampleEstimate,
-    SamplePrompt,
-    SampleRequest,
-    TrainRequest,
-    WebhookDeliveryOut,
-    WebhookSpec,
-)
 from shared.security import TenantRef
 from shared.settings import Settings
 from shared.storage import Storage, manifest_key
 from shared.train_schema import TrainParams
-
 
 
 def request_hash(kind: str, payload: Any) -> str:
@@ -111,7 +111,16 @@ def get_model(session: Session, tenant: TenantRef, model_id: str) -> Model:
     return model
 
 
+def _idempotency_key(raw: str | None) -> str | None:
+    """The ``Idempotency-Key`` header, stripped (blank: none); longer than the column is a 422."""
+    key = (raw or "").strip() or None
+    if key is not None and len(key) > 200:
+        raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key is longer than 200 characters")
+    return key
+
+
 def _existing_for_key(session: Session, tenant: TenantRef, key: str, digest: str) -> Job | None:
+    """The tenant's job made with ``key``, if any; a 422 when it was made from another request."""
     job = session.scalars(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key)).first()
     if job is not None and job.request_hash != digest:
         raise ApiError(422, "idempotency_key_reused",
@@ -119,22 +128,28 @@ def _existing_for_key(session: Session, tenant: TenantRef, key: str, digest: str
     return job
 
 
-def _insert(session: Session, settings: Settings, tenant: TenantRef, job: Job, idempotency_key: str | None,
-            digest: str) -> tuple[Job, bool]:
-    """Insert ``job`` unless ``idempotency_key`` already names one; return (job, created)."""
-    idempotency_key = (idempotency_key or "").strip() or None
-    if idempotency_key:
-        if len(idempotency_key) > 200:
-            raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key is longer than 200 characters")
-        found = _existing_for_key(session, tenant, idempotency_key, digest)
+def _create_once(session: Session, settings: Settings, tenant: TenantRef, idempotency_key: str | None,
+                 digest: str, build: Callable[[], Job], webhook: WebhookSpec | None) -> Submitted:
+    """The one way a job is created (JSON sample, CSV sample, train), with its idempotency.
+
+    With an ``Idempotency-Key`` that already names a job of the tenant, that job is the answer (a
+    replay; a 422 if the request differs, by ``digest``) and ``build`` is never called. Otherwise
+    the job ``build()`` returns is inserted with its webhook, and enqueued once the transaction
+    commits. Two requests racing with one key: the unique (tenant, key) constraint lets one insert
+    win; the other, inside a savepoint, reads the winner's job instead.
+    """
+    key = _idempotency_key(idempotency_key)
+    if key:
+        found = _existing_for_key(session, tenant, key, digest)
         if found is not None:
-            return found, False
-    job.idempotency_key = idempotency_key
+            return Submitted(found, False)
+    job = build()
+    job.idempotency_key = key
     job.request_hash = digest
     job.tenant_id = tenant.id
-    job.max_attempts = job.max_attempts or settings.max_attempts
+    job.max_attempts = job.max_attempts or settings.max_attempts  # the request's, else the default
     job.enqueued_at = utcnow()
-    if not idempotency_key:  # nothing to collide with: no savepoint (two round trips) needed
+    if not key:  # nothing to collide with: no savepoint (two round trips) needed
         session.add(job)
         session.flush()
     else:
@@ -144,12 +159,12 @@ def _insert(session: Session, settings: Settings, tenant: TenantRef, job: Job, i
                 session.flush()
         except IntegrityError:
             # A concurrent request with the same key won the insert.
-            found = _existing_for_key(session, tenant, idempotency_key, digest)
+            found = _existing_for_key(session, tenant, key, digest)
             if found is None:
                 raise
-            return found, False
+            return Submitted(found, False)
     after_commit(session, lambda: enqueue(job.id, job.type, settings))
-    return job, True
+    return Submitted(job, True, _add_webhook(session, job, webhook))
 
 
 def _add_webhook(session: Session, job: Job, webhook: WebhookSpec | None) -> JobWebhook | None:
@@ -202,20 +217,16 @@ def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, r
     total = sum(p.num_images for p in req.prompts)
 
     digest = digest or request_hash("sample", req.model_dump(mode="json"))
-    idempotency_key = (idempotency_key or "").strip() or None
-    if idempotency_key:
-        found = _existing_for_key(session, tenant, idempotency_key, digest)
-        if found is not None:
-            return Submitted(found, False)
-    params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook"})
-    params["num_rows"] = len(req.prompts)
-    job = Job(type=JobType.sample.value, status=JobStatus.queued.value, params=params, model_id=model.id,
-              total_items=total, max_attempts=req.max_attempts or settings.max_attempts)
-    job.rows = [_row(i, p) for i, p in enumerate(req.prompts, start=1)]
-    job, created = _insert(session, settings, tenant, job, idempotency_key, digest)
-    if created:
-        return Submitted(job, True, _add_webhook(session, job, req.webhook))
-    return Submitted(job, False)
+
+    def build() -> Job:
+        params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook"})
+        params["num_rows"] = len(req.prompts)
+        job = Job(type=JobType.sample.value, status=JobStatus.queued.value, params=params, model_id=model.id,
+                  total_items=total, max_attempts=req.max_attempts)
+        job.rows = [_row(i, p) for i, p in enumerate(req.prompts, start=1)]
+        return job
+
+    return _create_once(session, settings, tenant, idempotency_key, digest, build, req.webhook)
 
 
 def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str | None]
@@ -329,12 +340,10 @@ def create_train_job(session: Session, settings: Settings, tenant: TenantRef, re
     # The webhook is part of the request (so a key reused with another webhook is refused) but not
     # of the params the worker reads.
     digest = request_hash("train", body if webhook is None else {**body, "webhook": webhook.model_dump(mode="json")})
-    job = Job(type=JobType.train.value, status=JobStatus.queued.value, params=body, dataset_id=dataset_id,
-              total_items=0, max_attempts=settings.max_attempts)
-    job, created = _insert(session, settings, tenant, job, idempotency_key, digest)
-    if created:
-        return Submitted(job, True, _add_webhook(session, job, webhook))
-    return Submitted(job, False)
+    return _create_once(session, settings, tenant, idempotency_key, digest,
+                        lambda: Job(type=JobType.train.value, status=JobStatus.queued.value, params=body,
+                                    dataset_id=dataset_id, total_items=0),
+                        webhook)
 
 
 def _encode_cursor(job: Job) -> str:

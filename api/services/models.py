@@ -8,10 +8,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.schemas import ModelOut
 from shared.models import Model, new_id
 from shared.security import TenantRef
 from shared.pipelines import PipelineRejected, check_pipeline_files
-from shared.schemas import ModelOut
 from shared.settings import Settings
 from shared.storage import S3Storage, Storage, model_prefix
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from api.schemas import WebhookSecretOut
 from shared.models import Tenant
-from shared.schemas import WebhookSecretOut
 from shared.security import TenantRef
 from shared.webhooks import ensure_webhook_secret
 

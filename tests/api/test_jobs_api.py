@@ -14,6 +14,23 @@ def auth(key):
     return {"Authorization": f"Bearer {key}"}
 
 
+def race(n, call):
+    """``call()`` from ``n`` threads released at once; their results."""
+    results = []
+    barrier = threading.Barrier(n)
+
+    def go():
+        barrier.wait()
+        results.append(call())
+
+    threads = [threading.Thread(target=go) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def upload(client, key, csv_bytes, model, **form):
     return client.post("/v1/jobs/sample/csv", headers=auth(key),
                        files={"file": ("prompts.csv", io.BytesIO(csv_bytes), "text/csv")},
@@ -123,22 +140,43 @@ def test_concurrent_submits_with_one_idempotency_key_make_one_job(client, settin
     _, key, model_id = tiny_model
     body = {"model": model_id, "prompts": [{"prompt": "race"}]}
     h = {**auth(key), "Idempotency-Key": "race-key"}
-    results = []
-    barrier = threading.Barrier(8)
-
-    def go():
-        barrier.wait()
-        results.append(client.post("/v1/jobs/sample", headers=h, json=body))
-
-    threads = [threading.Thread(target=go) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race(8, lambda: client.post("/v1/jobs/sample", headers=h, json=body))
     assert all(r.status_code == 202 for r in results), [r.text for r in results]
     assert len({r.json()["id"] for r in results}) == 1
     with session_scope(settings) as s:
         assert s.query(Job).filter_by(idempotency_key="race-key").count() == 1
+
+
+def test_every_create_path_has_the_same_idempotency(client, settings, tiny_model):
+    """The CSV upload and the train submit replay, refuse a reused key and refuse a key over 200
+    characters as the JSON sample submit does; racing trains with one key make one job."""
+    _, key, model_id = tiny_model
+
+    def csv_upload(headers, **form):
+        return client.post("/v1/jobs/sample/csv", headers=headers, data={"model": model_id, **form},
+                           files={"file": ("prompts.csv", io.BytesIO(b"prompt\na cat\n"), "text/csv")})
+
+    h = {**auth(key), "Idempotency-Key": "csv-key"}
+    a, b = csv_upload(h), csv_upload(h)
+    assert a.status_code == b.status_code == 202 and a.json()["id"] == b.json()["id"]
+    assert "Idempotent-Replayed" not in a.headers and b.headers.get("Idempotent-Replayed") == "true"
+    c = csv_upload(h, steps="3")
+    assert c.status_code == 422 and c.json()["error"]["code"] == "idempotency_key_reused"
+
+    long = {**auth(key), "Idempotency-Key": "k" * 201}
+    for r in (client.post("/v1/jobs/sample", headers=long, json={"model": model_id, "prompts": [{"prompt": "x"}]}),
+              csv_upload(long),
+              client.post("/v1/jobs/train", headers=long, json={"dataset": "builtin:digits", "steps": 5})):
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_idempotency_key", r.text
+
+    h = {**auth(key), "Idempotency-Key": "train-race"}
+    results = race(4, lambda: client.post("/v1/jobs/train", headers=h, json={"dataset": "builtin:digits", "steps": 5}))
+    assert all(r.status_code == 202 for r in results), [r.text for r in results]
+    assert len({r.json()["id"] for r in results}) == 1
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(idempotency_key="train-race").count() == 1
+    for job_id in {a.json()["id"], results[0].json()["id"]}:  # no worker here: leave nothing queued
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key)).status_code == 200
 
 
 def test_csv_upload_creates_job(client, settings, tiny_model):

@@ -21,8 +21,9 @@ import pytest
 from shared import jobstate
 from shared.db import session_scope
 from shared.models import JobStatus, JobWebhook, WebhookDelivery
+from shared.processes.webhook_sender import WebhookSettings, backoff_delay, deliver_once, scan
 from shared.train_schema import TrainParams
-from shared.webhooks import WebhookSettings, backoff_delay, deliver_once, scan, sign, verify_signature
+from shared.webhooks import sign, verify_signature
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import uuid
 from shared.db import session_scope
 from shared.models import Job, utcnow
 from shared.queue import enqueue
-from shared.sweeper import broker_view, sweep_once
+from shared.processes.sweeper import broker_view, sweep_once
 from tests.faults.conftest import redis_client
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from shared.csvrows import CsvError, CsvLimits, parse_prompts_csv
+from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
 
 
 def problems(data: bytes, limits=CsvLimits()):

@@ -1,24 +1,21 @@
-"""Request and response schemas of the REST contract (``../shared/spec/api.md``), separate from
+"""Request and response schemas of the REST contract (``docs/api.md``), separate from
 the ORM models. Limits that depend on settings are checked in the service layer."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
-
-from urllib.parse import urlsplit
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.catalog import DEFAULT_SCHEDULER, SchedulerName
+from shared.models import JobStatus, JobType
 from shared.train_schema import TrainParams
+from shared.webhooks import DEFAULT_WEBHOOK_EVENTS, SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_EVENTS, check_url
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-JOB_TYPES = ("train", "sample")
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+JOB_TYPES = tuple(t.value for t in JobType)
 SEED_MAX = 2**31 - 1
-# Events a webhook can subscribe to (``requeued`` is internal: the job goes on by itself).
-WEBHOOK_EVENTS = ("started", "progress", "row_done", "checkpoint", "succeeded", "failed", "canceled")
-DEFAULT_WEBHOOK_EVENTS = ("started", "succeeded", "failed", "canceled")
 
 
 def _no_control_chars(v: str) -> str:
@@ -69,11 +66,7 @@ class WebhookSpec(Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        v = v.strip()
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("url must be an absolute http:// or https:// URL")
-        return v
+        return check_url(v)
 
     @field_validator("events")
     @classmethod
@@ -220,8 +213,8 @@ class WebhookDeliveryList(BaseModel):
 class WebhookSecretOut(BaseModel):
     secret: str
     algorithm: str = "hmac-sha256"
-    signature_header: str = "X-Ldmq-Signature"
-    timestamp_header: str = "X-Ldmq-Timestamp"
+    signature_header: str = SIGNATURE_HEADER
+    timestamp_header: str = TIMESTAMP_HEADER
     signed_payload: str = "<X-Ldmq-Timestamp>.<raw request body>"
 
 
@@ -235,11 +228,6 @@ class DatasetOut(BaseModel):
 
 class DatasetList(BaseModel):
     items: list[DatasetOut]
-
-
-class ErrorDetail(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    message: str
 
 
 class ErrorInfo(BaseModel):

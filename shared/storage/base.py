@@ -1,0 +1,126 @@
+"""The ``Storage`` interface, its errors and what every backend shares (the directory copies);
+the backends are ``file.py`` and ``s3.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+
+class StorageError(Exception):
+    """The storage backend failed or is unreachable (the API answers 503)."""
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class ChecksumMismatch(StorageError):
+    pass
+
+
+class ObjectExists(StorageError):
+    """A conditional write (If-None-Match: *) found the key already written."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend did not answer (connection refused, timeouts, 5xx) for the whole retry budget."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Storage(ABC):
+    scheme: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream",
+                  if_none_match: bool = False) -> str:
+        """Store ``data`` at ``key``; return its sha256. ``if_none_match`` never overwrites."""
+
+    @abstractmethod
+    def get_bytes(self, key: str, *, verify: bool = True) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (relative to the root), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def presigned_url(self, key: str, expires_s: int) -> str: ...
+
+    @abstractmethod
+    def uri(self, key: str = "") -> str: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise StorageError unless the backend answers."""
+
+    def checksum(self, key: str) -> str | None:
+        """The stored SHA-256 of ``key`` (ObjectNotFound if absent; None if it carries none)."""
+        return sha256_hex(self.get_bytes(key, verify=False))
+
+    def put_bytes_once(self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
+                       ) -> tuple[str, bool]:
+        """Create ``key`` only if absent (S3 ``If-None-Match: *``); returns (sha256 stored, created).
+
+        A run that repeats an earlier attempt's write, or a stale run that lost its lease, keeps
+        the object that is there: a final write can never clobber the winner's."""
+        try:
+            return self.put_bytes(key, data, content_type=content_type, if_none_match=True), True
+        except ObjectExists:
+            return self.checksum(key) or sha256_hex(self.get_bytes(key, verify=False)), False
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
+        return self.put_bytes(key, Path(path).read_bytes(), content_type=content_type)
+
+    def upload_dir(self, local_dir: Path, prefix: str) -> list[str]:
+        keys = []
+        local_dir = Path(local_dir)
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            key = f"{prefix.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
+            self.put_file(key, path)
+            keys.append(key)
+        return keys
+
+    def download_dir(self, prefix: str, local_dir: Path) -> Path:
+        """Copy every object under ``prefix`` into ``local_dir`` (written atomically, verified)."""
+        prefix = prefix.rstrip("/") + "/"
+        keys = self.list(prefix)
+        if not keys:
+            raise ObjectNotFound(f"nothing stored under {self.uri(prefix)}")
+        local_dir = Path(local_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=local_dir.parent if local_dir.parent.exists() else None))
+        try:
+            for key in keys:
+                dest = tmp / key[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(self.get_bytes(key))
+            if local_dir.exists():
+                shutil.rmtree(local_dir)
+            local_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return local_dir
+
+    def copy_prefix(self, src: Storage, src_prefix: str, dest_prefix: str) -> list[str]:
+        src_prefix = src_prefix.rstrip("/") + "/"
+        keys = src.list(src_prefix)
+        out = []
+        for key in keys:
+            dest = f"{dest_prefix.rstrip('/')}/{key[len(src_prefix):]}"
+            self.put_bytes(dest, src.get_bytes(key, verify=False))
+            out.append(dest)
+        return out

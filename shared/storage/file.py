@@ -1,0 +1,97 @@
+"""``file://`` storage: a local folder, each object beside a ``.<name>.sha256`` sidecar."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from shared.storage.base import ChecksumMismatch, ObjectExists, ObjectNotFound, Storage, StorageError, sha256_hex
+
+
+class FileStorage(Storage):
+    scheme = "file"
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key escapes the storage root: {key!r}")
+        return path
+
+    def put_bytes(self, key, data, *, content_type="application/octet-stream", if_none_match=False):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = sha256_hex(data)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        Path(tmp + ".sha256").write_text(digest)
+        if if_none_match:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent
+            except FileExistsError:
+                os.unlink(tmp)
+                os.unlink(tmp + ".sha256")
+                raise ObjectExists(key) from None
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+        os.replace(tmp + ".sha256", self._sidecar(path))
+        return digest
+
+    @staticmethod
+    def _sidecar(path: Path) -> Path:
+        return path.parent / f".{path.name}.sha256"
+
+    def get_bytes(self, key, *, verify=True):
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        side = self._sidecar(path)
+        if verify and side.exists() and side.read_text().strip() != sha256_hex(data):
+            raise ChecksumMismatch(key)
+        return data
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def checksum(self, key):
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        side = self._sidecar(path)
+        return side.read_text().strip() if side.exists() else sha256_hex(path.read_bytes())
+
+    def list(self, prefix):
+        base = self.root
+        out = []
+        if not base.exists():
+            return out
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                rel = p.relative_to(base).as_posix()
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    def delete(self, key):
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        self._sidecar(path).unlink(missing_ok=True)
+
+    def presigned_url(self, key, expires_s):
+        # A local folder has no signing server: the embedded default hands out the file's URI.
+        return self._path(key).as_uri()
+
+    def uri(self, key=""):
+        return (self.root / key).as_uri() if key else self.root.as_uri() + "/"
+
+    def check(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")

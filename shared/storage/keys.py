@@ -1,0 +1,27 @@
+"""Key layout: everything a tenant owns lives under its own prefix."""
+
+from __future__ import annotations
+
+
+def job_prefix(tenant_id: str, job_id: str) -> str:
+    return f"{tenant_id}/jobs/{job_id}"
+
+
+def output_key(tenant_id: str, job_id: str, row: int, index: int) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/rows/{row:06d}/{index:03d}.png"
+
+
+def manifest_key(tenant_id: str, job_id: str) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/manifest.json"
+
+
+def model_prefix(tenant_id: str, model_id: str) -> str:
+    return f"{tenant_id}/models/{model_id}"
+
+
+def dataset_key(tenant_id: str, dataset_id: str, filename: str) -> str:
+    return f"{tenant_id}/datasets/{dataset_id}/{filename}"
+
+
+def checkpoint_prefix(tenant_id: str, job_id: str, step: int) -> str:
+    return f"{job_prefix(tenant_id, job_id)}/checkpoints/step-{step:08d}"
