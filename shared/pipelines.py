@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+from shared.paths import plain_relative_path
 
 # Weight files that are pickles: refused by name, never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -40,34 +42,12 @@ ALLOWED_COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 NULL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 PIPELINE_OPTIONS = ("requires_safety_checker",)  # plain values, not components
-MAX_PATH_CHARS = 512
 
 
 class PipelineRejected(ValueError):
     def __init__(self, problems: list[str]):
         super().__init__("; ".join(problems))
         self.problems = problems
-
-
-def plain_relative_path(path: str) -> str | None:
-    """Why ``path`` is not a plain relative path (POSIX separators, no ``..`` or ``.`` part, no
-    empty part, no leading ``/``, no backslash or control character), or None when it is one."""
-    if not path:
-        return "empty path"
-    if len(path) > MAX_PATH_CHARS:
-        return f"path longer than {MAX_PATH_CHARS} characters"
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        return "control character in path"
-    if "\\" in path:
-        return "backslash in path"
-    if path.startswith("/"):
-        return "absolute path"
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return "'.', '..' or empty part in path"
-    if PurePosixPath(path).is_absolute() or ":" in parts[0]:
-        return "absolute path"
-    return None
 
 
 def _check_index(index: dict, problems: list[str]) -> None:

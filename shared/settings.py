@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     max_images_per_job: int = Field(default=50_000, ge=1)
     max_steps: int = Field(default=1000, ge=1)
     max_image_size: int = Field(default=1024, ge=8)
+    model_import_sources: str = Field(default="", description=(
+        "Comma-separated s3://bucket/prefix/ locations a tenant may import pipelines from, besides its "
+        "own prefix in ldmq's storage (e.g. an operator's shared model library)."))
+    model_import_max_bytes: int = Field(default=16 * 2**30, ge=1, description=(
+        "The most bytes one model import may copy (counted as they arrive)."))
+    model_import_max_files: int = Field(default=200, ge=1, description="The most files one model import may hold.")
     api_threads: int = Field(default=8, ge=1, le=200, description=(
         "Threads the API runs blocking work on (sync routes, commits, key lookups); requests beyond them wait "
         "their turn on the event loop. Commits have as many threads again, of their own."))

@@ -105,6 +105,7 @@ def settings(migrated_pg, redis_url, s3_endpoint, s3_bucket, tmp_path):
         database_url=migrated_pg,
         broker_url=redis_url,
         storage_url=f"s3://{s3_bucket}/t-{uuid.uuid4().hex[:8]}",
+        model_import_sources=f"s3://{s3_bucket}/incoming/",  # where the import tests put pipelines
         s3_endpoint_url=s3_endpoint,
         var_dir=tmp_path / "var",
         heartbeat_seconds=0.5,

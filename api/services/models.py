@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from urllib.parse import urlparse
 
 from sqlalchemy import select
@@ -13,7 +15,7 @@ from shared.models import Model, new_id
 from shared.security import TenantRef
 from shared.pipelines import PipelineRejected, check_pipeline_files
 from shared.settings import Settings
-from shared.storage import S3Storage, Storage, model_prefix
+from shared.storage import ObjectTooLarge, S3Storage, Storage, model_prefix
 
 
 def artifact_urls(m: Model, storage: Storage, expires_s: int) -> dict[str, str]:
@@ -37,34 +39,82 @@ def list_models(session: Session, tenant: TenantRef) -> list[Model]:
     return list(session.scalars(select(Model).where(Model.tenant_id == tenant.id).order_by(Model.created_at.desc())))
 
 
+def import_sources(settings: Settings) -> list[tuple[str, str]]:
+    """The operator's ``LDMQ_MODEL_IMPORT_SOURCES`` as (bucket, key prefix ending in "/") pairs."""
+    out = []
+    for item in settings.model_import_sources.split(","):
+        parsed = urlparse(item.strip())
+        if parsed.scheme == "s3" and parsed.netloc:
+            path = parsed.path.strip("/")
+            out.append((parsed.netloc, f"{path}/" if path else ""))
+    return out
+
+
+def _may_import(settings: Settings, storage: Storage, tenant: TenantRef, bucket: str, prefix: str) -> bool:
+    """From the tenant's own prefix in ldmq's storage, or from a location the operator listed."""
+    within = prefix + "/"
+    if isinstance(storage, S3Storage) and bucket == storage.bucket and within.startswith(storage.full_key(f"{tenant.id}/")):
+        return True
+    return any(bucket == b and within.startswith(p) for b, p in import_sources(settings))
+
+
 def import_model(session: Session, settings: Settings, storage: Storage, tenant: TenantRef, source: str,
                  name: str | None) -> Model:
+    """Copy a diffusers pipeline folder into the tenant's models, after checking it whole.
+
+    Refused, with the same 404 whether the location is empty or full: anything outside the tenant's
+    own prefix and the operator's import sources (so a tenant learns nothing of another's files).
+    Refused with 422: more than ``model_import_max_files`` files, any file that fails the pipeline
+    check (paths, pickles, code, classes; ``shared.pipelines``), or more than
+    ``model_import_max_bytes`` bytes (counted while copying; what was copied is removed). Objects are
+    copied one at a time through a temporary file, never whole in the API's memory.
+    """
     parsed = urlparse(source)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ApiError(422, "invalid_source", "source must be s3://bucket/prefix of a pipeline directory")
-    src = S3Storage(parsed.netloc, "", endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     src_prefix = parsed.path.strip("/")
-    # Inside ldmq's own storage, a tenant may import only from under its own prefix.
-    if isinstance(storage, S3Storage) and storage.bucket == src.bucket:
-        own = storage._key(f"{tenant.id}/")
-        root = storage.prefix + "/" if storage.prefix else ""
-        if src_prefix.startswith(root) and not (src_prefix + "/").startswith(own):
-            raise ApiError(404, "not_found", f"nothing to import at {source}")
+    not_found = ApiError(404, "not_found", f"nothing to import at {source}")
+    if not src_prefix or not _may_import(settings, storage, tenant, parsed.netloc, src_prefix):
+        raise not_found
+    src = S3Storage(parsed.netloc, "", endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                    retry_s=settings.storage_retry_s)
     keys = src.list(src_prefix + "/")
     if not keys:
-        raise ApiError(422, "invalid_source", f"no objects under {source}")
+        raise not_found
+    if len(keys) > settings.model_import_max_files:
+        raise ApiError(422, "invalid_pipeline", f"the source holds {len(keys)} files; an import may hold at most "
+                                                f"{settings.model_import_max_files}")
     rel = [k[len(src_prefix) + 1:] for k in keys]
-    index = src.get_bytes(src_prefix + "/model_index.json", verify=False) if "model_index.json" in rel else None
     try:
-        config = check_pipeline_files(rel, index)
+        config = check_pipeline_files(rel, _small_object(src, src_prefix, "model_index.json", rel),
+                                      read_config=lambda r: _small_object(src, src_prefix, r, rel) or b"")
     except PipelineRejected as exc:
         raise ApiError(422, "invalid_pipeline", "the source is not an acceptable pipeline directory",
                        [{"message": p} for p in exc.problems]) from None
     model_id = new_id()
     prefix = model_prefix(tenant.id, model_id)
-    storage.copy_prefix(src, src_prefix, prefix)
+    try:
+        storage.copy_prefix(src, src_prefix, prefix, keys=keys, max_bytes=settings.model_import_max_bytes)
+    except ObjectTooLarge:
+        raise ApiError(422, "invalid_pipeline", f"the source holds more than {settings.model_import_max_bytes} "
+                                                "bytes, the most an import may copy") from None
     model = Model(id=model_id, tenant_id=tenant.id, name=name or src_prefix.rsplit("/", 1)[-1],
                   uri=storage.uri(prefix) + "/", key=prefix, config={"model_index": config, "source": source})
     session.add(model)
     session.flush()
     return model
+
+
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def _small_object(src: Storage, prefix: str, rel: str, present: list[str]) -> bytes | None:
+    """A config file of the source (None if absent); one over 1 MiB is refused, not read whole."""
+    if rel not in present:
+        return None
+    buf = io.BytesIO()
+    try:
+        src.read_into(f"{prefix}/{rel}", buf, max_bytes=CONFIG_MAX_BYTES)
+    except ObjectTooLarge:
+        raise ApiError(422, "invalid_pipeline", f"{rel} is larger than {CONFIG_MAX_BYTES} bytes") from None
+    return buf.getvalue()

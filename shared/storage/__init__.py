@@ -16,9 +16,11 @@ from shared.storage.base import (
     ChecksumMismatch,
     ObjectExists,
     ObjectNotFound,
+    ObjectTooLarge,
     Storage,
     StorageError,
     StorageUnavailable,
+    UnsafeKey,
     sha256_hex,
 )
 from shared.storage.file import FileStorage
@@ -26,8 +28,8 @@ from shared.storage.keys import checkpoint_prefix, dataset_key, job_prefix, mani
 from shared.storage.s3 import S3Storage
 
 __all__ = [
-    "ChecksumMismatch", "FileStorage", "ObjectExists", "ObjectNotFound", "S3Storage", "Storage", "StorageError",
-    "StorageUnavailable", "checkpoint_prefix", "dataset_key", "get_storage", "job_prefix", "manifest_key",
+    "ChecksumMismatch", "FileStorage", "ObjectExists", "ObjectNotFound", "ObjectTooLarge", "S3Storage", "Storage", "StorageError",
+    "StorageUnavailable", "UnsafeKey", "checkpoint_prefix", "dataset_key", "get_storage", "job_prefix", "manifest_key",
     "model_prefix", "output_key", "sha256_hex", "storage_from_url",
 ]
 

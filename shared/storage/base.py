@@ -10,6 +10,8 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from shared.paths import UnsafePath, path_within, plain_relative_path
+
 
 class StorageError(Exception):
     """The storage backend failed or is unreachable (the API answers 503)."""
@@ -25,6 +27,15 @@ class ChecksumMismatch(StorageError):
 
 class ObjectExists(StorageError):
     """A conditional write (If-None-Match: *) found the key already written."""
+
+
+class UnsafeKey(StorageError):
+    """A key that is not a plain relative path, or a local path built from one that would leave its
+    folder (see ``shared.paths``): refused before anything is read or written."""
+
+
+class ObjectTooLarge(StorageError):
+    """A copy passed the byte budget it was given; what it had written is removed."""
 
 
 class StorageUnavailable(StorageError):
@@ -84,6 +95,15 @@ class Storage(ABC):
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
         return self.put_bytes(key, Path(path).read_bytes(), content_type=content_type)
 
+    def read_into(self, key: str, out, *, max_bytes: int | None = None) -> int:
+        """Write the object's bytes to the binary file ``out`` and return how many there were;
+        ObjectTooLarge once more than ``max_bytes`` arrive (backends stream: memory stays small)."""
+        data = self.get_bytes(key, verify=False)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(f"{key!r} is larger than the {max_bytes} bytes left in the budget")
+        out.write(data)
+        return len(data)
+
     def upload_dir(self, local_dir: Path, prefix: str) -> list[str]:
         keys = []
         local_dir = Path(local_dir)
@@ -103,7 +123,10 @@ class Storage(ABC):
         tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=local_dir.parent if local_dir.parent.exists() else None))
         try:
             for key in keys:
-                dest = tmp / key[len(prefix):]
+                try:  # the key is tenant input: it must not write outside the folder
+                    dest = path_within(tmp, key[len(prefix):])
+                except UnsafePath as exc:
+                    raise UnsafeKey(f"refusing to download {key!r}: {exc}") from None
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(self.get_bytes(key))
             if local_dir.exists():
@@ -115,12 +138,35 @@ class Storage(ABC):
                 shutil.rmtree(tmp, ignore_errors=True)
         return local_dir
 
-    def copy_prefix(self, src: Storage, src_prefix: str, dest_prefix: str) -> list[str]:
+    def copy_prefix(self, src: Storage, src_prefix: str, dest_prefix: str, *, max_bytes: int | None = None,
+                    keys: list[str] | None = None, spool_dir: Path | None = None) -> list[str]:
+        """Copy every object under ``src_prefix`` of ``src`` (or the given ``keys`` of it) to the
+        same relative keys under ``dest_prefix``, one at a time through a temporary file (never a
+        whole object in memory), at most ``max_bytes`` in all (counted as the bytes arrive, not
+        from declared sizes). On any failure the objects already copied are deleted: nothing is
+        left half stored."""
         src_prefix = src_prefix.rstrip("/") + "/"
-        keys = src.list(src_prefix)
-        out = []
-        for key in keys:
-            dest = f"{dest_prefix.rstrip('/')}/{key[len(src_prefix):]}"
-            self.put_bytes(dest, src.get_bytes(key, verify=False))
-            out.append(dest)
+        keys = src.list(src_prefix) if keys is None else keys
+        for key in keys:  # every key is checked before a byte is copied
+            if why := plain_relative_path(key[len(src_prefix):]):
+                raise UnsafeKey(f"refusing to copy {key!r}: {why}")
+        out: list[str] = []
+        left = max_bytes
+        try:
+            for key in keys:
+                dest = f"{dest_prefix.rstrip('/')}/{key[len(src_prefix):]}"
+                with tempfile.NamedTemporaryFile(dir=spool_dir, prefix=".copy-") as spool:
+                    n = src.read_into(key, spool, max_bytes=left)
+                    spool.flush()
+                    out.append(dest)
+                    self.put_file(dest, Path(spool.name))
+                if left is not None:
+                    left -= n
+        except BaseException:
+            for dest in out:
+                try:
+                    self.delete(dest)
+                except Exception:  # the caller's error matters more; a leftover is logged by the backend
+                    pass
+            raise
         return out

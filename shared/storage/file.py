@@ -6,7 +6,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from shared.storage.base import ChecksumMismatch, ObjectExists, ObjectNotFound, Storage, StorageError, sha256_hex
+from shared.paths import UnsafePath, path_within
+from shared.storage.base import (
+    ChecksumMismatch,
+    ObjectExists,
+    ObjectNotFound,
+    ObjectTooLarge,
+    Storage,
+    StorageError,
+    UnsafeKey,
+    sha256_hex,
+)
 
 
 class FileStorage(Storage):
@@ -16,10 +26,11 @@ class FileStorage(Storage):
         self.root = Path(root).resolve()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if path != self.root and self.root not in path.parents:
-            raise StorageError(f"key escapes the storage root: {key!r}")
-        return path
+        """The file of ``key``: a plain relative key whose path (links resolved) stays under the root."""
+        try:
+            return path_within(self.root, key)
+        except UnsafePath as exc:
+            raise UnsafeKey(f"key escapes the storage root: {exc}") from None
 
     def put_bytes(self, key, data, *, content_type="application/octet-stream", if_none_match=False):
         path = self._path(key)
@@ -56,6 +67,20 @@ class FileStorage(Storage):
         if verify and side.exists() and side.read_text().strip() != sha256_hex(data):
             raise ChecksumMismatch(key)
         return data
+
+    def read_into(self, key, out, *, max_bytes=None):
+        path = self._path(key)
+        n = 0
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    n += len(chunk)
+                    if max_bytes is not None and n > max_bytes:
+                        raise ObjectTooLarge(f"{key!r} is larger than the {max_bytes} bytes left in the budget")
+                    out.write(chunk)
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        return n
 
     def exists(self, key):
         return self._path(key).is_file()

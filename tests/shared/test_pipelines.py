@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from shared.pipelines import PipelineRejected, check_pipeline_dir, check_pipeline_files, plain_relative_path
+from shared.paths import plain_relative_path
+from shared.pipelines import PipelineRejected, check_pipeline_dir, check_pipeline_files
 
 
 @pytest.fixture
