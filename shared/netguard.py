@@ -29,6 +29,8 @@ SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 Resolver = Callable[[str, int], list[str]]
+# The request extension that carries the checked address a request must connect to.
+PIN_EXTENSION = "ldmq_pinned_address"
 
 
 class RefusedDestination(ValueError):
@@ -95,7 +97,7 @@ def resolve_pinned(url: str, *, block_private: bool = True, resolver: Resolver =
         for address in addresses:
             reason = address_refusal(address)
             if reason:
-                raise RefusedDestination(f"host {host!r} resolves to a refused address: {reason}")
+                raise RefusedDestination(f"refused: {host} resolves to the non-public address {address} ({reason})")
     return addresses[0]
 
 
@@ -106,13 +108,13 @@ def _pinned_transport_class():
         """Sends each request through ``inner`` to the address fixed in advance for its host (see the
         module docstring); the request keeps its URL's host for ``Host`` and TLS (SNI, certificate)."""
 
-        def __init__(self, pins: dict[str, str], inner: httpx.BaseTransport | None = None):
-            self.pins = pins
+        def __init__(self, pins: dict[str, str] | None = None, inner: httpx.BaseTransport | None = None):
+            self.pins = pins or {}
             self.inner = inner or httpx.HTTPTransport()
 
         def handle_request(self, request: httpx.Request) -> httpx.Response:
             host = request.url.host
-            address = self.pins.get(host)
+            address = request.extensions.get(PIN_EXTENSION) or self.pins.get(host)
             if address is None:
                 raise RefusedDestination(f"host {host!r} was not checked before the request")
             request.headers["Host"] = request.url.netloc.decode("ascii")
@@ -126,8 +128,9 @@ def _pinned_transport_class():
     return _PinnedTransport
 
 
-def PinnedTransport(pins: dict[str, str], inner=None):  # noqa: N802 - a class, built lazily (httpx is heavy)
-    """An httpx transport that connects each host to ``pins[host]`` (and refuses unpinned hosts)."""
+def PinnedTransport(pins: dict[str, str] | None = None, inner=None):  # noqa: N802 - built lazily (httpx is heavy)
+    """An httpx transport that connects each request to the address in its ``PIN_EXTENSION``
+    extension, else to ``pins[host]``, and refuses a request with neither."""
     return _pinned_transport_class()(pins, inner)
 
 

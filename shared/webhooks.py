@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import secrets
-import socket
 import time
 from urllib.parse import urlsplit
 
@@ -47,21 +45,6 @@ def check_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("url must be an absolute http:// or https:// URL")
     return url
-
-
-def refused_address(url: str) -> str | None:
-    """Why ``url`` may not be called where private addresses are blocked (None: it may): its host
-    does not resolve, or resolves to a loopback, private, link-local or reserved address."""
-    host = urlsplit(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        return f"cannot resolve {host!r}: {exc}"
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
-            return f"refused: {host} resolves to the non-public address {ip}"
-    return None
 
 
 # ---- signing and the body ------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import insert_for, session_scope
 from shared.logctx import job_context
+from shared.netguard import PIN_EXTENSION, PinnedTransport, RefusedDestination, resolve_pinned
 from shared.models import FINAL_STATUSES, Job, JobEvent, JobWebhook, Tenant, WebhookDelivery, utcnow
 from shared.settings import Settings
 from shared.webhooks import (
@@ -51,7 +52,6 @@ from shared.webhooks import (
     USER_AGENT,
     ensure_webhook_secret,
     event_body,
-    refused_address,
     sign,
 )
 
@@ -76,9 +76,10 @@ class WebhookSettings(BaseSettings):
     batch: int = Field(default=100, ge=1, le=10_000)
     concurrency: int = Field(default=8, ge=1, le=256)
     block_private: bool = Field(
-        default=False,
-        description="Refuse URLs that resolve to loopback, private, link-local or reserved addresses "
-                    "(set it where tenants are not trusted; leave it off for receivers on your own network).",
+        default=True,
+        description="Refuse URLs that resolve to loopback, private, link-local, shared (100.64/10) or reserved "
+                    "addresses (shared.netguard). Turn it off (LDMQ_WEBHOOK_BLOCK_PRIVATE=false) only where "
+                    "every tenant is trusted with your internal network.",
     )
 
     @model_validator(mode="after")
@@ -208,12 +209,20 @@ def take_due(session: Session, ws: WebhookSettings, now: datetime | None = None)
     return out
 
 
+def sender_client(ws: WebhookSettings):
+    """The sender's HTTP client: each request goes to the address checked for it (``PinnedTransport``),
+    never follows a redirect, and times out after ``timeout_s``."""
+    import httpx
+
+    return httpx.Client(transport=PinnedTransport(), timeout=ws.timeout_s, follow_redirects=False)
+
+
 def send(http, out: Outgoing, ws: WebhookSettings) -> Outcome:
     """POST one delivery; never raises (a failure is an outcome)."""
-    if ws.block_private:
-        why = refused_address(out.url)
-        if why:
-            return Outcome(out.delivery_id, out.attempt, None, why)
+    try:  # resolved once here; the request connects to this address (no second lookup to rebind)
+        address = resolve_pinned(out.url, block_private=ws.block_private)
+    except RefusedDestination as exc:
+        return Outcome(out.delivery_id, out.attempt, None, str(exc)[:300])
     ts = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
@@ -226,13 +235,15 @@ def send(http, out: Outgoing, ws: WebhookSettings) -> Outcome:
         "X-Ldmq-Delivery-Attempt": str(out.attempt),
     }
     try:
-        r = http.post(out.url, content=out.body, headers=headers)
+        r = http.post(out.url, content=out.body, headers=headers, extensions={PIN_EXTENSION: address})
     except Exception as exc:  # timeouts, refused connections, bad URLs: all retried
-        return Outcome(out.delivery_id, out.attempt, None, f"{type(exc).__name__}: {exc}"[:500])
+        # The record keeps the kind of failure only: an exception's text can carry what the
+        # receiver's network said, which a tenant must not read back.
+        return Outcome(out.delivery_id, out.attempt, None, f"{type(exc).__name__} (no response)")
     if 200 <= r.status_code < 300:
         return Outcome(out.delivery_id, out.attempt, r.status_code, None)
-    text = r.text[:200] if r.content else ""
-    return Outcome(out.delivery_id, out.attempt, r.status_code, f"HTTP {r.status_code}" + (f": {text}" if text else ""))
+    # Never the receiver's body: an internal service's answer must not leak through the records.
+    return Outcome(out.delivery_id, out.attempt, r.status_code, f"HTTP {r.status_code} {r.reason_phrase}"[:100])
 
 
 def record(session: Session, outcomes: list[Outcome], ws: WebhookSettings, now: datetime | None = None,
@@ -262,8 +273,6 @@ def record(session: Session, outcomes: list[Outcome], ws: WebhookSettings, now: 
 
 def deliver_once(settings: Settings, ws: WebhookSettings, http=None) -> dict[str, int]:
     """One pass: scan, then send what is due. Returns counts (for logs and tests)."""
-    import httpx
-
     with session_scope(settings) as s:
         added = scan(s, ws)
     with session_scope(settings) as s:
@@ -272,7 +281,7 @@ def deliver_once(settings: Settings, ws: WebhookSettings, http=None) -> dict[str
     if not outgoing:
         return counts
     own = http is None
-    http = http or httpx.Client(timeout=ws.timeout_s, follow_redirects=False)
+    http = http or sender_client(ws)
     try:
         def one(o: Outgoing) -> Outcome:
             with job_context(o.job_id, o.tenant_id):
@@ -298,12 +307,10 @@ def deliver_once(settings: Settings, ws: WebhookSettings, http=None) -> dict[str
 def run_forever(settings: Settings, ws: WebhookSettings, stop: threading.Event | None = None) -> None:
     """The delivery loop of ``ldmq webhooks``: passes back to back while there is work, else a
     pause of ``interval_s``; a failed pass (database down) is logged and retried."""
-    import httpx
-
     stop = stop or threading.Event()
     log.info("webhooks: delivering (timeout %ss, up to %s attempts, %s at once)", ws.timeout_s, ws.max_attempts,
              ws.concurrency)
-    with httpx.Client(timeout=ws.timeout_s, follow_redirects=False) as http:
+    with sender_client(ws) as http:
         while not stop.is_set():
             busy = False
             try:

@@ -83,7 +83,9 @@ class Receiver:
 
 
 def fast(**kw) -> WebhookSettings:
-    base = dict(backoff_s=0.05, jitter=0.0, settle_s=0.0, interval_s=0.05, timeout_s=5, lease_s=30, max_attempts=5)
+    # The receivers here listen on loopback, which the sender refuses by default.
+    base = dict(backoff_s=0.05, jitter=0.0, settle_s=0.0, interval_s=0.05, timeout_s=5, lease_s=30, max_attempts=5,
+                block_private=False)
     return WebhookSettings(**{**base, **kw})
 
 
@@ -358,7 +360,7 @@ def test_ldmq_webhooks_process_delivers_a_real_jobs_events(stack, tiny_pipeline_
     key = stack.cli("keys", "create", "--tenant", "hooks").strip().splitlines()[-1]
     model_id = stack.cli("models", "import", str(tiny_pipeline_dir), "--tenant", "hooks").strip().splitlines()[-1]
     api = httpx.Client(base_url=stack.url, headers=auth(key), timeout=30)
-    env = {**stack.env, "LDMQ_WEBHOOK_INTERVAL_S": "0.2", "LDMQ_WEBHOOK_SETTLE_S": "0", "LDMQ_WEBHOOK_BACKOFF_S": "0.2",
+    env = {**stack.env, "LDMQ_WEBHOOK_BLOCK_PRIVATE": "false", "LDMQ_WEBHOOK_INTERVAL_S": "0.2", "LDMQ_WEBHOOK_SETTLE_S": "0", "LDMQ_WEBHOOK_BACKOFF_S": "0.2",
            "LDMQ_LOG_FORMAT": "json"}
     cli_env = {**stack.env, "LDMQ_API_URL": stack.url, "LDMQ_API_KEY": key}
 

@@ -62,7 +62,7 @@ def _resolver(table: dict[str, list[list[str]]]):
 
 def test_one_bad_address_among_several_refuses_the_url():
     resolve, _ = _resolver({"mixed.test": [["93.184.216.34", "10.0.0.5"]]})
-    with pytest.raises(RefusedDestination, match="10.0.0.5 is a private"):
+    with pytest.raises(RefusedDestination, match="non-public address 10.0.0.5 .10.0.0.5 is a private"):
         resolve_pinned("https://mixed.test/hook", resolver=resolve)
 
 
