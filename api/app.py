@@ -11,7 +11,8 @@ import anyio.to_thread
 from fastapi import FastAPI, HTTPException
 
 from api import metrics
-from api.auth import KeyCache
+from api.auth import AuthFirst, FailureThrottle, KeyCache
+from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
 from api.routes import dashboard, datasets, jobs, models, ops, webhooks
 from api.services.jobs import default_seconds_per_step
@@ -118,6 +119,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (jobs.router, models.router, datasets.router, webhooks.router, ops.router, dashboard.router):
         app.include_router(r)
 
+    app.add_middleware(AuthFirst, cache=app.state.key_cache,
+                       throttle=FailureThrottle(settings.auth_failure_burst, settings.auth_failure_per_minute),
+                       lookup=lambda key: lookup_tenant(settings, key))
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -1,18 +1,29 @@
-"""Bearer API keys: parse the header, and remember valid keys for a few seconds.
+"""Bearer API keys: parse the header, remember valid keys for a few seconds, check them before a
+request's body is read, and slow down whoever keeps trying bad ones.
 
 Every authenticated request used to cost a database round trip before any work; at hundreds of
 submits a second that lookup was a quarter of the API's time. A key found valid is kept for
 ``Settings.auth_cache_s`` (5 s by default), keyed by its SHA-256 so the process never holds a key
 in the clear; revoking a key therefore takes effect within that time. Failures are not cached: a
 key created a moment ago works at once.
+
+FastAPI parses a request's body (a multipart upload, a JSON document) before it resolves the
+route's dependencies, so an anonymous client could make the API read and parse megabytes before
+being told its key is bad. :class:`AuthFirst` checks the key of every ``/v1/`` request in ASGI,
+before the body is touched, and hands the tenant on (``scope["state"]["tenant"]``) so the route's
+dependency does not look it up again. A client address that fails too often is answered 429 with
+``Retry-After`` (:class:`FailureThrottle`, a token bucket per address) until it regains attempts.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
-from api.errors import ApiError
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import ApiError, error_response
 from shared.security import TenantRef, hash_key
 
 
@@ -58,3 +69,67 @@ class KeyCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class FailureThrottle:
+    """Failed authentications per client address: a token bucket of ``burst`` tokens refilled at
+    ``per_minute``; each failure spends one; an address with none left is refused (429) until the
+    next token. Per API process, bounded to ``max_clients`` addresses (least recent dropped)."""
+
+    def __init__(self, burst: int, per_minute: float, max_clients: int = 50_000, clock=time.monotonic):
+        self.burst, self.rate, self.max_clients, self._clock = burst, per_minute / 60.0, max_clients, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _tokens(self, client: str) -> float:
+        tokens, at = self._buckets.get(client, (float(self.burst), self._clock()))
+        return min(float(self.burst), tokens + (self._clock() - at) * self.rate)
+
+    def retry_after(self, client: str) -> float:
+        """Seconds until ``client`` may try again (0: it may now)."""
+        tokens = self._tokens(client)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def failed(self, client: str) -> None:
+        self._buckets[client] = (self._tokens(client) - 1, self._clock())
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+
+
+class AuthFirst:
+    """Pure ASGI middleware: authenticate every ``/v1/`` request before its body is read (see the
+    module docstring). ``lookup(key)`` (blocking: run in a thread) returns the tenant or None. A
+    lookup that raises (the database is away) is left to the route, whose error handlers answer it."""
+
+    def __init__(self, app, cache: KeyCache, throttle: FailureThrottle, lookup: Callable[[str], TenantRef | None]):
+        self.app, self.cache, self.throttle, self.lookup = app, cache, throttle, lookup
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("unknown", 0))[0]
+        wait = self.throttle.retry_after(client)
+        if wait > 0:
+            resp = error_response(429, "rate_limited", "too many failed authentications from this address; "
+                                  f"retry in {wait:.0f} s", headers={"Retry-After": str(max(1, round(wait)))})
+            return await resp(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            key = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+        except ApiError as exc:
+            self.throttle.failed(client)
+            return await error_response(exc.status, exc.code, exc.message, headers=exc.headers)(scope, receive, send)
+        tenant = self.cache.get(key)
+        if tenant is None:
+            try:
+                tenant = await run_in_threadpool(self.lookup, key)
+            except Exception:
+                return await self.app(scope, receive, send)  # the route's own lookup reports it
+            if tenant is None:
+                self.throttle.failed(client)
+                resp = error_response(401, "unauthorized", "invalid or revoked API key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send)
+            self.cache.put(key, tenant)
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)

@@ -58,17 +58,20 @@ async def _end(request: Request, session: Session, end) -> None:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def _lookup(settings: Settings, key: str) -> TenantRef | None:
+def lookup_tenant(settings: Settings, key: str) -> TenantRef | None:
     with db.session_scope(settings) as session:
         return authenticate(session, key)
 
 
 async def get_tenant(request: Request, settings: SettingsDep) -> TenantRef:
+    found = getattr(request.state, "tenant", None)  # checked by api.auth.AuthFirst before the body was read
+    if found is not None:
+        return found
     key = bearer_token(request.headers.get("authorization", ""))
     cache: KeyCache = request.app.state.key_cache
     tenant = cache.get(key)
     if tenant is None:
-        tenant = await run_in_threadpool(_lookup, settings, key)
+        tenant = await run_in_threadpool(lookup_tenant, settings, key)
         if tenant is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         cache.put(key, tenant)
