@@ -116,6 +116,7 @@ FORBIDDEN = {
                      "celery", "kombu", "redis", "psycopg"),
     "worker.jobs": ("worker.runtime", "worker.tasks", "worker.celery_app", "celery", "kombu"),
     "worker.runtime": ("worker.tasks", "worker.celery_app"),
+    "worker": ("ldmq",),  # the command line and the benchmarks use the worker, never the reverse
     "shared": ("api", "worker", "ldmq", "torch", "diffusers", "transformers"),
     "api": ("worker", "ldmq", "torch", "diffusers", "transformers"),
 }

@@ -1,6 +1,6 @@
 """``ldmq bench gpu``: a Stable-Diffusion-1.5-sized U-Net (random weights) at 512x512, 25 steps.
 
-Compares images/s of ldmq's worker path (``worker.jobs.sample.generate``: fixed padded batches,
+Compares images/s of ldmq's worker path (``worker.model.sampling.generate``: fixed padded batches,
 cached text embeddings, the precision/layout options of ``worker.model.pipelines.load_pipeline_dir``)
 against diffusers' own fp16 pipeline called the usual way, and reports the achieved fraction of
 the bf16 matmul peak measured on the same device in the same run (U-Net FLOPs counted with

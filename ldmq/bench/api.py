@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ldmq.bench import _free_port, stop_all, wait_healthy
+from ldmq.bench.sample import _free_port, stop_all, wait_healthy
 
 
 def _pct(values: list[float], q: float) -> float:
