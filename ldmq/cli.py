@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from ldmq.bench import BENCHES
+
 
 def _settings():
     from shared.settings import get_settings
@@ -346,17 +348,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.what == "train":
-        from worker.bench_train import main as bench_main
-    elif args.what == "train-speed":
-        from worker.bench_train_speed import main as bench_main
-    elif args.what == "api":
-        from ldmq.bench_api import main as bench_main
-    elif args.what == "gpu":
-        from ldmq.bench_gpu import main as bench_main
-    else:
-        from ldmq.bench import main as bench_main
-    return bench_main(args.rest) or 0
+    from ldmq.bench import main as bench_main
+
+    return bench_main(args.what, args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
-    b.add_argument("what", choices=["train", "train-speed", "sample", "api", "gpu"])
+    b.add_argument("what", choices=list(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -2,7 +2,7 @@
 
 Contract fields: ``dataset``, ``base_model``, ``steps``, ``batch_size``, ``learning_rate``, ``seed``;
 everything else has a default. ``{"dataset": "builtin:digits"}`` alone gives the configuration
-measured against the quality bar on 2 CPU cores (see ``worker/bench_train.py`` and
+measured against the quality bar on 2 CPU cores (see ``ldmq/bench/train.py`` and
 docs/benchmarks.md): an AutoencoderKL (16, 32, 64) with 2 latent channels (32×32 → 2×8×8, KL
 weight 1e-4, 200 steps), then a 1.3M-parameter U-Net (32, 64) with cross-attention on the frozen
 text encoder's token states, 1,400 steps of AdamW 2e-3 with 100 warm-up steps and cosine decay,

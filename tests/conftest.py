@@ -293,6 +293,18 @@ def stack(settings, tmp_path):
             p.stop()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors and models: intra-op threads only add synchronisation (several times slower on
+    a busy machine). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(name="wait_until")
 def wait_until_fixture():
     return wait_until

@@ -2,7 +2,8 @@
 draws it (api → shared ← worker; inside worker, tasks → runtime → jobs → model).
 
 Every import counts, those inside functions (and under ``if TYPE_CHECKING``) included: a lazy
-import is still a dependency, only a later one.
+import is still a dependency, only a later one. And no module imports another's private
+(underscored) names: what two modules share is public where it lives.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ FORBIDDEN = {
                      "celery", "kombu", "redis", "psycopg"),
     "worker.jobs": ("worker.runtime", "worker.tasks", "worker.celery_app", "celery", "kombu"),
     "worker.runtime": ("worker.tasks", "worker.celery_app"),
+    "worker": ("ldmq",),  # the command line and the benchmarks use the worker, never the reverse
     "shared": ("api", "worker", "ldmq", "torch", "diffusers", "transformers"),
     "api": ("worker", "ldmq", "torch", "diffusers", "transformers"),
 }
@@ -126,6 +128,36 @@ def test_imports_point_one_way(layer):
     found = _external(FORBIDDEN[layer])
     bad = {m: sorted(v) for m, v in found.items() if (m == layer or m.startswith(layer + ".")) and v}
     assert bad == {}
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from m import _name`` (or ``import m._sub``) where ``m`` is a project module: a leading
+    underscore says "not for other modules", so what two modules share gets a public name."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PACKAGES):
+            out += [f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")]
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.split(".")[0] in PACKAGES
+                    and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))]
+    return out
+
+
+def test_no_module_imports_another_modules_private_names():
+    files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
+    found = {_module_name(p): _private_imports(p) for p in files}
+    assert {m: v for m, v in found.items() if v} == {}
+
+
+def test_the_private_import_check_sees_one():
+    # A guard on the test itself, on the import the benchmarks' move removed.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.py"
+        path.write_text("from ldmq.bench.sample import _free_port, wait_healthy\nfrom os import _exit\n")
+        assert _private_imports(path) == ["ldmq.bench.sample._free_port"]
 
 
 def test_the_worker_process_never_loads_torch():

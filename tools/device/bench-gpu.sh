@@ -21,7 +21,7 @@ step() {  # step NAME LIMIT_S ARGS...: one bench configuration, its JSON in $OUT
   shift 2
   echo "== $name ($*)"
   SECONDS=0
-  timeout "$limit" python3 -m ldmq.bench_gpu --json "$OUT/$name.json" "$@" || echo "!! $name failed or ran past ${limit}s"
+  timeout "$limit" python3 -m ldmq.bench.gpu --json "$OUT/$name.json" "$@" || echo "!! $name failed or ran past ${limit}s"
   echo "== $name took ${SECONDS}s"
 }
 

@@ -1,6 +1,6 @@
 """``ldmq bench gpu``: a Stable-Diffusion-1.5-sized U-Net (random weights) at 512x512, 25 steps.
 
-Compares images/s of ldmq's worker path (``worker.jobs.sample.generate``: fixed padded batches,
+Compares images/s of ldmq's worker path (``worker.model.sampling.generate``: fixed padded batches,
 cached text embeddings, the precision/layout options of ``worker.model.pipelines.load_pipeline_dir``)
 against diffusers' own fp16 pipeline called the usual way, and reports the achieved fraction of
 the bf16 matmul peak measured on the same device in the same run (U-Net FLOPs counted with
@@ -94,6 +94,17 @@ def unet_flops(pipe, batch: int, device: str) -> float:
     return float(fc.get_total_flops())
 
 
+def second_run_s(run, sync) -> float:
+    """Seconds of ``run``'s second call, ``sync`` (the device's) before each clock reading; the
+    first call warms up (kernel selection, allocator, compilation)."""
+    run()
+    sync()
+    t0 = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - t0
+
+
 def _auto_batch(pipe_dir: Path, args, side: int) -> int:
     """The worker's ``auto_batch_size`` on this model and size: a probe batch's peak memory per image
     (guidance on, one step) against the free memory."""
@@ -155,12 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             base(prompt=chunk, num_inference_steps=args.steps, guidance_scale=5.0, height=side, width=side,
                  generator=[torch.Generator(args.device).manual_seed(j) for j in range(len(chunk))], output_type="np")
 
-    run_base()
-    sync()
-    t0 = time.perf_counter()
-    run_base()
-    sync()
-    t_base = time.perf_counter() - t0
+    t_base = second_run_s(run_base, sync)
     base = None  # its weights go before ldmq's pipeline loads
     if cuda:
         torch.cuda.empty_cache()
@@ -176,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             generate(pipe, items[i:i + args.batch_size], batch_size=args.batch_size, width=side, height=side,
                      device=args.device, embeddings=emb)
 
-    run_ldmq()
-    sync()
-    t0 = time.perf_counter()
-    run_ldmq()
-    sync()
-    t_ldmq = time.perf_counter() - t0
+    t_ldmq = second_run_s(run_ldmq, sync)
 
     n = len(prompts)
     flops = unet_flops(pipe, args.batch_size, args.device) * args.steps * args.batches

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from ldmq.bench import _free_port, stop_all, wait_healthy
+from ldmq.bench.stack import Stack, add_arguments, wait_for_job
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -143,41 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--dispatch-jobs", type=int, default=20)
     ap.add_argument("--api-workers", type=int, default=1, help="API processes (ldmq api --workers)")
-    ap.add_argument("--pg-admin", default=os.environ.get("LDMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
-    ap.add_argument("--redis", default=os.environ.get("LDMQ_BENCH_REDIS", "redis://127.0.0.1:6379/13"))
+    add_arguments(ap, redis_db=13)
     args = ap.parse_args(argv)
 
-    import httpx
-    import redis
-    from sqlalchemy import create_engine, text
+    from datetime import datetime
 
     from worker.model.tiny_pipeline import build_tiny_pipeline
 
     workdir = Path(tempfile.mkdtemp(prefix="ldmq-bench-api-"))
-    db = f"ldmq_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(args.pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{db}"'))
-    redis.Redis.from_url(args.redis).flushdb()
-    env = {**os.environ, "LDMQ_DATABASE_URL": args.pg_admin.rsplit("/", 1)[0] + f"/{db}",
-           "LDMQ_BROKER_URL": args.redis, "LDMQ_STORAGE_URL": (workdir / "objects").as_uri(),
-           "LDMQ_VAR_DIR": str(workdir / "var")}
-    procs: list[subprocess.Popen] = []
-    try:
-        def cli(*a) -> str:
-            r = subprocess.run([sys.executable, "-m", "ldmq.cli", *a], env=env, capture_output=True, text=True, check=True)
-            return r.stdout.strip().splitlines()[-1]
-
-        cli("migrate")
-        key = cli("keys", "create", "--tenant", "bench")
-        model = cli("models", "import", str(build_tiny_pipeline(workdir / "tiny")), "--tenant", "bench")
-        port = _free_port()
-        log = open(workdir / "procs.log", "wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "ldmq.cli", "api", "--port", str(port), "--log-level",
-                                       "warning", "--no-access-log", "--workers", str(args.api_workers)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url)
+    with Stack(workdir, pg_admin=args.pg_admin, redis_url=args.redis,
+               storage_url=(workdir / "objects").as_uri()) as stack:
+        stack.flush_broker()
+        key, model = stack.tenant_with_model("bench", build_tiny_pipeline(workdir / "tiny"))
+        stack.start_api("--workers", str(args.api_workers))
+        url = stack.url
         body = {"model": model, "prompts": [{"prompt": "a cat", "seed": 1}], "steps": 2}
         _run(_load(url, key, body, 20, 2))  # warm-up
         lat, errors = _run(_load(url, key, body, args.rate, args.seconds))
@@ -194,34 +170,21 @@ def main(argv: list[str] | None = None) -> int:
               + "  ".join(f"{_pct(v, 99):.0f}" for _, v in sorted(by_window.items())) + " ms")
 
         # Dispatch: drop the load's backlog, then an idle worker takes jobs one at a time.
-        redis.Redis.from_url(args.redis).flushdb()
-        procs.append(subprocess.Popen([sys.executable, "-m", "ldmq.cli", "worker", "--queues", "sample",
-                                       "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT))
-        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        stack.flush_broker()
+        stack.start_worker("sample")
         dispatch = []
-        for i in range(args.dispatch_jobs + 1):
-            job = client.post("/v1/jobs/sample", json={**body, "prompts": [{"prompt": f"d{i}", "seed": i}]}).json()
-            deadline = time.monotonic() + 120
-            while job["status"] not in ("succeeded", "failed", "canceled"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("a dispatch job did not finish")
-                time.sleep(0.05)
-                job = client.get(f"/v1/jobs/{job['id']}").json()
-            if i == 0:
-                continue  # the first job also pays the worker's start and model load
-            from datetime import datetime
-
-            started = datetime.fromisoformat(job["started_at"])
-            created = datetime.fromisoformat(job["created_at"])
-            dispatch.append((started - created).total_seconds() * 1000)
+        with stack.client(key, timeout_s=30) as client:
+            for i in range(args.dispatch_jobs + 1):
+                job = client.post("/v1/jobs/sample", json={**body, "prompts": [{"prompt": f"d{i}", "seed": i}]}).json()
+                job = wait_for_job(client, job, interval_s=0.05, timeout_s=120)
+                if i == 0:
+                    continue  # the first job also pays the worker's start and model load
+                started = datetime.fromisoformat(job["started_at"])
+                created = datetime.fromisoformat(job["created_at"])
+                dispatch.append((started - created).total_seconds() * 1000)
         print(f"dispatch (submit -> running, idle worker, {len(dispatch)} jobs): p50 {statistics.median(dispatch):.1f} ms"
               f"   max {max(dispatch):.1f} ms   (bar: p50 < 100 ms)")
         return 0
-    finally:
-        stop_all(procs)
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from worker.bench_train import params_with_overrides
+    from ldmq.bench.train import params_with_overrides
     from worker.model.data import load_dataset
 
     torch.set_num_threads(args.threads)

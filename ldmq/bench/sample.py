@@ -16,45 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from ldmq.bench.stack import Stack, add_arguments, s3_server, wait_for_job
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout_s: float = 60) -> None:
-    """Poll the API's /healthz until it answers (bounded)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("the API did not start")
-        time.sleep(0.1)
-
-
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+JOB_TIMEOUT_S = 3600  # one (c) job; a stuck one fails the bench instead of hanging it
 
 
 def _prompts(n: int) -> list[tuple[str, int]]:
@@ -108,61 +79,11 @@ def bench_model_loop(pipe, prompts, steps, guidance, batch, scheduler) -> float:
         streams.close()
 
 
-class Stack:
-    """The whole of ldmq on loopback: a real ``ldmq api`` and ``ldmq worker`` (processes), Postgres
-    (a fresh database), Celery on Redis and moto's S3 server (in this process)."""
+class EndToEnd:
+    """(c): the whole of ldmq on loopback, as :func:`end_to_end` started it."""
 
-    def __init__(self, pipe_dir: Path, batch: int, pg_admin: str, redis_url: str, workdir: Path, n_prompts: int):
-        self.pipe_dir, self.batch, self.pg_admin, self.redis_url = pipe_dir, batch, pg_admin, redis_url
-        self.workdir, self.n_prompts = workdir, n_prompts
-        self.procs: list[subprocess.Popen] = []
-
-    def __enter__(self) -> Stack:
-        import boto3
-        import httpx
-        from moto.server import ThreadedMotoServer
-        from sqlalchemy import create_engine, text
-
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-        s3_port = _free_port()
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-        self.moto.start()
-        self.db = f"ldmq_bench_{uuid.uuid4().hex[:8]}"
-        self.admin = create_engine(self.pg_admin, isolation_level="AUTOCOMMIT")
-        with self.admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{self.db}"'))
-        try:
-            endpoint = f"http://127.0.0.1:{s3_port}"
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-            env = {**os.environ, "LDMQ_DATABASE_URL": self.pg_admin.rsplit("/", 1)[0] + f"/{self.db}",
-                   "LDMQ_BROKER_URL": self.redis_url, "LDMQ_STORAGE_URL": "s3://bench/objects",
-                   "LDMQ_S3_ENDPOINT_URL": endpoint, "LDMQ_VAR_DIR": str(self.workdir / "var"),
-                   "LDMQ_SAMPLE_BATCH_SIZE": str(self.batch), "LDMQ_CSV_MAX_ROWS": str(max(10_000, self.n_prompts))}
-
-            def cli(*args) -> str:
-                r = subprocess.run([sys.executable, "-m", "ldmq.cli", *args], env=env, capture_output=True, text=True,
-                                   check=True)
-                return r.stdout.strip().splitlines()[-1]
-
-            cli("migrate")
-            key = cli("keys", "create", "--tenant", "bench")
-            self.model = cli("models", "import", str(self.pipe_dir), "--tenant", "bench")
-            port = _free_port()
-            log = open(self.workdir / "bench-procs.log", "wb")
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "ldmq.cli", "api", "--port", str(port),
-                                                "--log-level", "warning", "--no-access-log"],
-                                               env=env, stdout=log, stderr=subprocess.STDOUT))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "ldmq.cli", "worker", "--queues", "sample",
-                                                "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT))
-            self.api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
-                                    timeout=60)
-            wait_healthy(f"http://127.0.0.1:{port}")
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+    def __init__(self, client, model: str, api_pid: int, worker_pid: int):
+        self.client, self.model, self.api_pid, self.worker_pid = client, model, api_pid, worker_pid
 
     def run(self, rows, steps: int, guidance: float, scheduler: str) -> dict:
         """(c) one CSV job end to end: seconds from the upload to the client seeing it succeeded,
@@ -171,16 +92,12 @@ class Stack:
 
         csv = "prompt,seed\n" + "".join(f"{p},{s}\n" for p, s in rows)
         t0 = time.perf_counter()
-        r = self.api.post("/v1/jobs/sample/csv", files={"file": ("p.csv", csv.encode(), "text/csv")},
-                          data={"model": self.model, "steps": str(steps), "guidance_scale": str(guidance),
-                                "scheduler": scheduler})
+        r = self.client.post("/v1/jobs/sample/csv", files={"file": ("p.csv", csv.encode(), "text/csv")},
+                             data={"model": self.model, "steps": str(steps), "guidance_scale": str(guidance),
+                                   "scheduler": scheduler})
         r.raise_for_status()
-        job_id = r.json()["id"]
-        while True:
-            job = self.api.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in ("succeeded", "failed", "canceled"):
-                break
-            time.sleep(0.2)  # a client polling harder would take CPU from the worker it times
+        job = wait_for_job(self.client, r.json(), timeout_s=JOB_TIMEOUT_S,
+                           interval_s=0.2)  # a client polling harder would take CPU from the worker it times
         elapsed = time.perf_counter() - t0
         if job["status"] != "succeeded" or job["outputs_count"] != len(rows):
             raise RuntimeError(f"bench job ended {job['status']}: {job.get('error')}")
@@ -207,7 +124,7 @@ class Stack:
             except OSError:
                 continue
             procs[pid] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / clk, cmd)
-        api, worker = self.procs[0].pid, self.procs[1].pid
+        api, worker = self.api_pid, self.worker_pid
         out: dict[str, float] = {}
 
         def role(pid: int) -> str | None:
@@ -235,14 +152,21 @@ class Stack:
                 out[r] = out.get(r, 0.0) + cpu
         return out
 
-    def __exit__(self, *_exc) -> None:
-        from sqlalchemy import text
 
-        stop_all(self.procs)
-        self.moto.stop()
-        with self.admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
-        self.admin.dispose()
+@contextmanager
+def end_to_end(pipe_dir: Path, batch: int, pg_admin: str, redis_url: str, workdir: Path,
+               n_prompts: int) -> Iterator[EndToEnd]:
+    """The whole of ldmq on loopback: a real ``ldmq api`` and ``ldmq worker`` (processes), Postgres
+    (a fresh database), Celery on Redis and moto's S3 server (in this process)."""
+    with s3_server("bench") as endpoint, Stack(
+            workdir, pg_admin=pg_admin, redis_url=redis_url, storage_url="s3://bench/objects",
+            env={"LDMQ_S3_ENDPOINT_URL": endpoint, "LDMQ_SAMPLE_BATCH_SIZE": str(batch),
+                 "LDMQ_CSV_MAX_ROWS": str(max(10_000, n_prompts))}) as stack:
+        key, model = stack.tenant_with_model("bench", pipe_dir)
+        api = stack.start_api()
+        worker = stack.start_worker("sample")
+        with stack.client(key, timeout_s=60) as client:
+            yield EndToEnd(client, model, api.pid, worker.pid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--scheduler", default="dpm-solver++", choices=["ddpm", "ddim", "dpm-solver++"])
-    ap.add_argument("--pg-admin", default=os.environ.get("LDMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
-    ap.add_argument("--redis", default=os.environ.get("LDMQ_BENCH_REDIS", "redis://127.0.0.1:6379/12"))
+    add_arguments(ap, redis_db=12)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -282,14 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sampling {n} prompts, {steps} steps {args.scheduler}, guidance {guidance:g}, batch {batch}, tiny model, CPU")
     print(f"  (b) naive batch-1 loop: {b_ips:.2f} images/s (on {len(naive)} prompts)")
     rounds = []
-    with Stack(pipe_dir, batch, args.pg_admin, args.redis, workdir, n) as stack:
-        stack.run(prompts[:1], steps, guidance, args.scheduler)  # warm-up: the worker loads and caches the pipeline
+    with end_to_end(pipe_dir, batch, args.pg_admin, args.redis, workdir, n) as e2e:
+        e2e.run(prompts[:1], steps, guidance, args.scheduler)  # warm-up: the worker loads and caches the pipeline
         for r in range(args.rounds):
             t_a = bench_raw(pipe, prompts, steps, guidance, batch)
             t_a2 = bench_model_loop(pipe, prompts, steps, guidance, batch, args.scheduler)
-            cpu0 = stack.cpu_by_role()
-            c = stack.run(prompts, steps, guidance, args.scheduler)
-            cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in stack.cpu_by_role().items()}
+            cpu0 = e2e.cpu_by_role()
+            c = e2e.run(prompts, steps, guidance, args.scheduler)
+            cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in e2e.cpu_by_role().items()}
             rounds.append({"a_raw_s": round(t_a, 3), "a_model_loop_s": round(t_a2, 3), "c_ldmq_s": round(c["seconds"], 3),
                            "c_queued_s": round(c["queued_s"], 3), "c_running_s": round(c["running_s"], 3),
                            "c_over_a": round(c["seconds"] / t_a, 3), "c_over_a_model_loop": round(c["seconds"] / t_a2, 3),

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from worker.bench_train import params_with_overrides
-from worker.bench_train_speed import main
+from ldmq.bench.train import params_with_overrides
+from ldmq.bench.train_speed import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ the bench must not need it: the test makes that package unimportable."""
 import json
 import sys
 
-from ldmq.bench_gpu import bench_tokenizer, main
+from ldmq.bench.gpu import bench_tokenizer, main
 
 
 def test_the_bench_tokenizer_knows_every_word_of_its_prompts():
