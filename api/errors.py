@@ -30,6 +30,17 @@ class ApiError(Exception):
         self.headers = headers
 
 
+MAX_DETAILS = 100
+
+
+def cap_details(details: list[dict[str, Any]], limit: int = MAX_DETAILS) -> list[dict[str, Any]]:
+    """The first ``limit`` problems and, when there were more, one entry counting the rest: a flood of
+    bad rows gets a bounded answer."""
+    if len(details) <= limit:
+        return details
+    return details[:limit] + [{"message": f"and {len(details) - limit} more problems not listed", "more": len(details) - limit}]
+
+
 def not_found(what: str, ident: str) -> ApiError:
     return ApiError(404, "not_found", f"{what} {ident!r} was not found")
 

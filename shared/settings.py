@@ -60,6 +60,16 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=60, ge=2)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    max_attempts_limit: int = Field(default=5, ge=1, description=(
+        "The most attempts a request may ask for (its max_attempts); a request cannot raise this."))
+    # Bounds on what one train job may cost, which a request cannot raise (422 beyond them).
+    train_max_steps: int = Field(default=200_000, ge=1, description="autoencoder_steps + steps of one train job")
+    train_max_batch_size: int = Field(default=512, ge=1)
+    train_max_resolution: int = Field(default=512, ge=8)
+    train_min_checkpoint_every: int = Field(default=50, ge=1, description=(
+        "The most often a job may checkpoint (each checkpoint is an upload and, by default, an evaluation)."))
+    train_max_eval_samples: int = Field(default=1000, ge=10)
+    train_max_keep_checkpoints: int = Field(default=10, ge=1)
     sample_time_limit_s: int = Field(default=6 * 3600, ge=1, description="Soft limit: the run is asked to stop.")
     train_time_limit_s: int = Field(default=48 * 3600, ge=1, description="Soft limit: the run is asked to stop.")
     stop_grace_s: float = Field(default=30.0, gt=0, description=(

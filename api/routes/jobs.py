@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import File, Form, Header, Query, Response, UploadFile
+from fastapi import File, Form, Header, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api import routing
+from api.errors import ApiError
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import (
     ErrorBody,
@@ -63,6 +64,7 @@ def create_sample_job(req: SampleRequest, response: Response, session: SessionDe
 
 @router.post("/sample/csv", status_code=202, response_model=JobOut | SampleEstimate, responses=ERRORS)
 async def create_sample_job_csv(
+    request: Request,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
@@ -77,9 +79,16 @@ async def create_sample_job_csv(
     idempotency_key: IdemKey = None,
     dry_run: DryRun = False,
 ) -> JobOut | SampleEstimate:
-    data = await file.read()
     form = {"model": model, "scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale,
             "webhook_url": webhook_url, "webhook_events": webhook_events}
+    # FastAPI drops form fields it has no parameter for; a typo (``priority=…``, ``step=…``) must
+    # not be silently ignored, as unknown JSON fields are not.
+    unknown = sorted(set((await request.form()).keys()) - set(form) - {"file"})
+    if unknown:
+        valid = ", ".join(["file", *form])
+        raise ApiError(422, "invalid_request", f"unknown form field(s) {', '.join(map(repr, unknown))}; valid: {valid}",
+                       [{"field": name, "message": "unknown form field"} for name in unknown])
+    data = await file.read()
     # Parsing and the inserts block: off the event loop (the route is async only to read the upload).
     return await run_in_threadpool(_submit_csv, session, settings, tenant, response, data, form, idempotency_key,
                                    dry_run)

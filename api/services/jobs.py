@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, object_session
 from pydantic import ValidationError
 
 from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
-from api.errors import ApiError, not_found
+from api.errors import ApiError, cap_details, not_found
 from api.schemas import (
     JOB_STATUSES,
     JOB_TYPES,
@@ -201,13 +201,16 @@ def _sample_problems(settings: Settings, req: SampleRequest) -> list[dict[str, A
     total = sum(p.num_images for p in req.prompts)
     if total > settings.max_images_per_job:
         problems.append({"field": "prompts", "message": f"{total} images; the limit per job is {settings.max_images_per_job}"})
+    if req.max_attempts is not None and req.max_attempts > settings.max_attempts_limit:
+        problems.append({"field": "max_attempts", "message": f"max_attempts is {req.max_attempts}; this deployment "
+                                                            f"allows at most {settings.max_attempts_limit}"})
     return problems
 
 
 def _check_sample(settings: Settings, req: SampleRequest) -> None:
     problems = _sample_problems(settings, req)
     if problems:
-        raise ApiError(422, "invalid_request", "the sample request is invalid", problems)
+        raise ApiError(422, "invalid_request", "the sample request is invalid", cap_details(problems))
 
 
 def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest, *,
@@ -241,7 +244,7 @@ def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str
     try:
         prompts = parse_prompts_csv(data, limits)
     except CsvError as exc:
-        raise ApiError(422, "invalid_csv", exc.message, exc.details) from None
+        raise ApiError(422, "invalid_csv", exc.message, cap_details(exc.details)) from None
     model = form.get("model")
     body: dict[str, Any] = {"model": model, "prompts": [p.model_dump(exclude_none=True) for p in prompts]}
     for name in ("scheduler", "steps", "guidance_scale"):
@@ -323,10 +326,31 @@ def _row(i: int, p: SamplePrompt) -> JobRow:
                   num_images=p.num_images, guidance_scale=p.guidance_scale, steps=p.steps)
 
 
+def check_train_bounds(settings: Settings, params: TrainParams) -> None:
+    """What one train job may cost, as the operator bounds it (``LDMQ_TRAIN_*``): 422 listing every
+    field over its bound. The schema's own limits are wider; these are the deployment's."""
+    total = params.steps + (0 if params.base_model else params.autoencoder_steps)
+    over = [(f, v, b) for f, v, b in (
+        ("steps", total, settings.train_max_steps),
+        ("batch_size", params.batch_size, settings.train_max_batch_size),
+        ("resolution", params.resolution, settings.train_max_resolution),
+        ("eval_num_samples", params.eval_num_samples, settings.train_max_eval_samples),
+        ("keep_checkpoints", params.keep_checkpoints, settings.train_max_keep_checkpoints),
+    ) if v > b]
+    details = [{"field": f, "message": f"{'autoencoder_steps + steps' if f == 'steps' else f} is {v}; "
+                                       f"this deployment allows at most {b}"} for f, v, b in over]
+    if params.checkpoint_every < settings.train_min_checkpoint_every:
+        details.append({"field": "checkpoint_every", "message": f"checkpoint_every is {params.checkpoint_every}; "
+                        f"this deployment allows at least {settings.train_min_checkpoint_every}"})
+    if details:
+        raise ApiError(422, "invalid_request", "the train job is over this deployment's limits", details)
+
+
 def create_train_job(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest | TrainParams, *,
                      idempotency_key: str | None = None) -> Submitted:
     webhook = req.webhook if isinstance(req, TrainRequest) else None
     params = req.train_params() if isinstance(req, TrainRequest) else req
+    check_train_bounds(settings, params)
     dataset_id = None
     if params.dataset not in BUILTIN_DATASETS:
         ds = session.get(Dataset, params.dataset)
