@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     auth_cache_s: float = Field(default=5.0, ge=0, description=(
         "How long the API remembers a valid API key (by its SHA-256) before asking the database again: a "
         "revoked key stops working within this many seconds. 0: every request asks the database."))
+    metrics_token: str = Field(default="", description=(
+        "When set, GET /metrics answers only requests with Authorization: Bearer <this token>."))
     auth_failure_burst: int = Field(default=10, ge=1, description=(
         "Failed authentications a client address may make in a burst before it is answered 429."))
     auth_failure_per_minute: float = Field(default=20.0, gt=0, description=(

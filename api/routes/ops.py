@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from fastapi import Request
@@ -10,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api import metrics, routing
+from api.errors import ApiError
 from shared.db import get_engine
 from shared.queue import producer
 from shared.storage import get_storage
@@ -58,4 +60,12 @@ def readyz(request: Request):
 
 @router.get("/metrics")
 def metrics_route(request: Request) -> Response:
+    """Prometheus metrics; with ``LDMQ_METRICS_TOKEN`` set, only for ``Authorization: Bearer <token>``
+    (queue depths and tenants' activity are not for the internet)."""
+    token = request.app.state.settings.metrics_token
+    if token:
+        given = request.headers.get("authorization", "").partition(" ")[2].strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "the metrics need the operator's token (Authorization: Bearer <token>)",
+                           headers={"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(metrics.scrape_registry(request.app.state.settings)), media_type=CONTENT_TYPE_LATEST)

@@ -14,7 +14,12 @@ from shared.paths import UnsafePath, path_within, plain_relative_path
 
 
 class StorageError(Exception):
-    """The storage backend failed or is unreachable (the API answers 503)."""
+    """The storage backend failed or is unreachable (the API answers 503).
+
+    ``str(exc)`` is for the logs (it may name keys); :attr:`public` is what a tenant may read (a
+    job's ``error``): no key, no path, no server text."""
+
+    public = "object storage failed a request"
 
 
 class ObjectNotFound(StorageError):
@@ -40,6 +45,11 @@ class ObjectTooLarge(StorageError):
 
 class StorageUnavailable(StorageError):
     """The backend did not answer (connection refused, timeouts, 5xx) for the whole retry budget."""
+
+    def __init__(self, message: str, retry_s: float | None = None):
+        super().__init__(message)
+        budget = f" after {retry_s:.0f} s of retries" if retry_s is not None else ""
+        self.public = f"object storage unreachable{budget}"
 
 
 def sha256_hex(data: bytes) -> str:

@@ -115,7 +115,7 @@ class S3Storage(Storage):
                               self.retry_s, exc)
                     raise StorageUnavailable(
                         f"object storage unreachable: {op} {key!r} failed {attempt} time(s) over "
-                        f"{self.retry_s:.0f} s of retries ({type(exc).__name__}: {exc})") from exc
+                        f"{self.retry_s:.0f} s of retries ({type(exc).__name__}: {exc})", retry_s=self.retry_s) from exc
                 sleep = min(left, delay * (0.5 + random.random() / 2))
                 log.warning("storage: %s %r failed (%s); retry %d in %.2f s", op, key, type(exc).__name__,
                             attempt, sleep)

@@ -98,3 +98,17 @@ def test_max_attempts_cannot_be_raised_past_the_operators_limit(client, settings
     r = client.post("/v1/jobs/sample", headers=auth(key), json={
         "model": model_id, "prompts": [{"prompt": "a"}], "max_attempts": settings.max_attempts_limit + 1})
     assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "max_attempts"
+
+
+def test_metrics_can_be_put_behind_a_token(settings):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"metrics_token": "s3cret-scrape"}))) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = c.get("/metrics", headers={"Authorization": "Bearer s3cret-scrape"})
+        assert r.status_code == 200 and "ldmq_" in r.text
+    with TestClient(create_app(settings)) as c:  # off by default: compose and k8s scrape inside the network
+        assert c.get("/metrics").status_code == 200

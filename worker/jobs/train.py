@@ -176,7 +176,7 @@ def check_checkpoint_files(keys: list[str], prefix: str) -> None:
     bad = sorted(k for k in keys if not k.lower().endswith(CHECKPOINT_SUFFIXES))
     if bad:
         names = ", ".join(k[len(prefix):].lstrip("/") or k for k in bad)
-        raise JobError("unsafe_checkpoint", f"checkpoint {prefix!r} holds files that are not safetensors/JSON/PNG "
+        raise JobError("unsafe_checkpoint", "the checkpoint to resume from holds files that are not safetensors/JSON/PNG "
                                             f"(pickles are never loaded): {names}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,14 +56,22 @@ def classify(exc: BaseException | None, extra: dict[str, Any] | None = None, job
         return Outcome("crashed", {"code": "writer_died", "message": str(exc)})
     if kind == "job_error":
         return Outcome("failed", {"code": exc.code, "message": str(exc)})
-    if kind == "storage_unavailable":
-        return Outcome("failed", {"code": "storage_unavailable", "message": str(exc)})
-    if kind == "storage_error":
-        return Outcome("failed", {"code": "storage_error", "message": f"object storage failed: {exc}"})
+    # A job's error is read by its tenant: a code and a safe message. Keys, local paths and
+    # exception text stay in the worker's log, under a reference the message gives.
+    if kind in ("storage_unavailable", "storage_error"):
+        ref = _reference()
+        log.warning("job %s: %s [ref %s]: %s", job_id, kind, ref, exc)
+        return Outcome("failed", {"code": kind, "message": f"{exc.public} (reference {ref})"})
     if kind == "db_unreachable":
         return Outcome("released", reason="database unreachable")
-    log.error("job %s failed", job_id, exc_info=exc)
-    return Outcome("failed", {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+    ref = _reference()
+    log.error("job %s failed [ref %s]", job_id, ref, exc_info=exc)
+    return Outcome("failed", {"code": "internal_error", "message": f"internal error in the worker (reference {ref}; "
+                                                                   "the worker's log has the details)"})
+
+
+def _reference() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def db_retry(settings: Settings, what: str, fn: Callable[[], Any], budget_s: float | None = None) -> Any:
