@@ -20,18 +20,21 @@ from shared.settings import Settings, get_settings
 
 
 class BodyLimit:
-    """Pure ASGI middleware: refuse bodies over ``limit`` bytes with 413 before reading them all."""
+    """Pure ASGI middleware: refuse bodies over ``limit`` bytes with 413 before reading them all;
+    paths under a prefix of ``limits`` get that prefix's limit instead (dataset uploads)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, limits: dict[str, int] | None = None):
+        self.app, self.default, self.limits = app, limit, limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        limit = next((v for p, v in self.limits.items() if path == p or path.startswith(p + "/")), self.default)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, receive, send, limit)
         seen = 0
         too_large = False
 
@@ -40,7 +43,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     too_large = True
                     raise _TooLarge()
             return message
@@ -48,10 +51,10 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._too_large(scope, receive, send)
+            await self._too_large(scope, receive, send, limit)
 
-    async def _too_large(self, scope, receive, send):
-        resp = error_response(413, "payload_too_large", f"the request body is larger than {self.limit} bytes")
+    async def _too_large(self, scope, receive, send, limit: int):
+        resp = error_response(413, "payload_too_large", f"the request body is larger than {limit} bytes")
         await resp(scope, receive, send)
 
 
@@ -123,5 +126,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        throttle=FailureThrottle(settings.auth_failure_burst, settings.auth_failure_per_minute),
                        lookup=lambda key: lookup_tenant(settings, key))
     app.add_middleware(RequestMetrics)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, limits={"/v1/datasets": settings.dataset_max_bytes})
     return app

@@ -17,6 +17,7 @@ import posixpath
 import tarfile
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,6 +32,9 @@ DEFAULT_MAX_IMAGE_SIDE = 1024
 DEFAULT_MAX_CAPTION_CHARS = 1000
 DEFAULT_MAX_UNCOMPRESSED_BYTES = 2 * 1024**3
 MAX_REPORTED_PROBLEMS = 100
+MAX_METADATA_BYTES = 64 * 1024**2  # metadata.csv/jsonl, counted as it is read
+MAX_IMAGE_BYTES = 64 * 1024**2  # one image file, counted as it is read
+MAX_EXTRA_MEMBERS = 1000  # archive entries beyond the images (metadata, readmes, skipped files)
 
 
 class DatasetValidationError(ValueError):
@@ -86,47 +90,86 @@ def archive_format(filename: str) -> str:
 
 
 class _Archive:
-    """Regular files of a zip or tar archive by normalised path (directories and links skipped)."""
+    """Regular files of a zip or tar archive by normalised path (directories and links skipped),
+    read from a seekable binary file (an upload spooled to disk: never whole in memory).
 
-    def __init__(self, data: bytes, filename: str, max_uncompressed_bytes: int):
+    Bombs are bounded by what is *read*, not by what the archive declares: at most ``max_members``
+    entries are looked at, and :meth:`read` counts the bytes that come out of decompression
+    against ``max_uncompressed_bytes`` (a zip's declared sizes are also checked first, to refuse
+    early). A damaged, truncated or encrypted archive is a :class:`DatasetValidationError`."""
+
+    def __init__(self, source, filename: str, max_uncompressed_bytes: int, max_members: int):
         self.format = archive_format(filename)
+        self.filename = filename
+        self.max_bytes = max_uncompressed_bytes
+        self.read_bytes = 0
         self._files: dict[str, object] = {}
         self.problems: list[dict] = []
-        total = 0
+        fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         if self.format == "zip":
-            if not zipfile.is_zipfile(io.BytesIO(data)):
-                raise DatasetValidationError([{"file": filename, "message": "not a valid zip archive"}])
-            self._zip = zipfile.ZipFile(io.BytesIO(data))
-            for info in self._zip.infolist():
-                if info.is_dir():
-                    continue
-                total += info.file_size
-                self._add(info.filename, info, filename)
+            self._open_zip(fileobj, max_members)
         else:
-            try:
-                self._tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz" if self.format == "tar.gz" else "r:")
-                members = self._tar.getmembers()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise DatasetValidationError(
-                    [{"file": filename, "message": f"not a valid {self.format} archive ({exc})"}]
-                ) from None
-            for info in members:
+            self._open_tar(fileobj, max_members)
+
+    def _refuse(self, message: str):
+        raise DatasetValidationError([{"file": self.filename, "message": message}])
+
+    def _open_zip(self, fileobj, max_members: int) -> None:
+        try:
+            self._zip = zipfile.ZipFile(fileobj)
+            infos = self._zip.infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError):
+            self._refuse("not a valid zip archive")
+        if len(infos) > max_members:
+            self._refuse(f"{len(infos)} entries; at most {max_members} allowed")
+        declared = 0
+        for info in infos:
+            if info.is_dir():
+                continue
+            if info.flag_bits & 0x1:
+                self.problems.append({"file": info.filename, "message": "encrypted entries are not allowed"})
+                continue
+            declared += info.file_size
+            self._add(info.filename, info)
+        if declared > self.max_bytes:
+            self._refuse(f"uncompressed size {declared} bytes exceeds {self.max_bytes}")
+
+    def _open_tar(self, fileobj, max_members: int) -> None:
+        try:
+            self._tar = tarfile.open(fileobj=fileobj, mode="r:gz" if self.format == "tar.gz" else "r:")
+            # Member by member (getmembers() would read them all first): stop at the cap.
+            count = 0
+            while (info := self._tar.next()) is not None:
+                count += 1
+                if count > max_members:
+                    self._refuse(f"more than {max_members} entries")
                 if info.isdir():
                     continue
                 if not info.isfile():
                     self.problems.append({"file": info.name, "message": "links and special files are not allowed"})
                     continue
-                total += info.size
-                self._add(info.name, info, filename)
-        if total > max_uncompressed_bytes:
-            raise DatasetValidationError(
-                [{"file": filename, "message": f"uncompressed size {total} bytes exceeds {max_uncompressed_bytes}"}]
-            )
+                self._add(info.name, info)
+            if self.format == "tar.gz":
+                self._drain_gzip()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            self._refuse(f"not a valid {self.format} archive ({type(exc).__name__})")
 
-    def _add(self, raw_name: str, info, filename: str) -> None:
+    def _drain_gzip(self) -> None:
+        """Read the gzip stream to its end (its trailer proves it is whole: a truncated upload is
+        refused even when the cut falls after the last member); what comes out counts against the
+        budget, so zeros after the end of the tar are no bomb either."""
+        gz, pos = self._tar.fileobj, self._tar.fileobj.tell()
+        extra = 0
+        while chunk := gz.read(1 << 20):
+            extra += len(chunk)
+            if extra > self.max_bytes:
+                self._refuse(f"more than {self.max_bytes} bytes once uncompressed")
+        gz.seek(pos)
+
+    def _add(self, raw_name: str, info) -> None:
         name = _normalise(raw_name)
         if name is None:
-            self.problems.append({"file": raw_name, "message": "absolute paths and '..' are not allowed"})
+            self.problems.append({"file": raw_name[:200], "message": "absolute paths and '..' are not allowed"})
             return
         if _ignored(name):
             return
@@ -138,13 +181,59 @@ class _Archive:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def read(self, name: str) -> bytes:
+    def open(self, name: str, limit: int | None = None):
+        """A file object of member ``name`` whose reads count against the uncompressed budget (and
+        against ``limit``, this member's own)."""
         info = self._files[name]
-        if self.format == "zip":
-            return self._zip.read(info)
-        fh = self._tar.extractfile(info)
-        assert fh is not None
-        return fh.read()
+        try:
+            fh = self._zip.open(info) if self.format == "zip" else self._tar.extractfile(info)
+        except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error):
+            raise DatasetValidationError([{"file": name, "message": "cannot be read from the archive (damaged)"}])
+        return _Counted(fh, self, name, limit)
+
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """Member ``name`` whole (an image), at most ``limit`` bytes."""
+        with self.open(name, limit) as fh:
+            return fh.read()
+
+
+class _Counted(io.RawIOBase):
+    """Reads of one archive member, counted against the archive's uncompressed budget; damage
+    found while decompressing (bad CRC, truncation) becomes a DatasetValidationError."""
+
+    def __init__(self, fh, archive: _Archive, name: str, limit: int | None = None):
+        self.fh, self.archive, self.name, self.limit, self.count = fh, archive, name, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        try:
+            data = self.fh.read(len(buf))
+        except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, RuntimeError, zlib.error) as exc:
+            raise DatasetValidationError(
+                [{"file": self.name, "message": f"damaged in the archive ({type(exc).__name__})"}]) from None
+        self.archive.read_bytes += len(data)
+        self.count += len(data)
+        if self.limit is not None and self.count > self.limit:
+            raise DatasetValidationError([{"file": self.name, "message": f"larger than {self.limit} bytes"}])
+        if self.archive.read_bytes > self.archive.max_bytes:
+            raise DatasetValidationError([{"file": self.archive.filename, "message": (
+                f"more than {self.archive.max_bytes} bytes once uncompressed")}])
+        buf[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := super().read(1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        return super().read(size)
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
 
 
 def _normalise(name: str) -> str | None:
@@ -164,49 +253,69 @@ def _ignored(name: str) -> bool:
     return "__MACOSX" in parts or any(p.startswith(".") for p in parts)
 
 
-def _parse_metadata(raw: bytes, metadata_file: str) -> tuple[list[tuple[int, dict]], list[dict]]:
-    """Rows ``(line/row number, {"file_name", "text"})`` of metadata.csv or .jsonl, and problems."""
+def _parse_metadata(stream, metadata_file: str, max_rows: int) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """Rows ``(line/row number, {"file_name", "text"})`` of metadata.csv or .jsonl, and problems.
+
+    ``stream`` is the member's binary file object, read as it is parsed (its byte cap and the
+    archive's budget are enforced by the stream); a bad byte, an oversized CSV field or a line
+    that is not JSON is a problem, never a crash. Parsing stops past ``max_rows`` rows."""
     problems: list[dict] = []
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
     try:
-        text = raw.decode("utf-8-sig")
+        rows = (_csv_rows if metadata_file.endswith(".csv") else _jsonl_rows)(text, metadata_file, problems, max_rows)
     except UnicodeDecodeError as exc:
-        return [], [{"file": metadata_file, "message": f"not UTF-8 text ({exc.reason} at byte {exc.start})"}]
+        return [], problems + [{"file": metadata_file, "message": f"not UTF-8 text ({exc.reason})"}]
+    if not rows and not problems:
+        problems.append({"file": metadata_file, "message": "has no rows"})
+    return rows, problems
+
+
+def _csv_rows(text, metadata_file: str, problems: list[dict], max_rows: int) -> list[tuple[int, dict]]:
     rows: list[tuple[int, dict]] = []
-    if metadata_file.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(text)
+    i = 0
+    try:
         columns = reader.fieldnames or []
         if not _check_columns(columns, metadata_file, problems):
-            return [], problems
+            return []
         for i, row in enumerate(reader, start=1):
             if None in row:
                 problems.append({"file": metadata_file, "message": f"row {i}: more cells than columns"})
                 continue
             rows.append((i, {"file_name": row["file_name"], "text": row["text"]}))
-    else:
-        reported: set[frozenset] = set()
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append({"file": metadata_file, "message": f"line {i}: invalid JSON ({exc.msg})"})
-                continue
-            if not isinstance(obj, dict):
-                problems.append({"file": metadata_file, "message": f"line {i}: expected a JSON object"})
-                continue
-            if frozenset(obj) != frozenset(REQUIRED_COLUMNS):
-                if frozenset(obj) not in reported:  # once per distinct set of keys, not once per line
-                    reported.add(frozenset(obj))
-                    _check_columns(list(obj), metadata_file, problems, where=f"line {i}: ")
-                continue
-            if any(not isinstance(obj.get(c), str) for c in REQUIRED_COLUMNS):
-                problems.append({"file": metadata_file, "message": f"line {i}: file_name and text must be strings"})
-                continue
-            rows.append((i, {"file_name": obj["file_name"], "text": obj["text"]}))
-    if not rows and not problems:
-        problems.append({"file": metadata_file, "message": "has no rows"})
-    return rows, problems
+            if len(rows) > max_rows:
+                break
+    except csv.Error as exc:  # an unclosed quote, a field over csv's size limit
+        problems.append({"file": metadata_file, "message": f"row {i + 1}: malformed CSV ({exc})"})
+    return rows
+
+
+def _jsonl_rows(text, metadata_file: str, problems: list[dict], max_rows: int) -> list[tuple[int, dict]]:
+    rows: list[tuple[int, dict]] = []
+    reported: set[frozenset] = set()
+    for i, line in enumerate(text, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            problems.append({"file": metadata_file, "message": f"line {i}: invalid JSON ({getattr(exc, 'msg', 'too deep')})"})
+            continue
+        if not isinstance(obj, dict):
+            problems.append({"file": metadata_file, "message": f"line {i}: expected a JSON object"})
+            continue
+        if frozenset(obj) != frozenset(REQUIRED_COLUMNS):
+            if frozenset(obj) not in reported:  # once per distinct set of keys, not once per line
+                reported.add(frozenset(obj))
+                _check_columns(list(obj), metadata_file, problems, where=f"line {i}: ")
+            continue
+        if any(not isinstance(obj.get(c), str) for c in REQUIRED_COLUMNS):
+            problems.append({"file": metadata_file, "message": f"line {i}: file_name and text must be strings"})
+            continue
+        rows.append((i, {"file_name": obj["file_name"], "text": obj["text"]}))
+        if len(problems) >= MAX_REPORTED_PROBLEMS or len(rows) > max_rows:
+            break
+    return rows
 
 
 def _check_columns(columns, metadata_file: str, problems: list[dict], where: str = "") -> bool:
@@ -243,7 +352,7 @@ def _open_image(data: bytes, max_side: int) -> tuple[tuple[int, int], str]:
 
 
 def _validate(
-    data: bytes,
+    source,
     filename: str,
     *,
     max_images: int,
@@ -252,16 +361,19 @@ def _validate(
     max_uncompressed_bytes: int,
     keep_bytes: bool,
 ) -> tuple[DatasetInfo, list[Record]]:
-    """Read the archive whole and check it: its description and its rows (with their image bytes
-    when ``keep_bytes``), or DatasetValidationError listing every problem found (up to a cap)."""
-    archive = _Archive(data, filename, max_uncompressed_bytes)
+    """Read the archive (bytes or a seekable binary file) and check it: its description and its
+    rows (with their image bytes when ``keep_bytes``), or DatasetValidationError listing every
+    problem found (up to a cap)."""
+    archive = _Archive(source, filename, max_uncompressed_bytes, max_members=max_images + MAX_EXTRA_MEMBERS)
     problems = list(archive.problems)
     metadata_file = _metadata_file(archive.names(), filename, problems)
-    rows, meta_problems = _parse_metadata(archive.read(metadata_file), metadata_file)
+    with archive.open(metadata_file, limit=MAX_METADATA_BYTES) as stream:
+        rows, meta_problems = _parse_metadata(stream, metadata_file, max_rows=max_images)
     problems += meta_problems
     if len(rows) > max_images:
         raise DatasetValidationError(
-            problems + [{"file": metadata_file, "message": f"{len(rows)} rows; at most {max_images} images allowed"}]
+            problems + [{"file": metadata_file, "message": f"more than {max_images} rows; at most {max_images} "
+                                                          "images allowed"}]
         )
     tally = _read_rows(archive, metadata_file, rows, problems, max_image_side=max_image_side,
                        max_caption_chars=max_caption_chars, keep_bytes=keep_bytes)
@@ -316,7 +428,11 @@ def _read_rows(archive: _Archive, metadata_file: str, rows: list[tuple[int, dict
         path = _listed_path(row["file_name"], root, where, metadata_file, tally.listed, names, problems)
         if path is None:
             continue
-        blob = archive.read(path)
+        try:
+            blob = archive.read(path, limit=MAX_IMAGE_BYTES)
+        except DatasetValidationError as exc:
+            problems += exc.problems
+            continue
         try:
             size, fmt = _open_image(blob, max_image_side)
         except ValueError as exc:
@@ -379,7 +495,7 @@ def _describe(archive: _Archive, metadata_file: str, tally: _Tally) -> DatasetIn
 
 
 def inspect_archive(
-    data: bytes,
+    data,
     filename: str,
     *,
     max_images: int = DEFAULT_MAX_IMAGES,
@@ -391,6 +507,7 @@ def inspect_archive(
     every problem (unsupported archive, missing or duplicate metadata, bad columns, bad JSON lines,
     empty captions, listed files missing from the archive, undecodable or oversized images).
 
+    ``data`` is the archive's bytes or a seekable binary file (an upload spooled to disk);
     ``filename`` (the upload's name) chooses the archive format by its suffix.
     """
     try:
@@ -409,7 +526,7 @@ def inspect_archive(
     return info
 
 
-def read_records(data: bytes, filename: str, **limits) -> tuple[DatasetInfo, list[Record]]:
+def read_records(data, filename: str, **limits) -> tuple[DatasetInfo, list[Record]]:
     """Validate as :func:`inspect_archive` does and return the rows with their image bytes, in
     metadata order (the worker decodes them)."""
     try:

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
 
     # Limits on what a client may send.
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    dataset_max_bytes: int = Field(default=2 * 1024**3, ge=1024, description=(
+        "The largest dataset upload (POST /v1/datasets): spooled to disk and stored streamed, so it may be "
+        "far larger than max_body_bytes, which bounds every other request."))
+    dataset_max_uncompressed_bytes: int = Field(default=2 * 1024**3, ge=1024, description=(
+        "The most bytes a dataset archive may hold once uncompressed (counted while reading, too)."))
+    dataset_max_images: int = Field(default=50_000, ge=1)
     csv_max_rows: int = Field(default=10_000, ge=1)
     prompt_max_chars: int = Field(default=1000, ge=1)
     max_images_per_row: int = Field(default=16, ge=1)

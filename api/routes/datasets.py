@@ -24,10 +24,10 @@ def dataset_out(d: Dataset) -> DatasetOut:
 async def upload_dataset(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                          file: Annotated[UploadFile, File(description="zip or tar(.gz) with metadata.csv/jsonl")],
                          name: Annotated[str | None, Form()] = None) -> DatasetOut:
-    data = await file.read()
-    # Inspecting the archive, storing it and the insert block: off the event loop.
-    ds = await run_in_threadpool(svc.create_dataset, session, get_storage(settings), tenant, file.filename or "upload",
-                                 data, name)
+    # The upload is spooled to disk by the form parser; it is read from there member by member, and
+    # stored streamed (never whole in memory). Inspecting, storing and the insert block: off the loop.
+    ds = await run_in_threadpool(svc.create_dataset, session, settings, get_storage(settings), tenant, file.filename or "upload",
+                                 file.file, name)
     return dataset_out(ds)
 
 

@@ -105,6 +105,11 @@ class Storage(ABC):
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
         return self.put_bytes(key, Path(path).read_bytes(), content_type=content_type)
 
+    def put_fileobj(self, key: str, f, content_type: str = "application/octet-stream") -> str:
+        """Store what the seekable binary file ``f`` holds from its start; return its sha256."""
+        f.seek(0)
+        return self.put_bytes(key, f.read(), content_type=content_type)
+
     def read_into(self, key: str, out, *, max_bytes: int | None = None) -> int:
         """Write the object's bytes to the binary file ``out`` and return how many there were;
         ObjectTooLarge once more than ``max_bytes`` arrive (backends stream: memory stays small)."""

@@ -133,19 +133,24 @@ class S3Storage(Storage):
         return digest
 
     def put_file(self, key, path, content_type="application/octet-stream"):
-        """Streamed from the file (one PUT; S3 takes up to 5 GiB in one), with its SHA-256 for the
-        server to check."""
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            return self.put_fileobj(key, f, content_type)
+
+    def put_fileobj(self, key, f, content_type="application/octet-stream"):
+        """Streamed from the file (one PUT; S3 takes up to 5 GiB in one): a first pass hashes it,
+        the second sends it with its SHA-256 for the server to check."""
+        h = hashlib.sha256()
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
         raw = h.digest()
+        size = f.tell()
 
         def put():
-            with open(path, "rb") as body:
-                return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
-                                              ContentType=content_type, Metadata={CHECKSUM_META: raw.hex()},
-                                              ChecksumSHA256=base64.b64encode(raw).decode())
+            f.seek(0)
+            return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f, ContentLength=size,
+                                          ContentType=content_type, Metadata={CHECKSUM_META: raw.hex()},
+                                          ChecksumSHA256=base64.b64encode(raw).decode())
 
         self._call("put", key, put)
         return raw.hex()

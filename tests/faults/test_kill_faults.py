@@ -144,4 +144,4 @@ def test_6b_an_executor_that_dies_every_time_spends_the_attempts(fstack):
     assert len(requeued) == 1 and requeued[0]["reason"] == "executor_died"
     assert w.alive()
     nxt = fstack.submit_sample(2, steps=2)
-    assert fstack.wait_final(nxt, 90).status == "succeeded"
+    _j = fstack.wait_final(nxt, 90); assert _j.status == "succeeded", _j.error

@@ -53,7 +53,8 @@ def run_train(settings: Settings, run: Run) -> dict:
         archive = None
         if dataset is not None:
             archive = workdir / Path(dataset.key).name
-            archive.write_bytes(storage.get_bytes(dataset.key))
+            with open(archive, "wb") as f:  # streamed to disk
+                storage.read_into(dataset.key, f)
         try:
             data = load_dataset(params.dataset, archive_path=archive, resolution=params.resolution)
         except ValueError as exc:

@@ -112,12 +112,14 @@ def load_digits(resolution: int = 32) -> ImageCaptionDataset:
     )
 
 
-def _detect_format(data: bytes, path: Path) -> str:
+def _detect_format(path: Path) -> str:
     """Archive format from the file name, else from magic bytes; ValueError if neither tells."""
     try:
         return archive_format(path.name)
     except ValueError:
         pass
+    with open(path, "rb") as f:
+        data = f.read(512)
     if data[:4] == b"PK\x03\x04":
         return "zip"
     if data[:2] == b"\x1f\x8b":
@@ -131,9 +133,9 @@ def load_archive(path: Path, resolution: int, name: str = "") -> ImageCaptionDat
     """Decode an uploaded archive (see the module docstring) into an :class:`ImageCaptionDataset`."""
     from PIL import Image
 
-    data = path.read_bytes()
-    fmt = _detect_format(data, path)
-    _, records = read_records(data, f"archive.{fmt}")
+    fmt = _detect_format(path)
+    with open(path, "rb") as f:  # read member by member, never the archive whole in memory
+        _, records = read_records(f, f"archive.{fmt}")
     images = torch.empty(len(records), 3, resolution, resolution)
     for i, rec in enumerate(records):
         with Image.open(io.BytesIO(rec.data)) as img:
