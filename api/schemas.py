@@ -216,6 +216,8 @@ class WebhookSecretOut(BaseModel):
     signature_header: str = SIGNATURE_HEADER
     timestamp_header: str = TIMESTAMP_HEADER
     signed_payload: str = "<X-Ldmq-Timestamp>.<raw request body>"
+    previous_valid_until: datetime | None = Field(default=None, description=(
+        "After a rotation: until then deliveries also carry a signature made with the previous secret."))
 
 
 class DatasetOut(BaseModel):

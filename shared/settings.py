@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     auth_cache_s: float = Field(default=5.0, ge=0, description=(
         "How long the API remembers a valid API key (by its SHA-256) before asking the database again: a "
         "revoked key stops working within this many seconds. 0: every request asks the database."))
+    webhook_secret_grace_s: float = Field(default=24 * 3600, ge=0, description=(
+        "After POST /v1/webhooks/secret/rotate, how long deliveries are also signed with the old secret."))
     metrics_token: str = Field(default="", description=(
         "When set, GET /metrics answers only requests with Authorization: Bearer <this token>."))
     auth_failure_burst: int = Field(default=10, ge=1, description=(

@@ -20,11 +20,12 @@ import hmac
 import json
 import secrets
 import time
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
-from shared.models import EVENT_TYPES, Job, JobEvent, Tenant
+from shared.models import EVENT_TYPES, Job, JobEvent, Tenant, utcnow
 
 SIGNATURE_HEADER = "X-Ldmq-Signature"
 TIMESTAMP_HEADER = "X-Ldmq-Timestamp"
@@ -63,7 +64,9 @@ def verify_signature(secret: str, body: bytes, timestamp: str | None, signature:
         return False
     if abs((now if now is not None else time.time()) - int(timestamp)) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    expected = sign(secret, timestamp, body)
+    # During a rotation the header carries one signature per valid secret: any may match.
+    return any(hmac.compare_digest(expected, part.strip()) for part in signature.split(","))
 
 
 def ensure_webhook_secret(session: Session, tenant: Tenant) -> str:
@@ -72,6 +75,37 @@ def ensure_webhook_secret(session: Session, tenant: Tenant) -> str:
         tenant.webhook_secret = secrets.token_hex(32)
         session.flush()
     return tenant.webhook_secret
+
+
+def rotate_webhook_secret(session: Session, tenant: Tenant, grace_s: float, now: datetime | None = None) -> str:
+    """A new signing secret; the current one keeps signing too (a second signature in the header)
+    for ``grace_s`` seconds, so receivers can switch without losing a delivery."""
+    now = now or utcnow()
+    old = ensure_webhook_secret(session, tenant)
+    tenant.webhook_secret_previous = old
+    tenant.webhook_secret_previous_until = now + timedelta(seconds=grace_s)
+    tenant.webhook_secret = secrets.token_hex(32)
+    session.flush()
+    return tenant.webhook_secret
+
+
+def signing_secrets(session: Session, tenant: Tenant, now: datetime | None = None) -> list[str]:
+    """The secrets a delivery is signed with now: the current one, then the previous one while its
+    grace period lasts."""
+    out = [ensure_webhook_secret(session, tenant)]
+    until = tenant.webhook_secret_previous_until
+    if tenant.webhook_secret_previous and until is not None and _aware(until) > (now or utcnow()):
+        out.append(tenant.webhook_secret_previous)
+    return out
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def signature_header(secrets_: list[str], timestamp: int | str, body: bytes) -> str:
+    """The ``X-Ldmq-Signature`` value: one ``sha256=<hex>`` per secret, comma-separated."""
+    return ", ".join(sign(s, timestamp, body) for s in secrets_)
 
 
 def event_body(event: JobEvent, job: Job) -> bytes:

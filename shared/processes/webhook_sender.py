@@ -50,9 +50,9 @@ from shared.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     USER_AGENT,
-    ensure_webhook_secret,
     event_body,
-    sign,
+    signature_header,
+    signing_secrets,
 )
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Outgoing:
     event_type: str
     job_id: str
     tenant_id: str
-    secret: str
+    secrets: tuple[str, ...]  # the current signing secret, then the previous one during a rotation
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def take_due(session: Session, ws: WebhookSettings, now: datetime | None = None)
     for d, ev, job, tenant in rows:
         out.append(Outgoing(delivery_id=d.id, attempt=claimed[d.id], url=d.url, body=event_body(ev, job),
                             event_id=ev.id, event_type=ev.type, job_id=job.id, tenant_id=tenant.id,
-                            secret=ensure_webhook_secret(session, tenant)))
+                            secrets=tuple(signing_secrets(session, tenant))))
     return out
 
 
@@ -228,7 +228,7 @@ def send(http, out: Outgoing, ws: WebhookSettings) -> Outcome:
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         TIMESTAMP_HEADER: ts,
-        SIGNATURE_HEADER: sign(out.secret, ts, out.body),
+        SIGNATURE_HEADER: signature_header(list(out.secrets), ts, out.body),
         "X-Ldmq-Event": out.event_type,
         "X-Ldmq-Event-Id": str(out.event_id),
         "X-Ldmq-Delivery": str(out.delivery_id),
