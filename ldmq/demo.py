@@ -50,16 +50,26 @@ def _follow(client, headers, job_id: str, label: str, timeout_s: float) -> dict:
         time.sleep(1.0)
 
 
-def contact_sheet(images: list[list[bytes]], out: Path, scale: int = 3) -> Path:
-    from PIL import Image
+def contact_sheet(images: list[list[bytes]], out: Path, *, labels: list[str] | None = None, scale: int = 3,
+                  gap: int = 4, label_width: int = 64) -> Path:
+    """One row per prompt, images enlarged ``scale``× (nearest neighbour: pixels stay pixels) with
+    ``gap`` white pixels between them, each row labelled on its left."""
+    from PIL import Image, ImageDraw, ImageFont
 
     rows = [[Image.open(io.BytesIO(b)).convert("RGB") for b in r] for r in images]
     w, h = rows[0][0].size
+    tw, th = w * scale, h * scale
     cols = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (cols * w * scale, len(rows) * h * scale), "white")
+    left = label_width if labels else 0
+    sheet = Image.new("RGB", (left + gap + cols * (tw + gap), gap + len(rows) * (th + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
     for y, r in enumerate(rows):
+        top = gap + y * (th + gap)
+        if labels:
+            draw.text((gap, top + th // 2), labels[y], fill=(40, 40, 40), font=font, anchor="lm")
         for x, img in enumerate(r):
-            sheet.paste(img.resize((w * scale, h * scale), Image.NEAREST), (x * w * scale, y * h * scale))
+            sheet.paste(img.resize((tw, th), Image.NEAREST), (left + gap + x * (tw + gap), top))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out
@@ -120,11 +130,11 @@ def run_demo(quick: bool = False, images_per_digit: int = 4) -> int:
             grid: list[list[bytes]] = [[] for _ in DIGITS]
             for o in outs["items"]:
                 grid[o["row"] - 1].append(_fetch(o["url"]))
-            sheet = contact_sheet(grid, settings.var_dir / "demo" / "contact_sheet.png")
+            sheet = contact_sheet(grid, settings.var_dir / "demo" / "contact_sheet.png", labels=DIGITS)
             first = urlparse(outs["items"][0]["url"]).path
             print(f"\n{len(outs['items'])} images under {Path(first).parent.parent}")
             print(f"manifest:      {urlparse(outs['manifest_url']).path if outs['manifest_url'] else '-'}")
-            print(f"contact sheet: {sheet}  (row k: 'a handwritten digit k')")
+            print(f"contact sheet: {sheet}  (each row labelled with its digit)")
         return 0
     finally:
         worker.terminate()
