@@ -265,3 +265,33 @@ def test_delete_racing_a_train_submit_on_the_base_model(client, settings, tiny_m
         with session_scope(settings) as s:
             s.execute(Job.__table__.update().where(Job.tenant_id == tid, Job.status == "queued")
                       .values(status="canceled"))
+
+
+def test_a_delete_waits_for_a_train_submit_holding_its_base_model(settings, tiny_model):
+    """Deterministic form of the race: the submit's share lock on the base model makes the delete
+    wait, and once the submit commits the delete sees the new job and refuses."""
+    from api.services.jobs import create_train_job
+    from shared.security import TenantRef
+    from shared.train_schema import TrainParams
+
+    tid, _, model_id = tiny_model
+    tenant = TenantRef(id=tid, name="t")
+    outcome = {}
+    with session_scope(settings) as submit:
+        job = create_train_job(submit, settings, tenant, TrainParams(dataset="builtin:digits", base_model=model_id,
+                                                                     steps=50)).job
+
+        def remove():
+            try:
+                with session_scope(settings) as s:
+                    deletion.delete_model(s, model_id, tid)
+                outcome["deleted"] = True
+            except deletion.InUse as exc:
+                outcome["in_use"] = exc.users
+
+        t = threading.Thread(target=remove)
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # blocked on the submit's lock
+    t.join(10)
+    assert outcome == {"in_use": [job.id]}
