@@ -246,11 +246,48 @@ def _jobs_download(c, args) -> int:
     return 0
 
 
-def _add_jobs_parser(sub) -> None:
+def _delete(kind: str):
+    def run(c, args) -> int:
+        {"job": c.delete, "model": c.delete_model, "dataset": c.delete_dataset}[kind](args.id)
+        print(f"deleted {kind} {args.id}", file=sys.stderr)
+        return 0
+
+    return run
+
+
+DELETE_HELP = {
+    "job": ("delete a final job: its record, images, manifest and checkpoints",
+            "A queued or running job is refused (409 job_not_final): cancel it first.\n\n"
+            "examples:\n  ldmq jobs cancel 3f2a...\n  ldmq jobs follow 3f2a...    # until it has ended\n  ldmq jobs delete 3f2a..."),
+    "model": ("delete a model and its stored files (over the API)",
+              "Refused (409 model_in_use) while a queued or running job samples from it or trains on it,\n"
+              "or another model names it as its base_model. Jobs that used it keep their records.\n\n"
+              "examples:\n  LDMQ_API_URL=http://127.0.0.1:8000 LDMQ_API_KEY=ldmq_... ldmq models delete 9c1e..."),
+    "dataset": ("delete a dataset and its archive (over the API)",
+                "Refused (409 dataset_in_use) while a queued or running train job uses it.\n\n"
+                "examples:\n  ldmq datasets delete 51b0... --url http://127.0.0.1:8000 --key ldmq_..."),
+}
+
+
+def _add_delete_parser(sub, kind: str, conn: argparse.ArgumentParser) -> None:
+    """``ldmq {jobs,models,datasets} delete ID``: over the REST API, like ``ldmq jobs``."""
+    summary, epilog = DELETE_HELP[kind]
+    p = sub.add_parser("delete", parents=[conn], help=summary, description=summary[0].upper() + summary[1:] + ".",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("id", help=f"the {kind} id")
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_delete(kind))
+
+
+def _conn_parser() -> argparse.ArgumentParser:
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument("--url", help="API base URL (default: $LDMQ_API_URL)")
     conn.add_argument("--key", help="API key (default: $LDMQ_API_KEY)")
     conn.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds")
+    return conn
+
+
+def _add_jobs_parser(sub) -> None:
+    conn = _conn_parser()
     follow = argparse.ArgumentParser(add_help=False)
     follow.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     follow.add_argument("--follow-timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
@@ -290,6 +327,7 @@ def _add_jobs_parser(sub) -> None:
     p.add_argument("dir")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(jobs_fn=_jobs_download)
+    _add_delete_parser(jsub, "job", conn)
     j.set_defaults(fn=cmd_jobs)
 
 
@@ -378,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", default="ldmq@%h")
     w.set_defaults(fn=cmd_worker)
 
-    sw = sub.add_parser("sweeper", help="re-enqueue lost jobs, fail poison jobs (runs forever)")
+    sw = sub.add_parser("sweeper", help="re-enqueue lost jobs, fail poison jobs, apply LDMQ_RETENTION_DAYS (runs forever)")
     sw.add_argument("--interval", type=float, default=None)
     sw.add_argument("--once", action="store_true")
     sw.set_defaults(fn=cmd_sweeper)
@@ -403,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--tenant", required=True)
     mi.add_argument("--name")
     mi.set_defaults(fn=cmd_models_import)
+    _add_delete_parser(m, "model", _conn_parser())
+
+    ds = sub.add_parser("datasets", help="datasets").add_subparsers(dest="datasets_cmd", required=True)
+    _add_delete_parser(ds, "dataset", _conn_parser())
 
     d = sub.add_parser("demo", help="train on builtin:digits, then generate a batch (no servers needed)")
     d.add_argument("--quick", action="store_true", help="a short training run (a smoke test, poor images)")

@@ -174,6 +174,8 @@ class Client:
                 raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"))
             except (ValueError, KeyError, TypeError):
                 raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase) from None
+        if r.status_code == 204:
+            return None
         return r.json()
 
     @staticmethod
@@ -252,6 +254,22 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         return Job.from_json(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    # -- delete ---------------------------------------------------------------------------------
+    def delete(self, job_id: str) -> None:
+        """Delete a final job: its record and its stored objects (images, manifest, checkpoints).
+        A queued or running job is an ApiError 409 ``job_not_final``: cancel it, wait, then delete."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    def delete_model(self, model_id: str) -> None:
+        """Delete a model and its stored files; ApiError 409 ``model_in_use`` while a queued or
+        running job samples from it or trains on it, or another model names it as its base."""
+        self._request("DELETE", f"/v1/models/{model_id}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset and its archive; ApiError 409 ``dataset_in_use`` while a queued or
+        running train job uses it."""
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
 
     def outputs(self, job_id: str) -> Outputs:
         body = self._request("GET", f"/v1/jobs/{job_id}/outputs")

@@ -296,3 +296,23 @@ class Dataset(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StorageDeletion(Base):
+    """Stored objects whose record is gone, still to be removed (an outbox of deletions).
+
+    Written in the transaction that deletes the record (a job, model or dataset), so a record never
+    goes without its objects being scheduled, and never points at objects already gone. ``path``
+    ending in "/" is a prefix (every key under it, except those in ``keep``), else one key. The
+    deleter removes the objects after the commit and then this row; a failure leaves the row, and
+    the sweeper retries it (``shared.deletion.purge_pending``)."""
+
+    __tablename__ = "storage_deletions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(Text)
+    keep: Mapped[list[Any]] = mapped_column(default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

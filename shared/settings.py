@@ -90,6 +90,14 @@ class Settings(BaseSettings):
     orphan_grace_s: float = Field(default=10.0, gt=0, description=(
         "A queued job that no broker holds for this long is re-enqueued by the sweeper."))
     sweep_interval_s: float = Field(default=15.0, gt=0)
+    retention_days: float = Field(default=0, ge=0, description=(
+        "Delete final jobs (succeeded, failed, canceled) that finished more than this many days ago: their "
+        "records, outputs, manifests and checkpoints, as DELETE /v1/jobs/{id} does (a trained model and its "
+        "evaluation artifacts stay; models and datasets are never removed by retention). Applied by the "
+        "sweeper. 0 = keep forever."))
+    retention_batch: int = Field(default=100, ge=1, description=(
+        "The most jobs one sweeper pass deletes for retention, and the most pending object deletions it "
+        "retries (a backlog drains over several passes)."))
     storage_retry_s: float = Field(default=30.0, ge=0, description=(
         "How long an object-storage call retries (with backoff) on connection errors and 5xx before failing."))
 

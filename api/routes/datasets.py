@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import File, Form, UploadFile
+from fastapi import File, Form, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.routes.jobs import ERRORS
+from api.routes.jobs import DELETE_ERRORS, ERRORS
+from api.services import deletion
 from api.schemas import DatasetList, DatasetOut
 from api.services import datasets as svc
 from shared.models import Dataset
@@ -39,3 +40,10 @@ def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetList:
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS)
 def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
     return dataset_out(svc.get_dataset(session, tenant, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=DELETE_ERRORS)
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    """The dataset's record and archive; 409 while a queued or running train job uses it."""
+    deletion.delete_dataset(session, settings, tenant, dataset_id)
+    return Response(status_code=204)

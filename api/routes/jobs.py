@@ -21,6 +21,7 @@ from api.schemas import (
     TrainRequest,
     WebhookDeliveryList,
 )
+from api.services import deletion
 from api.services import jobs as svc
 from shared.catalog import SCHEDULERS
 from shared.models import EVENT_TYPES
@@ -32,6 +33,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
     422: {"model": ErrorBody}, 503: {"model": ErrorBody},
 }
+DELETE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 409: {"model": ErrorBody}}
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 DryRun = Annotated[bool, Query(description="Validate and estimate only: nothing is stored or enqueued (200).")]
 
@@ -122,6 +124,14 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=ERRORS)
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     return svc.job_out(svc.cancel_job(session, tenant, job_id))
+
+
+@router.delete("/{job_id}", status_code=204, responses=DELETE_ERRORS)
+def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    """A final job: its record (rows, outputs, events, webhook) and its stored objects. A queued or
+    running job: 409 (cancel it, then delete it once it has ended)."""
+    deletion.delete_job(session, settings, tenant, job_id)
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/outputs", response_model=OutputList, responses=ERRORS)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from fastapi import Response
 
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.routes.jobs import ERRORS
+from api.routes.jobs import DELETE_ERRORS, ERRORS
 from api.schemas import ImportModelRequest, ModelList, ModelOut
+from api.services import deletion
 from api.services import models as svc
 from api.services.jobs import get_model
 from shared.storage import get_storage
@@ -28,3 +30,11 @@ def import_model(req: ImportModelRequest, session: SessionDep, settings: Setting
     storage = get_storage(settings)
     model = svc.import_model(session, settings, storage, tenant, req.source, req.name)
     return svc.model_out(model, storage, settings)
+
+
+@router.delete("/{model_id}", status_code=204, responses=DELETE_ERRORS)
+def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    """The model's record and stored objects; 409 while a queued or running job or another model
+    needs it."""
+    deletion.delete_model(session, settings, tenant, model_id)
+    return Response(status_code=204)

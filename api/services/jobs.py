@@ -104,8 +104,11 @@ def get_job(session: Session, tenant: TenantRef, job_id: str) -> Job:
     return job
 
 
-def get_model(session: Session, tenant: TenantRef, model_id: str) -> Model:
-    model = session.get(Model, model_id)
+def get_model(session: Session, tenant: TenantRef, model_id: str, *, lock: bool = False) -> Model:
+    """The tenant's model (404 otherwise). ``lock``: hold a share lock on its row until the commit,
+    so a concurrent DELETE waits and then sees the job that needs it (for references the foreign
+    key does not cover, such as a train job's ``base_model``)."""
+    model = session.get(Model, model_id, with_for_update={"key_share": True} if lock else None)
     if model is None or model.tenant_id != tenant.id:
         raise not_found("model", model_id)
     return model
@@ -359,7 +362,7 @@ def create_train_job(session: Session, settings: Settings, tenant: TenantRef, re
                            f"builtin datasets: {', '.join(BUILTIN_DATASETS)}")
         dataset_id = ds.id
     if params.base_model is not None:
-        get_model(session, tenant, params.base_model)
+        get_model(session, tenant, params.base_model, lock=True)
     body = params.model_dump(mode="json")
     # The webhook is part of the request (so a key reused with another webhook is refused) but not
     # of the params the worker reads.

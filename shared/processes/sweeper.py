@@ -11,6 +11,9 @@ change is a conditional UPDATE and a duplicate message is harmless):
    - queued jobs that no broker holds for ``orphan_grace_s`` (a FLUSHALL, a lost message, a
      worker that died between receiving the message and claiming the job).
    Where the broker cannot be inspected, queued jobs are re-sent every ``requeue_after_s``.
+4. retention (``retention_days`` > 0): delete up to ``retention_batch`` final jobs that finished
+   longer ago, as ``DELETE /v1/jobs/{id}`` does, then retry stored objects whose deletion failed
+   earlier (``shared.deletion``). Models and datasets are never removed by retention.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from pathlib import Path
 
 from shared import jobstate
 from shared.db import session_scope
+from shared.deletion import apply_retention, purge_pending
 from shared.models import utcnow
 from shared.queue import QUEUE_FOR_TYPE, TASK_FOR_TYPE, enqueue
 from shared.settings import Settings
+from shared.storage import get_storage
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +125,29 @@ def broker_view(settings: Settings) -> BrokerView | None:
     return None
 
 
+def housekeeping(settings: Settings) -> dict[str, list[str]]:
+    """Retention and the retry of pending object deletions; a failure is logged, and the rest of
+    the pass (requeues) is not held up by it."""
+    expired: list[str] = []
+    try:
+        storage = get_storage(settings)
+        expired = apply_retention(settings, storage)
+        purge_pending(settings, storage, limit=settings.retention_batch)
+    except Exception as exc:
+        log.warning("sweeper: retention or object deletion failed (%s: %s); retrying next pass",
+                    type(exc).__name__, exc)
+    if expired:
+        log.info("sweeper: deleted %d jobs past retention: %s", len(expired), expired)
+    return {"expired": expired}
+
+
 def sweep_once(settings: Settings) -> dict[str, list[str]]:
+    result = _requeue_pass(settings)
+    result.update(housekeeping(settings))
+    return result
+
+
+def _requeue_pass(settings: Settings) -> dict[str, list[str]]:
     with session_scope(settings) as s:
         failed = jobstate.fail_exhausted(s)
         canceled = jobstate.cancel_abandoned(s)

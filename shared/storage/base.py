@@ -102,6 +102,18 @@ class Storage(ABC):
         except ObjectExists:
             return self.checksum(key) or sha256_hex(self.get_bytes(key, verify=False)), False
 
+    def delete_prefix(self, prefix: str, *, keep: frozenset[str] | set[str] = frozenset()) -> int:
+        """Delete every object under ``prefix`` (which must end in "/") except the keys in ``keep``;
+        return how many were deleted. Deleting what is already gone is not an error."""
+        if not prefix.endswith("/") or prefix == "/":
+            raise UnsafeKey(f"refusing to delete under {prefix!r}: a prefix must be a folder ending in '/'")
+        n = 0
+        for key in self.list(prefix):
+            if key not in keep:
+                self.delete(key)
+                n += 1
+        return n
+
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
         return self.put_bytes(key, Path(path).read_bytes(), content_type=content_type)
 

@@ -194,3 +194,23 @@ def test_progress_bar_lines():
         "abcdef12 [#####.....]  50.0% running step 50/100 loss 0.1235",
         "abcdef12 [##########] 100.0% succeeded 4/4 images",
     ]
+
+
+def test_client_and_cli_delete(api, settings, tiny_model, monkeypatch, capsys, keep_root_logging):
+    tid, _, model_id = tiny_model
+    storage = get_storage(settings)
+    job = api.submit_csv(b"prompt\na\n", model=model_id)
+    with pytest.raises(ApiError) as exc:  # not final yet
+        api.delete(job.id)
+    assert exc.value.status == 409 and exc.value.code == "job_not_final"
+    rc, out, err = run_cli(monkeypatch, capsys, api, "models", "delete", model_id)
+    assert rc == 1 and "model_in_use" in err and job.id in err
+    finish_with_outputs(settings, tid, job.id, rows=1)
+    assert api.delete(job.id) is None
+    assert storage.list(f"{tid}/jobs/{job.id}/") == []
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "delete", job.id)
+    assert rc == 1 and "not_found" in err
+    rc, out, err = run_cli(monkeypatch, capsys, api, "models", "delete", model_id)
+    assert rc == 0 and f"deleted model {model_id}" in err
+    rc, out, err = run_cli(monkeypatch, capsys, api, "datasets", "delete", "nope")
+    assert rc == 1 and "not_found" in err
