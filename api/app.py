@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(AuthFirst, cache=app.state.key_cache,
                        throttle=FailureThrottle(settings.auth_failure_burst, settings.auth_failure_per_minute),
-                       lookup=lambda key: lookup_tenant(settings, key))
+                       lookup=lambda key: lookup_tenant(settings, key), routes=app.router.routes)
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, limits={"/v1/datasets": settings.dataset_max_bytes})
     return app

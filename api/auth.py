@@ -101,12 +101,14 @@ class AuthFirst:
     module docstring). ``lookup(key)`` (blocking: run in a thread) returns the tenant or None. A
     lookup that raises (the database is away) is left to the route, whose error handlers answer it."""
 
-    def __init__(self, app, cache: KeyCache, throttle: FailureThrottle, lookup: Callable[[str], TenantRef | None]):
-        self.app, self.cache, self.throttle, self.lookup = app, cache, throttle, lookup
+    def __init__(self, app, cache: KeyCache, throttle: FailureThrottle, lookup: Callable[[str], TenantRef | None],
+                 routes=()):
+        self.app, self.cache, self.throttle, self.lookup, self.routes = app, cache, throttle, lookup, routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             return await self.app(scope, receive, send)
+        self._note_route(scope)
         client = (scope.get("client") or ("unknown", 0))[0]
         wait = self.throttle.retry_after(client)
         if wait > 0:
@@ -133,3 +135,24 @@ class AuthFirst:
             self.cache.put(key, tenant)
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
+
+    def _note_route(self, scope) -> None:
+        """Set the route a refused request was for, as the router would have: request metrics are
+        labelled by route template, answered here or by the route."""
+        from starlette.routing import Match
+
+        for route in _flat(self.routes):
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                scope["route"] = route
+                return
+
+
+def _flat(routes):
+    """The endpoint routes under ``routes``, included routers opened (FastAPI keeps those whole)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes)
+        else:
+            yield route
