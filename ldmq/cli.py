@@ -182,7 +182,7 @@ def cmd_jobs(args) -> int:
     try:
         with _client(args) as c:
             return int(args.jobs_fn(c, args) or 0)
-    except ValueError as exc:  # no URL / key
+    except ValueError as exc:  # no URL / key, a PNG without ldmq's parameters
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ApiError as exc:
@@ -204,6 +204,15 @@ def _jobs_submit(c, args) -> int:
     job = c.submit_csv(args.csv, model=args.model, scheduler=args.scheduler, steps=args.steps,
                        guidance_scale=args.guidance_scale, webhook_url=args.webhook_url, webhook_events=events,
                        idempotency_key=args.idempotency_key)
+    return _submitted(c, job, args)
+
+
+def _jobs_reproduce(c, args) -> int:
+    return _submitted(c, c.reproduce(args.png, idempotency_key=args.idempotency_key), args)
+
+
+def _submitted(c, job, args) -> int:
+    """A job just submitted: followed to its end with --follow, else printed (its id alone last)."""
     if args.follow:
         print(f"submitted job {job.id}", file=sys.stderr)
         return _follow(c, job.id, args)
@@ -306,6 +315,13 @@ def _add_jobs_parser(sub) -> None:
     p.add_argument("--idempotency-key")
     p.add_argument("--follow", action="store_true", help="then follow the job to its end")
     p.set_defaults(jobs_fn=_jobs_submit)
+    p = jsub.add_parser("reproduce", parents=[conn, follow],
+                        help="submit again the image a PNG made by ldmq records (its model, prompts, seed, steps, "
+                             "guidance, sampler, size); prints the job id last")
+    p.add_argument("png", help="a PNG made by ldmq (it carries its parameters in an 'ldmq' text chunk)")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--follow", action="store_true", help="then follow the job to its end")
+    p.set_defaults(jobs_fn=_jobs_reproduce)
     p = jsub.add_parser("estimate", parents=[conn, sample], help="dry run: validate a CSV and estimate its GPU time")
     p.set_defaults(jobs_fn=_jobs_estimate)
     p = jsub.add_parser("get", parents=[conn], help="print a job")

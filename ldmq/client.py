@@ -7,6 +7,7 @@
         for state in c.follow(job.id):                       # polls; yields on every change
             print(state.status, state.progress)
         c.download(job.id, "out/")                           # PNGs + manifest, checksums verified
+        c.reproduce("out/000001-000.png")                    # the same image again, as a new job
 
 Errors from the API raise :class:`ApiError` (status, code, message, details: the error envelope).
 Unknown response fields are kept in each object's ``raw`` (the contract only ever adds fields).
@@ -15,6 +16,7 @@ Unknown response fields are kept in each object's ``raw`` (the contract only eve
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -28,6 +30,7 @@ import httpx
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 URL_ENV, KEY_ENV = "LDMQ_API_URL", "LDMQ_API_KEY"
+PNG_CHUNK = "ldmq"  # the PNG text chunk that holds an image's parameters as JSON (worker.jobs.provenance)
 
 
 class ApiError(Exception):
@@ -228,7 +231,27 @@ class Client:
             body["webhook"] = webhook
         return Job.from_json(self._request("POST", "/v1/jobs/train", json=body, headers=self._idem(idempotency_key)))
 
+    def reproduce(self, png: str | os.PathLike | bytes, *, idempotency_key: str | None = None) -> Job:
+        """Submit the image a PNG made by ldmq again: a one-image sample job with its model, prompt,
+        negative prompt, seed, steps, guidance, sampler and size (read from its ``ldmq`` chunk).
+        ValueError if the PNG carries no parameters, or if the model's files are no longer those
+        that made it (their content hash differs)."""
+        p = png_parameters(png)
+        stored = (self.model(p["model_id"]).get("config") or {}).get("sha256")
+        if stored and stored != p["model_sha256"]:
+            raise ValueError(f"model {p['model_id']} is not the one that made this image: its content hash is "
+                             f"{stored}, the image's {p['model_sha256']}")
+        prompt = {"prompt": p["prompt"], "seed": p["seed"], "num_images": 1}
+        if p.get("negative_prompt"):
+            prompt["negative_prompt"] = p["negative_prompt"]
+        return self.submit_sample(p["model_id"], [prompt], idempotency_key=idempotency_key, scheduler=p["scheduler"],
+                                  steps=p["steps"], guidance_scale=p["guidance_scale"], width=p["width"],
+                                  height=p["height"])
+
     # -- read -----------------------------------------------------------------------------------
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/models/{model_id}")
+
     def get(self, job_id: str) -> Job:
         return Job.from_json(self._request("GET", f"/v1/jobs/{job_id}"))
 
@@ -344,6 +367,33 @@ class Client:
         if r.status_code != 200:
             raise ApiError(r.status_code, "download_failed", f"GET {parts.scheme}://{parts.netloc}{parts.path}: {r.status_code}")
         return r.content
+
+
+def png_parameters(png: str | os.PathLike | bytes) -> dict[str, Any]:
+    """The parameters a PNG made by ldmq carries (the JSON of its ``ldmq`` text chunk): model id
+    and content hash, prompt, negative prompt, seed, steps, guidance scale, scheduler, size, dtype,
+    device, versions, and the job, row and index it was made for. ValueError if it has none."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = "the image" if isinstance(png, bytes) else str(png)
+    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            text = dict(getattr(img, "text", {}))
+    except (UnidentifiedImageError, SyntaxError) as exc:
+        raise ValueError(f"{name} is not a PNG image: {exc}") from None
+    if PNG_CHUNK not in text:
+        raise ValueError(f"{name} has no {PNG_CHUNK!r} text chunk: it was not made by ldmq, or a tool removed "
+                         "its metadata, so it cannot be reproduced")
+    try:
+        params = json.loads(text[PNG_CHUNK])
+        missing = [k for k in ("model_id", "prompt", "seed", "steps", "guidance_scale", "scheduler", "width", "height")
+                   if k not in params]
+    except (ValueError, TypeError):
+        raise ValueError(f"{name}: its {PNG_CHUNK!r} text chunk is not the JSON ldmq writes") from None
+    if missing:
+        raise ValueError(f"{name}: its {PNG_CHUNK!r} text chunk lacks {', '.join(missing)}")
+    return params
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

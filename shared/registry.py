@@ -1,5 +1,9 @@
 """Register a diffusers-format pipeline directory as a model: check it, copy it into the tenant's
-prefix in storage, record the row. Used by ``ldmq models import`` and by finished train jobs."""
+prefix in storage, record the row. Used by ``ldmq models import`` and by finished train jobs.
+
+Every model's ``config`` keeps its content hash under ``CONFIG_SHA256`` (``Storage.prefix_sha256``
+of its stored files), computed once when it is stored; for a model registered before there was one,
+the worker computes it on first use and keeps it the same way."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ from sqlalchemy.orm import Session
 from shared.models import Model, Tenant, new_id
 from shared.pipelines import check_pipeline_dir
 from shared.storage import Storage, model_prefix
+
+
+CONFIG_SHA256 = "sha256"
 
 
 class TenantNotFound(LookupError):
@@ -35,8 +42,9 @@ def register_pipeline_dir(session: Session, storage: Storage, tenant_id: str, lo
     model_id = model_id or new_id()
     prefix = model_prefix(tenant_id, model_id)
     storage.upload_dir(local_dir, prefix)
+    config = {"model_index": index, **(extra_config or {}), CONFIG_SHA256: storage.prefix_sha256(prefix)}
     model = Model(id=model_id, tenant_id=tenant_id, name=name, uri=storage.uri(prefix) + "/", key=prefix,
-                  job_id=job_id, config={"model_index": index, **(extra_config or {})}, metrics=metrics or {})
+                  job_id=job_id, config=config, metrics=metrics or {})
     session.add(model)
     session.flush()
     return model

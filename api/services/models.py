@@ -14,6 +14,7 @@ from api.schemas import ModelOut
 from shared.models import Model, new_id
 from shared.security import TenantRef
 from shared.pipelines import PipelineRejected, check_pipeline_files
+from shared.registry import CONFIG_SHA256
 from shared.settings import Settings
 from shared.storage import ObjectTooLarge, S3Storage, Storage, model_prefix
 
@@ -99,7 +100,8 @@ def import_model(session: Session, settings: Settings, storage: Storage, tenant:
         raise ApiError(422, "invalid_pipeline", f"the source holds more than {settings.model_import_max_bytes} "
                                                 "bytes, the most an import may copy") from None
     model = Model(id=model_id, tenant_id=tenant.id, name=name or src_prefix.rsplit("/", 1)[-1],
-                  uri=storage.uri(prefix) + "/", key=prefix, config={"model_index": config, "source": source})
+                  uri=storage.uri(prefix) + "/", key=prefix,
+                  config={"model_index": config, "source": source, CONFIG_SHA256: storage.prefix_sha256(prefix)})
     session.add(model)
     session.flush()
     return model

@@ -21,6 +21,7 @@ from shared.storage.base import (
     StorageError,
     StorageUnavailable,
     UnsafeKey,
+    content_sha256,
     sha256_hex,
 )
 from shared.storage.file import FileStorage
@@ -29,7 +30,7 @@ from shared.storage.s3 import S3Storage
 
 __all__ = [
     "ChecksumMismatch", "FileStorage", "ObjectExists", "ObjectNotFound", "ObjectTooLarge", "S3Storage", "Storage", "StorageError",
-    "StorageUnavailable", "UnsafeKey", "checkpoint_prefix", "dataset_key", "get_storage", "job_prefix", "manifest_key",
+    "StorageUnavailable", "UnsafeKey", "checkpoint_prefix", "content_sha256", "dataset_key", "get_storage", "job_prefix", "manifest_key",
     "model_prefix", "output_key", "sha256_hex", "storage_from_url",
 ]
 

@@ -56,6 +56,16 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def content_sha256(files) -> str:
+    """One SHA-256 for a set of files (a model's): over its (relative path, file SHA-256) pairs,
+    sorted by path, each written as ``path NUL sha256 LF``. The same files give the same hash
+    wherever they are stored, so a downloaded copy can be checked with the files alone."""
+    h = hashlib.sha256()
+    for rel, digest in sorted(files):
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
 class Storage(ABC):
     scheme: str
 
@@ -90,6 +100,16 @@ class Storage(ABC):
     def checksum(self, key: str) -> str | None:
         """The stored SHA-256 of ``key`` (ObjectNotFound if absent; None if it carries none)."""
         return sha256_hex(self.get_bytes(key, verify=False))
+
+    def prefix_sha256(self, prefix: str) -> str:
+        """``content_sha256`` of every object under ``prefix``, from the checksums they carry (one
+        HEAD each; an object without one is read and hashed). ObjectNotFound if there are none."""
+        prefix = prefix.rstrip("/") + "/"
+        keys = self.list(prefix)
+        if not keys:
+            raise ObjectNotFound(f"nothing stored under {self.uri(prefix)}")
+        return content_sha256((k[len(prefix):], self.checksum(k) or sha256_hex(self.get_bytes(k, verify=False)))
+                              for k in keys)
 
     def put_bytes_once(self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
                        ) -> tuple[str, bool]:

@@ -18,7 +18,7 @@ def put_dir(s3_endpoint, bucket, prefix, local):
 
 
 def test_import_from_s3(client, settings, s3_endpoint, s3_bucket, tiny_pipeline_dir, make_tenant):
-    _, key = make_tenant()
+    tid, key = make_tenant()
     put_dir(s3_endpoint, s3_bucket, "incoming/tiny-a", tiny_pipeline_dir)
     r = client.post("/v1/models", headers=auth(key), json={"source": f"s3://{s3_bucket}/incoming/tiny-a", "name": "a"})
     assert r.status_code == 201, r.text
@@ -29,6 +29,13 @@ def test_import_from_s3(client, settings, s3_endpoint, s3_bucket, tiny_pipeline_
     st = get_storage(settings)
     keys = st.list(m["uri"].split(f"s3://{s3_bucket}/", 1)[1].split("/", 1)[1])
     assert any(k.endswith("unet/diffusion_pytorch_model.safetensors") for k in keys)
+    # The content hash is kept with the model; the same files registered from disk hash the same.
+    from shared.db import session_scope
+    from shared.registry import register_pipeline_dir
+
+    with session_scope(settings) as s:
+        local = register_pipeline_dir(s, st, tid, tiny_pipeline_dir, name="b")
+    assert len(m["config"]["sha256"]) == 64 and m["config"]["sha256"] == local.config["sha256"]
 
 
 class Marker:

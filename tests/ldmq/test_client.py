@@ -214,3 +214,54 @@ def test_client_and_cli_delete(api, settings, tiny_model, monkeypatch, capsys, k
     assert rc == 0 and f"deleted model {model_id}" in err
     rc, out, err = run_cli(monkeypatch, capsys, api, "datasets", "delete", "nope")
     assert rc == 1 and "not_found" in err
+
+
+def test_reproduce_a_generated_png_makes_the_same_pixels(api, settings, tmp_path, monkeypatch, capsys,
+                                                         keep_root_logging):
+    """`ldmq jobs reproduce PNG` reads the PNG's own parameters and submits them as a one-image job;
+    on the same worker that job makes the same pixels."""
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    from ldmq.client import png_parameters
+    from worker.jobs.sample import run_sample
+    from worker.runtime.run import run_job
+
+    def make(job_id, dest):
+        assert run_job(settings, job_id, "sample", lambda r: run_sample(settings, r)) == "succeeded"
+        return api.download(job_id, tmp_path / dest)
+
+    def pixels(path):
+        return np.asarray(Image.open(path))
+
+    job = api.submit_sample(api.model_id, [{"prompt": "a red cat", "negative_prompt": "blurry", "seed": 41,
+                                            "num_images": 2}], steps=2, scheduler="ddim", guidance_scale=3.0)
+    original = make(job.id, "orig")[1]  # the second image: seed 42
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "reproduce", str(original))
+    assert rc == 0, err
+    again = api.get(out.strip().splitlines()[-1])
+    assert again.total_items == 1 and again.model_id == api.model_id
+    assert {k: again.params[k] for k in ("scheduler", "steps", "guidance_scale", "width", "height")} == {
+        "scheduler": "ddim", "steps": 2, "guidance_scale": 3.0, "width": 32, "height": 32}
+    [copy] = make(again.id, "again")
+    assert (pixels(copy) == pixels(original)).all()
+    made = png_parameters(copy)
+    assert (made["job_id"], made["row"], made["index"], made["seed"], made["negative_prompt"]) == (
+        again.id, 1, 0, 42, "blurry")
+
+    # A PNG without ldmq's chunk, or not a PNG at all: a clear error, nothing submitted.
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "reproduce", str(plain))
+    assert rc == 2 and "no 'ldmq' text chunk" in err and "cannot be reproduced" in err
+    (tmp_path / "notes.png").write_text("hello")
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "reproduce", str(tmp_path / "notes.png"))
+    assert rc == 2 and "is not a PNG image" in err
+    # Parameters naming other weights than the model's: refused.
+    params = {**png_parameters(original), "model_sha256": "0" * 64}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("ldmq", json.dumps(params))
+    Image.open(original).save(tmp_path / "other.png", pnginfo=info)
+    with pytest.raises(ValueError, match="not the one that made this image"):
+        api.reproduce(tmp_path / "other.png")
+    assert [j.id for j in api.list(max_items=1)] == [again.id]

@@ -105,3 +105,25 @@ def test_file_keys_cannot_escape_root(tmp_path):
     st = FileStorage(tmp_path / "o")
     with pytest.raises(Exception):
         st.put_bytes("../escape", b"x")
+
+
+def test_prefix_sha256_is_the_content_hash_of_the_files(storage, tmp_path):
+    """A model's content hash: the same files give the same hash wherever they are stored, and it
+    can be computed from a local copy alone (sorted (relative path, sha256) pairs)."""
+    import hashlib
+
+    from shared.storage import content_sha256
+
+    src = tmp_path / "model"
+    (src / "unet").mkdir(parents=True)
+    (src / "model_index.json").write_text("{}")
+    (src / "unet" / "w.bin").write_bytes(b"weights")
+    storage.upload_dir(src, "m/one")
+    storage.upload_dir(src, "m/two")
+    local = content_sha256((p.relative_to(src).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
+                           for p in src.rglob("*") if p.is_file())
+    assert storage.prefix_sha256("m/one") == storage.prefix_sha256("m/two/") == local
+    storage.put_bytes("m/two/unet/w.bin", b"other weights")
+    assert storage.prefix_sha256("m/two") != local
+    with pytest.raises(ObjectNotFound):
+        storage.prefix_sha256("m/none")

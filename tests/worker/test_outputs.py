@@ -147,3 +147,29 @@ def test_a_killed_executor_leaves_no_writer_behind(settings):
             pass
         assert time.monotonic() < deadline, "the writer outlived its executor"
         time.sleep(0.1)
+
+
+def without_text_chunks(png: bytes) -> bytes:
+    """The PNG with its tEXt/iTXt/zTXt chunks taken out (each chunk: length, type, data, CRC)."""
+    import struct
+
+    out, pos = [png[:8]], 8
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos:pos + 4])
+        end = pos + 12 + length
+        if png[pos + 4:pos + 8] not in (b"tEXt", b"iTXt", b"zTXt"):
+            out.append(png[pos:end])
+        pos = end
+    return b"".join(out)
+
+
+def test_text_chunks_only_add_to_the_png():
+    """The parameters ride in text chunks: the same pixels, the same bytes once the chunks are out,
+    and a prompt beyond Latin-1 is kept whole (iTXt)."""
+    pixels = to_uint8(images(1))[0]
+    text = {"parameters": "a cat, 猫\nSteps: 2", "ldmq": '{"seed": 1}'}
+    data = png_bytes(pixels, text)
+    img = Image.open(io.BytesIO(data))
+    assert img.text == text
+    assert (np.asarray(img) == pixels).all()
+    assert without_text_chunks(data) == png_bytes(pixels) and data != png_bytes(pixels)

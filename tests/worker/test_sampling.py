@@ -23,6 +23,13 @@ def run(settings, job_id):
     return run_job(settings, job_id, "sample", lambda r: run_sample(settings, r))
 
 
+def pixels(settings, key):
+    """An output's decoded pixels (its PNG bytes also hold the job's own id and parameters)."""
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(get_storage(settings).get_bytes(key)))).tobytes()
+
+
 def outputs(settings, job_id):
     with session_scope(settings) as s:
         return [(o.row, o.index, o.seed, o.key, o.sha256) for o in
@@ -46,7 +53,7 @@ def test_sample_job_end_to_end_in_process(client, settings, tiny_model):
     # The same row and seed in another job give the same pixels.
     job2 = submit(client, key, model_id, [{"prompt": "a cat", "seed": 3}])
     assert run(settings, job2) == "succeeded"
-    assert outputs(settings, job2)[0][4] == outs[0][4]
+    assert pixels(settings, outputs(settings, job2)[0][3]) == pixels(settings, outs[0][3])
     # A second delivery of the same message does nothing.
     assert run(settings, job_id) == "skipped"
     assert len(outputs(settings, job_id)) == 3
@@ -172,7 +179,8 @@ def test_queued_jobs_of_the_same_model_share_batches(client, settings, tiny_mode
     alone = submit(client, key, model_id, [{"prompt": f"job 2 row {r}", "seed": 20 + r} for r in range(2)])
     solo = settings.model_copy(update={"sample_batch_size": 8, "cobatch_max_items": 0})
     assert run(solo, alone) == "succeeded"
-    assert [o[4] for o in outputs(settings, alone)] == [o[4] for o in outputs(settings, ids[2])]
+    assert ([pixels(settings, o[3]) for o in outputs(settings, alone)]
+            == [pixels(settings, o[3]) for o in outputs(settings, ids[2])])
 
 
 def test_model_streams_change_no_pixel_and_keep_the_order(client, settings, tiny_model):
@@ -189,7 +197,7 @@ def test_model_streams_change_no_pixel_and_keep_the_order(client, settings, tiny
         assert result["streams"] == n and result["batches"] == 3
         with session_scope(settings) as s:
             assert s.get(Job, job_id).progress == 1.0
-        shas[n] = [(o[0], o[1], o[4]) for o in outputs(settings, job_id)]
+        shas[n] = [(o[0], o[1], pixels(settings, o[3])) for o in outputs(settings, job_id)]
     assert len(shas[2]) == 10 and shas[2] == shas[1]
 
 
@@ -249,3 +257,69 @@ def test_auto_batch_size_on_cuda_is_measured(tiny_pipeline_dir):
     assert probed == [2] and 1 <= size <= 64
     assert auto_batch_size("cuda", ("tiny", 32, 32, 1), probe) == size and probed == [2]  # once per worker
     torch.cuda.empty_cache()
+
+
+def test_each_png_and_the_manifest_say_how_to_make_the_image_again(client, settings, tiny_model):
+    """Every PNG carries its parameters (image tools' ``parameters`` text and the exact ``ldmq``
+    JSON), and the manifest (JSON and CSV) lists the same for every image."""
+    import csv
+    import json
+
+    import diffusers
+    import torch
+
+    from shared.models import Model
+    from shared.storage import manifest_key
+
+    tid, key, model_id = tiny_model
+    with session_scope(settings) as s:
+        model_sha = s.get(Model, model_id).config["sha256"]
+    job_id = submit(client, key, model_id, [{"prompt": "a cat", "negative_prompt": "blurry", "seed": 7, "num_images": 2},
+                                            {"prompt": "a dog", "seed": 9, "steps": 3, "guidance_scale": 1.0}],
+                    guidance_scale=4.5)
+    assert run(settings, job_id) == "succeeded"
+    st = get_storage(settings)
+    versions = {"torch": str(torch.__version__), "diffusers": diffusers.__version__}
+    chunks = [Image.open(io.BytesIO(st.get_bytes(o[3]))).text for o in outputs(settings, job_id)]
+    made = [json.loads(c["ldmq"]) for c in chunks]
+    assert [(m["row"], m["index"], m["seed"], m["prompt"], m["negative_prompt"], m["steps"], m["guidance_scale"])
+            for m in made] == [(1, 0, 7, "a cat", "blurry", 2, 4.5), (1, 1, 8, "a cat", "blurry", 2, 4.5),
+                               (2, 0, 9, "a dog", "", 3, 1.0)]
+    for m in made:
+        assert m["job_id"] == job_id and m["model_id"] == model_id and m["model_sha256"] == model_sha
+        assert (m["scheduler"], m["width"], m["height"], m["dtype"], m["device"]) == ("ddim", 32, 32, "float32", "cpu")
+        assert {k: m["versions"][k] for k in versions} == versions and m["versions"]["ldmq"]
+    assert chunks[1]["parameters"] == (
+        "a cat\nNegative prompt: blurry\n"
+        f"Steps: 2, Sampler: DDIM, CFG scale: 4.5, Seed: 8, Size: 32x32, Model hash: {model_sha[:10]}, "
+        f"Model: {model_id}, Version: ldmq {made[1]['versions']['ldmq']}")
+    assert chunks[2]["parameters"].startswith("a dog\nSteps: 3, Sampler: DDIM, CFG scale: 1, Seed: 9,")
+
+    manifest = json.loads(st.get_bytes(manifest_key(tid, job_id)))["outputs"]
+    fields = ("model_id", "model_sha256", "scheduler", "steps", "guidance_scale", "seed", "width", "height",
+              "negative_prompt", "dtype", "device", "versions")
+    assert [{k: e[k] for k in fields} for e in manifest] == [
+        {k: m[k] if k != "negative_prompt" else m[k] or None for k in fields} for m in made]
+    rows = list(csv.DictReader(io.StringIO(st.get_bytes(manifest_key(tid, job_id).replace(".json", ".csv")).decode())))
+    assert [(r["seed"], r["model_sha256"], r["scheduler"], r["steps"], r["guidance_scale"], r["torch_version"],
+             r["diffusers_version"], r["ldmq_version"]) for r in rows] == [
+        (str(m["seed"]), model_sha, "ddim", str(m["steps"]), str(m["guidance_scale"]), *(
+            m["versions"][k] for k in ("torch", "diffusers", "ldmq"))) for m in made]
+
+
+def test_a_model_stored_before_content_hashes_gets_one_on_first_use(client, settings, tiny_model):
+    import json
+
+    from shared.models import Model
+
+    tid, key, model_id = tiny_model
+    with session_scope(settings) as s:
+        m = s.get(Model, model_id)
+        registered = m.config["sha256"]
+        m.config = {k: v for k, v in m.config.items() if k != "sha256"}  # as a model registered earlier
+    job_id = submit(client, key, model_id, [{"prompt": "p", "seed": 1}])
+    assert run(settings, job_id) == "succeeded"
+    with session_scope(settings) as s:
+        assert s.get(Model, model_id).config["sha256"] == registered
+    png = get_storage(settings).get_bytes(outputs(settings, job_id)[0][3])
+    assert json.loads(Image.open(io.BytesIO(png)).text["ldmq"])["model_sha256"] == registered

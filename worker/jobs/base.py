@@ -23,7 +23,8 @@ class OutputSink(Protocol):
     """Where a sample job's images go (``worker.runtime.outputs.OutputWriter``)."""
 
     def submit(self, *, job_id: str, attempt: int, tenant_id: str, lead: bool, made: int, total: int,
-               meta: list[tuple[int, int, int]], arrays) -> None: ...
+               meta: list[tuple[int, int, int]], arrays, text: list[dict[str, str]] | None = None) -> None:
+        """``text``: each image's PNG text chunks (keyword → text)."""
 
     def drain(self) -> None: ...
 

@@ -1,15 +1,24 @@
-"""A sample job's manifest: every output with its prompt, seed and checksum, as JSON and CSV."""
+"""A sample job's manifest: every output with its prompt, seed and checksum and how to make it
+again (model id and content hash, sampler, steps, guidance, size, dtype, device, versions), as JSON
+and CSV. The run-wide fields (``provenance.run_params``) are those of the run that writes the
+manifest; each PNG's own ``ldmq`` text chunk records those of the run that made it."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+from typing import Any
 
 from shared import jobstate
 from shared.db import session_scope
+from shared.models import Job
 from shared.settings import Settings
 from shared.storage import get_storage, manifest_key
+from worker.jobs.provenance import row_steps_guidance
+
+FIELDS = ["row", "index", "seed", "prompt", "negative_prompt", "key", "width", "height", "sha256",
+          "model_id", "model_sha256", "scheduler", "steps", "guidance_scale", "dtype", "device", "versions"]
 
 
 def _neutralise(cell):
@@ -19,20 +28,33 @@ def _neutralise(cell):
     return cell
 
 
-def write_manifest(settings: Settings, tenant_id: str, job_id: str) -> None:
+def _csv_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """A manifest entry as CSV cells: ``versions`` as one column per package, every cell neutralised."""
+    flat = {k: v for k, v in entry.items() if k != "versions"}
+    flat.update({f"{name}_version": v for name, v in sorted(entry["versions"].items())})
+    return {k: _neutralise(v) for k, v in flat.items()}
+
+
+def write_manifest(settings: Settings, tenant_id: str, job_id: str, run: dict[str, Any]) -> None:
     storage = get_storage(settings)
     with session_scope(settings) as s:
-        entries = [{"row": o.row, "index": o.index, "seed": o.seed, "prompt": r.prompt, "negative_prompt": r.negative_prompt,
-                    "key": o.key, "width": o.width, "height": o.height, "sha256": o.sha256}
-                   for o, r in jobstate.outputs_with_rows(s, job_id)]
+        params = s.get(Job, job_id).params
+        entries = []
+        for o, r in jobstate.outputs_with_rows(s, job_id):
+            steps, guidance = row_steps_guidance(params, r)
+            entries.append({"row": o.row, "index": o.index, "seed": o.seed, "prompt": r.prompt,
+                            "negative_prompt": r.negative_prompt, "key": o.key, "width": o.width, "height": o.height,
+                            "sha256": o.sha256, "model_id": run["model_id"], "model_sha256": run["model_sha256"],
+                            "scheduler": run["scheduler"], "steps": steps, "guidance_scale": guidance,
+                            "dtype": run["dtype"], "device": run["device"], "versions": run["versions"]})
     storage.put_bytes(manifest_key(tenant_id, job_id),
                       json.dumps({"job_id": job_id, "outputs": entries}, indent=1).encode(),
                       content_type="application/json")
     buf = io.StringIO()
-    fields = ["row", "index", "seed", "prompt", "negative_prompt", "key", "width", "height", "sha256"]
-    w = csv.DictWriter(buf, fieldnames=fields)
+    version_fields = [f"{name}_version" for name in sorted(run["versions"])]
+    w = csv.DictWriter(buf, fieldnames=FIELDS[:-1] + version_fields)
     w.writeheader()
     for e in entries:
-        w.writerow({k: _neutralise(v) for k, v in e.items()})
+        w.writerow(_csv_row(e))
     storage.put_bytes(manifest_key(tenant_id, job_id).replace(".json", ".csv"), buf.getvalue().encode(),
                       content_type="text/csv")

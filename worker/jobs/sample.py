@@ -18,7 +18,9 @@ to the output writer.
   model computes the next batch (``worker.runtime.outputs`` says why not a thread); at most
   ``MAX_PENDING`` batches wait, so memory stays bounded.
 - PNGs go under deterministic keys (tenant/job/row/index); rows an earlier attempt recorded are
-  skipped, so a retry never writes an output twice.
+  skipped, so a retry never writes an output twice. Each PNG carries how to make it again (model
+  id and content hash, sampler, steps, guidance, prompts, seed, size, dtype, device, versions) in
+  text chunks (``worker.jobs.provenance``); the manifest lists the same.
 - Cross-job micro-batching: a run also claims other queued jobs of the same model, size and
   scheduler (each with its own claim, fencing token and heartbeat) while the images of the run
   stay under ``cobatch_max_items``, and packs their rows into the same model batches. Their own
@@ -41,6 +43,7 @@ from shared.settings import Settings
 from shared.storage import get_storage
 from worker.jobs.base import JobError, Run
 from worker.jobs.manifest import write_manifest
+from worker.jobs.provenance import image_params, png_text, row_steps_guidance, run_params
 from worker.model.pipelines import PipelineCache, pipeline_view, resolve_device
 from worker.model.sampling import (
     CPU_AUTO_BATCH,
@@ -61,12 +64,12 @@ def plan_items(job: Job, rows: list[JobRow], done: set[tuple[int, int]], work: i
     p = job.params
     items = []
     for r in rows:
+        steps, guidance = row_steps_guidance(p, r)
         for i in range(r.num_images):
             if (r.row, i) in done:
                 continue
-            items.append(Item(r.row, i, (r.seed + i) % SEED_MOD, r.prompt, r.negative_prompt or "",
-                              r.guidance_scale if r.guidance_scale is not None else p["guidance_scale"],
-                              r.steps if r.steps is not None else p["steps"], work))
+            items.append(Item(r.row, i, (r.seed + i) % SEED_MOD, r.prompt, r.negative_prompt or "", guidance, steps,
+                              work))
     return items
 
 
@@ -198,6 +201,7 @@ def run_sample(settings: Settings, run: Run) -> dict:
     embeddings = EmbeddingCache(pipe, device)
     n_streams, threads = plan_streams(settings, device)
     scheduler = lead.job.params.get("scheduler", DEFAULT_SCHEDULER)
+    common = run_params(settings, model, scheduler=scheduler, pipe=pipe, device=device)  # what every PNG records
     size = batch_size_for(settings, model) or _auto_size(pipe, model, lead, scheduler, embeddings, device=device,
                                                         width=width, height=height, streams=n_streams)
 
@@ -253,7 +257,9 @@ def run_sample(settings: Settings, run: Run) -> dict:
                     w.made += len(mine)
                     writer.submit(job_id=w.job.id, attempt=w.run.attempt, tenant_id=w.tenant_id, lead=i == 0,
                                   made=w.made, total=w.total, arrays=arrays[mine],
-                                  meta=[(batch[k].row, batch[k].index, batch[k].seed) for k in mine])
+                                  meta=[(batch[k].row, batch[k].index, batch[k].seed) for k in mine],
+                                  text=[png_text(image_params(common, w.job.id, batch[k], width, height))
+                                        for k in mine])
         writer.drain()
     except BaseException:
         streams.close()  # first: batches still computing stop at their next step
@@ -263,10 +269,10 @@ def run_sample(settings: Settings, run: Run) -> dict:
         raise
     streams.close()
     writer.close()
-    write_manifest(settings, lead.tenant_id, lead.job.id)
+    write_manifest(settings, lead.tenant_id, lead.job.id, common)
     for w in packed():
         def finish(r, w=w):
-            write_manifest(settings, w.tenant_id, w.job.id)
+            write_manifest(settings, w.tenant_id, w.job.id, common)
             r.succeed({"model_id": w.job.model_id})
         _end_companion(w, finish)
     return {"model_id": model.id, "batches": n_batches, "streams": n_streams,

@@ -50,12 +50,19 @@ def to_uint8(arrays):
     return (arrays * 255).round().astype("uint8")
 
 
-def png_bytes(pixels) -> bytes:
-    """PNG of one 8-bit (H, W, 3) image; level 1: the fastest zlib level, lossless all the same."""
-    from PIL import Image
+def png_bytes(pixels, text: dict[str, str] | None = None) -> bytes:
+    """PNG of one 8-bit (H, W, 3) image; level 1: the fastest zlib level, lossless all the same.
+    ``text``: text chunks to add (keyword → text; tEXt, or iTXt for text beyond Latin-1),
+    uncompressed: they change no pixel and cost next to nothing."""
+    from PIL import Image, PngImagePlugin
 
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for keyword, value in text.items():
+            info.add_text(keyword, value)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1, pnginfo=info)
     return buf.getvalue()
 
 
@@ -72,6 +79,7 @@ class Batch:
     total: int
     meta: list[tuple[int, int, int]]  # (row, index, seed) per image
     pixels: object  # uint8 (N, H, W, 3)
+    text: list[dict[str, str]] | None = None  # PNG text chunks per image (how to make it again)
 
 
 # ================================================================================================
@@ -92,7 +100,8 @@ def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch) -> None:
         # Create-only: an object an earlier (crashed or stale) attempt left under this key is kept
         # and recorded with its own checksum, never clobbered; same seed, same pixels on one
         # machine, but another GPU may round differently.
-        digest, _created = storage.put_bytes_once(key, png_bytes(pixels), content_type="image/png")
+        data = png_bytes(pixels, b.text[i] if b.text else None)
+        digest, _created = storage.put_bytes_once(key, data, content_type="image/png")
         return dict(row=row, index=index, seed=seed, key=key, width=pixels.shape[1], height=pixels.shape[0],
                     sha256=digest)
 
@@ -251,8 +260,8 @@ class OutputWriter:
         self.pending: deque[tuple[int, str]] = deque()
 
     def submit(self, *, job_id: str, attempt: int, tenant_id: str, lead: bool, made: int, total: int,
-               meta: list[tuple[int, int, int]], arrays) -> None:
-        batch = Batch(self.settings_json, job_id, attempt, tenant_id, lead, made, total, meta, to_uint8(arrays))
+               meta: list[tuple[int, int, int]], arrays, text: list[dict[str, str]] | None = None) -> None:
+        batch = Batch(self.settings_json, job_id, attempt, tenant_id, lead, made, total, meta, to_uint8(arrays), text)
         self.pending.append((self.process.send(batch), job_id))
         while len(self.pending) > MAX_PENDING:
             self._wait_oldest()
