@@ -24,11 +24,9 @@ every checkpoint, so a resumed run reproduces the uninterrupted one exactly (on 
 thread count).
 
 Checkpoints (every ``checkpoint_every`` global steps, at the end of the autoencoder stage, at the end,
-and when asked to stop) are directories of safetensors files and JSON — never pickle:
-``state.json`` (step, stage, params, loss history, optimizer hyper-parameters, EMA scalars),
-``vae.safetensors``, ``unet.safetensors``, ``ema_unet.safetensors``, ``optimizer.safetensors``
-(AdamW's per-parameter tensors) and ``rng.safetensors`` (generator state, batch order), plus the
-evaluation at that point (``metrics.json``, ``loss_curve.png``, ``samples.png``).
+and when asked to stop) are directories of safetensors files and JSON — never pickle (their format:
+:mod:`worker.model.checkpoint`), plus the evaluation at that point (``metrics.json``,
+``loss_curve.png``, ``samples.png``).
 
 The result is a StableDiffusionPipeline-format directory (unet = EMA weights, vae, text_encoder,
 tokenizer, scheduler = DDPMScheduler with linear β 1e-4..0.02, T = 1000, clip_sample=False) that
@@ -49,30 +47,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from shared.train_schema import TrainParams
 from worker.model import evaluation
-from worker.model.data import ImageCaptionDataset
+from worker.model.checkpoint import _check_resumable, _load_module, _restore, read_checkpoint_state, write_checkpoint
+from worker.model.data import BatchOrder, ImageCaptionDataset
 from worker.model.diffusion import GaussianDiffusion, mean_flat
 from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
 
-CHECKPOINT_FORMAT = 1
 GRID_IMAGES_PER_PROMPT = 8
-# Params that do not change the trained weights: a resumed job may differ in these.
-NON_TRAINING_FIELDS = {
-    "checkpoint_every",
-    "keep_checkpoints",
-    "validation_prompts",
-    "eval_at_checkpoints",
-    "eval_scheduler",
-    "eval_steps",
-    "eval_guidance_scale",
-    "eval_num_samples",
-    "vlb_timesteps",
-    "gradient_checkpointing",
-    "cache_latents",  # same random draws either way: only float rounding of the encoder differs
-}
 
 
 class TrainingStopped(Exception):
@@ -180,112 +163,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class BatchOrder:
-    """Indices of successive batches: a fresh random permutation of the data each epoch (from the
-    training generator); a batch that crosses an epoch boundary continues into the next one."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        parts, need = [], self.batch_size
-        while need:
-            if self.pos == self.n:
-                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-            take = min(need, self.n - self.pos)
-            parts.append(self.perm[self.pos : self.pos + take])
-            self.pos, need = self.pos + take, need - take
-        return torch.cat(parts)
-
-
-# ================================================================================================
-# Checkpoints: safetensors + JSON, no pickle
-# ================================================================================================
-
-
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def write_checkpoint(
-    ckpt_dir: Path,
-    *,
-    state: dict,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer | None,
-    ema=None,
-    generator: torch.Generator,
-    batches: BatchOrder | None,
-) -> Path:
-    """Write one checkpoint directory (see the module docstring)."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for name, module in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, ckpt_dir / f"{name}.safetensors")
-    state = dict(state, format=CHECKPOINT_FORMAT)
-    if optimizer is not None:
-        tensors, meta = _optimizer_to_files(optimizer)
-        save_file(tensors, ckpt_dir / "optimizer.safetensors")
-        state["optimizer"] = meta
-    if ema is not None:
-        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, ckpt_dir / "ema_unet.safetensors")
-        state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    rng = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
-    if batches is not None:
-        rng["batch_perm"] = batches.perm.clone()
-        state["batch_pos"] = batches.pos
-    save_file(rng, ckpt_dir / "rng.safetensors")
-    (ckpt_dir / "state.json").write_text(json.dumps(state, indent=1))
-    return ckpt_dir
-
-
-def read_checkpoint_state(ckpt_dir: Path) -> dict:
-    state = json.loads((Path(ckpt_dir) / "state.json").read_text())
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{ckpt_dir}: checkpoint format {state.get('format')!r}; this code reads {CHECKPOINT_FORMAT}")
-    return state
-
-
-def _load_module(module: torch.nn.Module, path: Path) -> None:
-    module.load_state_dict(load_file(path), strict=True)
-
-
-def _restore(ckpt_dir: Path, state: dict, *, optimizer, ema, generator, batches: BatchOrder) -> None:
-    _optimizer_from_files(optimizer, load_file(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
-    if ema is not None:
-        shadow = load_file(ckpt_dir / "ema_unet.safetensors")
-        device = ema.shadow_params[0].device
-        ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[str(i)].to(device) for i in range(len(shadow))]))
-    rng = load_file(ckpt_dir / "rng.safetensors")
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch_cpu"])
-    batches.perm, batches.pos = rng["batch_perm"], state["batch_pos"]
-
-
-def _check_resumable(state: dict, params: TrainParams) -> None:
-    saved = state["params"]
-    now = params.model_dump(mode="json")
-    diff = sorted(k for k in now if k not in NON_TRAINING_FIELDS and saved.get(k) != now[k])
-    if diff:
-        raise ValueError(f"cannot resume: the checkpoint was trained with other values of {', '.join(diff)}")
 
 
 # ================================================================================================
