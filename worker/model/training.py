@@ -26,7 +26,8 @@ thread count).
 Checkpoints (every ``checkpoint_every`` global steps, at the end of the autoencoder stage, at the end,
 and when asked to stop) are directories of safetensors files and JSON — never pickle (their format:
 :mod:`worker.model.checkpoint`), plus the evaluation at that point (``metrics.json``,
-``loss_curve.png``, ``samples.png``).
+``loss_curve.png``, ``samples.png``: :mod:`worker.model.train_eval`). The models are built by
+:mod:`worker.model.parts`.
 
 The result is a StableDiffusionPipeline-format directory (unet = EMA weights, vae, text_encoder,
 tokenizer, scheduler = DDPMScheduler with linear β 1e-4..0.02, T = 1000, clip_sample=False) that
@@ -49,13 +50,12 @@ import torch
 import torch.nn.functional as F
 
 from shared.train_schema import TrainParams
-from worker.model import evaluation
 from worker.model.checkpoint import _check_resumable, _load_module, _restore, read_checkpoint_state, write_checkpoint
 from worker.model.data import BatchOrder, ImageCaptionDataset
 from worker.model.diffusion import GaussianDiffusion, mean_flat
+from worker.model.parts import assemble_pipeline, encode_captions, encode_posteriors, make_autoencoder, make_unet
 from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
-
-GRID_IMAGES_PER_PROMPT = 8
+from worker.model.train_eval import UNetEvaluator, evaluate_autoencoder
 
 
 class TrainingStopped(Exception):
@@ -86,74 +86,8 @@ class TrainResult:
 
 
 # ================================================================================================
-# Models
+# The learning-rate schedule
 # ================================================================================================
-
-
-def _norm_groups(channels) -> int:
-    return min(32, math.gcd(*channels))
-
-
-def make_autoencoder(params: TrainParams):
-    """AutoencoderKL: len(channels) blocks, downsampling 2× between them (32×32 → 8×8 for three)."""
-    from diffusers import AutoencoderKL
-
-    n = len(params.autoencoder_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(params.autoencoder_channels),
-        layers_per_block=1,
-        latent_channels=params.latent_channels,
-        norm_num_groups=_norm_groups(params.autoencoder_channels),
-        sample_size=params.resolution,
-    )
-
-
-def make_unet(params: TrainParams, *, in_channels: int, sample_size: int, cross_attention_dim: int):
-    """UNet2DConditionModel: ResNet blocks with cross-attention to the text in every down and up block
-    (and, with ``text_time_embedding``, the attention-pooled text added to the time embedding)."""
-    from diffusers import UNet2DConditionModel
-
-    n = len(params.unet_channels)
-    extra = {}
-    if params.text_time_embedding:
-        extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cross_attention_dim // 64)}
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
-        block_out_channels=tuple(params.unet_channels),
-        layers_per_block=params.layers_per_block,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=params.attention_heads,  # diffusers' legacy name: this is the number of heads
-        norm_num_groups=_norm_groups(params.unet_channels),
-        **extra,
-    )
-
-
-@torch.no_grad()
-def encode_captions(tokenizer, text_encoder, captions: list[str], device="cpu", batch_size: int = 256):
-    """Token states (N, L, D), exactly as ``StableDiffusionPipeline.encode_prompt``: pad to
-    ``tokenizer.model_max_length``, truncate, pass the attention mask when the encoder's config asks
-    for it, take the last hidden state; no mask goes to the U-Net."""
-    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-    out = []
-    for i in range(0, len(captions), batch_size):
-        tok = tokenizer(
-            captions[i : i + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = tok.attention_mask.to(device) if use_mask else None
-        out.append(text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].to(text_encoder.dtype))
-    return torch.cat(out)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -354,7 +288,7 @@ def train(
     # Stage 2: U-Net on cached latents
     # ============================================================================================
     # -- cache the training set's latent posteriors once; scale latents to unit variance
-    lat_mean, lat_std = _encode_posteriors(vae, images)
+    lat_mean, lat_std = encode_posteriors(vae, images)
     if base_model_dir is None:
         # Var(z) of the posterior samples = Var(means) + E[posterior variance]
         var = lat_mean.var().item() + (lat_std**2).mean().item()
@@ -385,7 +319,7 @@ def train(
         start = resume_state["stage_step"]
     history = run.loss_history.setdefault("unet", [])
     frozen = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": noise_scheduler}
-    evaluator = _Evaluator(run, frozen, train_set, heldout, diffusion, empty_embed)
+    evaluator = UNetEvaluator(params, dev, frozen, train_set, heldout, diffusion)
     unet_train_start = run.train_seconds
     step_clock, cpu_clock = time.perf_counter(), time.process_time()
     final_metrics: dict = {}
@@ -441,7 +375,7 @@ def train(
             modules = {"unet": unet} if base_model_dir is not None else {"unet": unet, "vae": vae}
             write_checkpoint(ckpt, state=state, modules=modules, optimizer=opt, ema=ema, generator=run.generator, batches=batches)
             if not stop and (last or params.eval_at_checkpoints):
-                metrics = evaluator.evaluate(_ema_copy(unet, ema), ckpt)
+                metrics = _evaluate_unet(run, evaluator, _ema_copy(unet, ema), ckpt, global_step)
                 if last:
                     final_metrics = metrics
             run.publish(ckpt, global_step)
@@ -452,12 +386,12 @@ def train(
     if start == params.steps:  # resumed from the final checkpoint: only the evaluation is left
         ckpt = run.checkpoint_dir(ae_steps + params.steps)
         ckpt.mkdir(parents=True, exist_ok=True)
-        final_metrics = evaluator.evaluate(_ema_copy(unet, ema), ckpt)
+        final_metrics = _evaluate_unet(run, evaluator, _ema_copy(unet, ema), ckpt, ae_steps + params.steps)
 
     # ============================================================================================
     # The product: a plain diffusers StableDiffusionPipeline directory
     # ============================================================================================
-    pipe = _pipeline(_ema_copy(unet, ema), frozen)
+    pipe = assemble_pipeline(_ema_copy(unet, ema), **frozen)
     pipeline_dir = workdir / "pipeline"
     if pipeline_dir.exists():
         shutil.rmtree(pipeline_dir)
@@ -498,16 +432,6 @@ def _tail_mean(history, n: int = 50):
     return float(sum(vals) / len(vals)) if vals else None
 
 
-@torch.no_grad()
-def _encode_posteriors(vae, images: torch.Tensor, batch_size: int = 256):
-    means, stds = [], []
-    for i in range(0, images.shape[0], batch_size):
-        post = vae.encode(images[i : i + batch_size]).latent_dist
-        means.append(post.mean.float())
-        stds.append(post.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
 def _time_unet_step(unet, params, channels, side, ctx_dim, device) -> float:
     """Seconds of one U-Net training step (forward + backward, no update), for the ETA of stage 1."""
     b = params.batch_size
@@ -532,21 +456,6 @@ def _ema_copy(unet, ema):
     return model
 
 
-def _pipeline(unet, frozen: dict):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=frozen["vae"],
-        text_encoder=frozen["text_encoder"],
-        tokenizer=frozen["tokenizer"],
-        unet=unet,
-        scheduler=frozen["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def _unet_state(run: _Run, global_step: int, stage_step: int, scaling: float) -> dict:
     return {
         "stage": "unet",
@@ -558,6 +467,13 @@ def _unet_state(run: _Run, global_step: int, stage_step: int, scaling: float) ->
         "train_cpu_seconds": run.train_cpu_seconds,
         "scaling_factor": scaling,
     }
+
+
+def _evaluate_unet(run: _Run, evaluator: UNetEvaluator, unet, ckpt: Path, step: int) -> dict:
+    clock = time.perf_counter()
+    metrics = evaluator.evaluate(unet, ckpt, step, run.loss_history)
+    run.eval_seconds += time.perf_counter() - clock
+    return metrics
 
 
 def _checkpoint_autoencoder(run: _Run, step: int, vae, opt, batches, heldout, *, evaluate: bool) -> None:
@@ -574,88 +490,6 @@ def _checkpoint_autoencoder(run: _Run, step: int, vae, opt, batches, heldout, *,
     write_checkpoint(ckpt, state=state, modules={"vae": vae}, optimizer=opt, generator=run.generator, batches=batches)
     if evaluate and (run.params.eval_at_checkpoints or step == run.params.autoencoder_steps):
         clock = time.perf_counter()
-        vae.eval()
-        with torch.no_grad():
-            x = heldout.images.to(run.device)
-            recon = torch.cat([vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)])
-        vae.train()
-        mse = F.mse_loss(recon, x).item()
-        n = min(16, len(x))
-        pairs = torch.stack([x[:n], recon[:n]], dim=1).reshape(2 * n, *x.shape[1:])
-        evaluation.image_grid_png((pairs.cpu() + 1) / 2, ckpt / "samples.png", ncol=8)
-        evaluation.loss_curve_png(run.loss_history, ckpt / "loss_curve.png")
-        (ckpt / "metrics.json").write_text(json.dumps({"step": step, "autoencoder_heldout_mse": mse}, indent=1))
+        evaluate_autoencoder(vae, heldout, run.loss_history, ckpt, step, run.device)
         run.eval_seconds += time.perf_counter() - clock
     run.publish(ckpt, step)
-
-
-class _Evaluator:
-    """The evaluation stored with each U-Net checkpoint: loss curve, sample grid, held-out VLB, and for
-    digits accuracy and Fréchet distance with its floor."""
-
-    def __init__(self, run: _Run, frozen: dict, train_set, heldout, diffusion, empty_embed):
-        self.run, self.frozen, self.heldout, self.diffusion = run, frozen, heldout, diffusion
-        p = run.params
-        self.is_digits = train_set.name == "builtin:digits"
-        if p.validation_prompts:
-            self.prompts = p.validation_prompts
-        elif self.is_digits:
-            self.prompts = evaluation.digit_prompts(10)[0]  # zero … nine
-        else:
-            self.prompts = sorted(set(train_set.captions))[:10]
-        self._judge = None
-        self._heldout_latents = None
-        self._heldout_context = None
-
-    def _prepare(self):
-        vae, dev = self.frozen["vae"], self.run.device
-        if self._heldout_latents is None and len(self.heldout):
-            mean, _ = _encode_posteriors(vae, self.heldout.images.to(dev))
-            self._heldout_latents = mean * float(vae.config.scaling_factor)
-            self._heldout_context = encode_captions(
-                self.frozen["tokenizer"], self.frozen["text_encoder"], self.heldout.captions, dev
-            )
-        if self.is_digits and self._judge is None:
-            self._judge = evaluation.DigitsJudge()
-
-    @torch.no_grad()
-    def _autoencoder_frechet(self, n: int, seed: int) -> float:
-        """Fréchet distance of n real digits passed through the autoencoder (encode, posterior mean,
-        decode): what the autoencoder alone costs, the best a perfect U-Net could reach."""
-        from worker.model.data import load_digits
-
-        real = load_digits(self.run.params.resolution).images
-        idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
-        vae = self.frozen["vae"]
-        recon = vae.decode(vae.encode(real[idx].to(self.run.device)).latent_dist.mean).sample
-        return self._judge.frechet(((recon.float().cpu() + 1) / 2).clamp(0, 1))
-
-    def evaluate(self, unet, ckpt: Path) -> dict:
-        clock = time.perf_counter()
-        p = self.run.params
-        self._prepare()
-        pipe = _pipeline(unet, self.frozen)
-        metrics: dict = {"step": int(ckpt.name.split("-")[-1])}
-        # sample grid: each validation prompt in a row
-        prompts = [q for q in self.prompts for _ in range(GRID_IMAGES_PER_PROMPT)]
-        grid = evaluation.generate(
-            pipe, prompts, scheduler=p.eval_scheduler, steps=p.eval_steps, guidance_scale=p.eval_guidance_scale, seed=p.seed
-        )
-        evaluation.image_grid_png(grid, ckpt / "samples.png", ncol=GRID_IMAGES_PER_PROMPT)
-        evaluation.loss_curve_png(self.run.loss_history, ckpt / "loss_curve.png")
-        if self._heldout_latents is not None:
-            vlb = evaluation.heldout_bits_per_dim(
-                unet, self._heldout_latents, self._heldout_context, self.diffusion, num_terms=p.vlb_timesteps, seed=p.seed
-            )
-            metrics["heldout_bits_per_dim"] = vlb["bits_per_dim"]
-            metrics["heldout_vlb"] = vlb
-        if self.is_digits:
-            digits = evaluation.evaluate_digits(
-                pipe, self._judge, num_samples=p.eval_num_samples, scheduler=p.eval_scheduler,
-                steps=p.eval_steps, guidance_scale=p.eval_guidance_scale, seed=p.seed,
-            )
-            metrics.update({k: v for k, v in digits.items() if k not in ("images", "labels")})
-            metrics["autoencoder_frechet"] = self._autoencoder_frechet(p.eval_num_samples, p.seed)
-        (ckpt / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        self.run.eval_seconds += time.perf_counter() - clock
-        return metrics
