@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from shared.train_schema import TrainParams
 from worker.model.data import load_dataset
-from worker.model.training import TrainHooks, TrainingStopped, encode_captions, train
+from worker.model.parts import encode_captions
+from worker.model.training import TrainHooks, TrainingStopped, train
 
 AE_STEPS, UNET_STEPS = 12, 30
 

@@ -8,6 +8,8 @@ Two sources:
 - an uploaded zip / tar / tar.gz archive with ``metadata.csv`` or ``metadata.jsonl`` (columns
   ``file_name``, ``text``), validated by :mod:`shared.datasets`; images are converted to RGB, the
   shorter side resized to R (bicubic, antialiased) and centre-cropped to R×R.
+
+:class:`BatchOrder` is the order training visits them in.
 """
 
 from __future__ import annotations
@@ -76,6 +78,30 @@ class ImageCaptionDataset:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         return self.subset(perm[n_hold:].sort().values), self.subset(perm[:n_hold].sort().values)
 
+
+
+class BatchOrder:
+    """Indices of successive batches: a fresh random permutation of the data each epoch (from the
+    training generator); a batch that crosses an epoch boundary continues into the next one.
+
+    Its state (the current permutation and the position in it) is part of every training checkpoint
+    (:mod:`worker.model.checkpoint`), so a resumed run visits the data in the same order."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        """The next ``batch_size`` indices (int64, on the CPU)."""
+        parts, need = [], self.batch_size
+        while need:
+            if self.pos == self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+            take = min(need, self.n - self.pos)
+            parts.append(self.perm[self.pos : self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        return torch.cat(parts)
 
 def load_dataset(ref: str, *, archive_path: Path | None = None, resolution: int = 32) -> ImageCaptionDataset:
     """``ref`` is ``builtin:digits`` or a dataset id whose archive the caller downloaded to

@@ -1,38 +1,44 @@
 """Train a text-to-image latent diffusion model; read it top to bottom, like nanoGPT's train.py.
 
-Without a base model there are two stages (Rombach et al. 2022):
+:func:`train` is five stages (Rombach et al. 2022):
 
-1. an ``AutoencoderKL`` learns to compress an image x (3×R×R in [−1, 1]) to a latent z (C×R/f×R/f)
-   and back: per-pixel MSE of the reconstruction plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) per latent
-   element (a small KL keeps the latent space tidy, not a VAE prior);
-2. the autoencoder is frozen, the training set is encoded once (posterior means and std-devs
-   cached), and a ``UNet2DConditionModel`` (ResNet blocks with cross-attention in the down and up
-   halves) learns ε_θ(z_t, t, τ(y)) with L_simple (Algorithm 1), on latents scaled to unit variance
-   (``scaling_factor`` = 1/std, saved in the VAE config as diffusers expects). τ(y) are the frozen
-   text encoder's token states, computed exactly as ``StableDiffusionPipeline.encode_prompt`` does,
-   so a plain-diffusers user samples what was trained. A share ``caption_dropout`` of captions is
-   replaced by the empty caption so that classifier-free guidance works.
+1. **build** the parts (:mod:`worker.model.parts`) and find the checkpoint to resume from;
+2. **train the autoencoder** (skipped with a base model): an ``AutoencoderKL`` learns to compress an
+   image x (3×R×R in [−1, 1]) to a latent z (C×R/f×R/f) and back: per-pixel MSE of the
+   reconstruction plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) per latent element (a small KL keeps the
+   latent space tidy, not a VAE prior);
+3. **cache the latents**: the autoencoder is frozen, the training set is encoded once (posterior
+   means and std-devs), latents are scaled to unit variance (``scaling_factor`` = 1/std, saved in
+   the VAE config as diffusers expects), and τ(y), the frozen text encoder's token states, are
+   computed once per distinct caption, exactly as ``StableDiffusionPipeline.encode_prompt`` does,
+   so a plain-diffusers user samples what was trained;
+4. **train the U-Net** (``UNet2DConditionModel``, ResNet blocks with cross-attention in the down and
+   up halves) to predict ε_θ(z_t, t, τ(y)) with L_simple (Algorithm 1), on those latents; a share
+   ``caption_dropout`` of captions is replaced by the empty caption so that classifier-free
+   guidance works;
+5. **export** a StableDiffusionPipeline-format directory (unet = EMA weights, vae, text_encoder,
+   tokenizer, scheduler = DDPMScheduler with linear β 1e-4..0.02, T = 1000, clip_sample=False) that
+   ``diffusers.StableDiffusionPipeline.from_pretrained(dir)`` loads with no ldmq code, plus the final
+   evaluation's artifacts and metrics.
 
-With ``base_model`` (a local diffusers StableDiffusionPipeline directory) only stage 2 runs, on that
-model's U-Net, with its own autoencoder, text encoder and noise schedule.
+With ``base_model`` (a local diffusers StableDiffusionPipeline directory) stage 2 is skipped, and
+stage 4 trains that model's U-Net, with its own autoencoder, text encoder and noise schedule.
+
+Both training stages run through one runner, :meth:`_Run.run_stage`, which owns the step
+bookkeeping: learning-rate schedule, step timing, progress reports, stop requests, checkpoints
+(every ``checkpoint_every`` global steps, at a stage's last step, and when asked to stop),
+evaluation at checkpoints. A stage (:class:`AutoencoderStage`, :class:`UNetStage`) only computes one
+step's loss and takes the optimiser step, and says what to checkpoint and how to evaluate.
 
 Optimisation as diffusers' ``train_text_to_image.py``: AdamW, linear warm-up then cosine decay,
 gradient clipping, EMA weights (``diffusers.training_utils.EMAModel``), bf16 autocast on GPU, optional
 gradient checkpointing, optional Min-SNR-γ weighting. All randomness of training (batch order, t, ε,
 posterior samples, caption dropout) comes from one seeded ``torch.Generator`` whose state is part of
 every checkpoint, so a resumed run reproduces the uninterrupted one exactly (on the same device and
-thread count).
+thread count): the draws below happen in a fixed order, which must not change.
 
-Checkpoints (every ``checkpoint_every`` global steps, at the end of the autoencoder stage, at the end,
-and when asked to stop) are directories of safetensors files and JSON — never pickle:
-``state.json`` (step, stage, params, loss history, optimizer hyper-parameters, EMA scalars),
-``vae.safetensors``, ``unet.safetensors``, ``ema_unet.safetensors``, ``optimizer.safetensors``
-(AdamW's per-parameter tensors) and ``rng.safetensors`` (generator state, batch order), plus the
-evaluation at that point (``metrics.json``, ``loss_curve.png``, ``samples.png``).
-
-The result is a StableDiffusionPipeline-format directory (unet = EMA weights, vae, text_encoder,
-tokenizer, scheduler = DDPMScheduler with linear β 1e-4..0.02, T = 1000, clip_sample=False) that
-``diffusers.StableDiffusionPipeline.from_pretrained(dir)`` loads with no ldmq code.
+Checkpoints are safetensors and JSON, never pickle (:mod:`worker.model.checkpoint`); the evaluation
+stored with them is :mod:`worker.model.train_eval`.
 """
 
 from __future__ import annotations
@@ -49,30 +55,19 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from shared.train_schema import TrainParams
-from worker.model import evaluation
-from worker.model.data import ImageCaptionDataset
+from worker.model.checkpoint import _check_resumable, _load_module, _restore, read_checkpoint_state, write_checkpoint
+from worker.model.data import BatchOrder, ImageCaptionDataset
 from worker.model.diffusion import GaussianDiffusion, mean_flat
+from worker.model.parts import assemble_pipeline, encode_captions, encode_posteriors, make_autoencoder, make_unet
 from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
+from worker.model.train_eval import UNetEvaluator, evaluate_autoencoder
 
-CHECKPOINT_FORMAT = 1
-GRID_IMAGES_PER_PROMPT = 8
-# Params that do not change the trained weights: a resumed job may differ in these.
-NON_TRAINING_FIELDS = {
-    "checkpoint_every",
-    "keep_checkpoints",
-    "validation_prompts",
-    "eval_at_checkpoints",
-    "eval_scheduler",
-    "eval_steps",
-    "eval_guidance_scale",
-    "eval_num_samples",
-    "vlb_timesteps",
-    "gradient_checkpointing",
-    "cache_latents",  # same random draws either way: only float rounding of the encoder differs
-}
+__all__ = [
+    "BatchOrder", "TrainHooks", "TrainResult", "TrainingStopped", "encode_captions", "lr_at", "make_autoencoder",
+    "make_unet", "train",
+]
 
 
 class TrainingStopped(Exception):
@@ -102,244 +97,6 @@ class TrainResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
 
 
-# ================================================================================================
-# Models
-# ================================================================================================
-
-
-def _norm_groups(channels) -> int:
-    return min(32, math.gcd(*channels))
-
-
-def make_autoencoder(params: TrainParams):
-    """AutoencoderKL: len(channels) blocks, downsampling 2× between them (32×32 → 8×8 for three)."""
-    from diffusers import AutoencoderKL
-
-    n = len(params.autoencoder_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(params.autoencoder_channels),
-        layers_per_block=1,
-        latent_channels=params.latent_channels,
-        norm_num_groups=_norm_groups(params.autoencoder_channels),
-        sample_size=params.resolution,
-    )
-
-
-def make_unet(params: TrainParams, *, in_channels: int, sample_size: int, cross_attention_dim: int):
-    """UNet2DConditionModel: ResNet blocks with cross-attention to the text in every down and up block
-    (and, with ``text_time_embedding``, the attention-pooled text added to the time embedding)."""
-    from diffusers import UNet2DConditionModel
-
-    n = len(params.unet_channels)
-    extra = {}
-    if params.text_time_embedding:
-        extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cross_attention_dim // 64)}
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
-        block_out_channels=tuple(params.unet_channels),
-        layers_per_block=params.layers_per_block,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=params.attention_heads,  # diffusers' legacy name: this is the number of heads
-        norm_num_groups=_norm_groups(params.unet_channels),
-        **extra,
-    )
-
-
-@torch.no_grad()
-def encode_captions(tokenizer, text_encoder, captions: list[str], device="cpu", batch_size: int = 256):
-    """Token states (N, L, D), exactly as ``StableDiffusionPipeline.encode_prompt``: pad to
-    ``tokenizer.model_max_length``, truncate, pass the attention mask when the encoder's config asks
-    for it, take the last hidden state; no mask goes to the U-Net."""
-    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-    out = []
-    for i in range(0, len(captions), batch_size):
-        tok = tokenizer(
-            captions[i : i + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = tok.attention_mask.to(device) if use_mask else None
-        out.append(text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].to(text_encoder.dtype))
-    return torch.cat(out)
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Learning rate for 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to 0
-    (as diffusers' ``get_cosine_schedule_with_warmup``)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class BatchOrder:
-    """Indices of successive batches: a fresh random permutation of the data each epoch (from the
-    training generator); a batch that crosses an epoch boundary continues into the next one."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        parts, need = [], self.batch_size
-        while need:
-            if self.pos == self.n:
-                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-            take = min(need, self.n - self.pos)
-            parts.append(self.perm[self.pos : self.pos + take])
-            self.pos, need = self.pos + take, need - take
-        return torch.cat(parts)
-
-
-# ================================================================================================
-# Checkpoints: safetensors + JSON, no pickle
-# ================================================================================================
-
-
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def write_checkpoint(
-    ckpt_dir: Path,
-    *,
-    state: dict,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer | None,
-    ema=None,
-    generator: torch.Generator,
-    batches: BatchOrder | None,
-) -> Path:
-    """Write one checkpoint directory (see the module docstring)."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for name, module in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, ckpt_dir / f"{name}.safetensors")
-    state = dict(state, format=CHECKPOINT_FORMAT)
-    if optimizer is not None:
-        tensors, meta = _optimizer_to_files(optimizer)
-        save_file(tensors, ckpt_dir / "optimizer.safetensors")
-        state["optimizer"] = meta
-    if ema is not None:
-        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, ckpt_dir / "ema_unet.safetensors")
-        state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    rng = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
-    if batches is not None:
-        rng["batch_perm"] = batches.perm.clone()
-        state["batch_pos"] = batches.pos
-    save_file(rng, ckpt_dir / "rng.safetensors")
-    (ckpt_dir / "state.json").write_text(json.dumps(state, indent=1))
-    return ckpt_dir
-
-
-def read_checkpoint_state(ckpt_dir: Path) -> dict:
-    state = json.loads((Path(ckpt_dir) / "state.json").read_text())
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{ckpt_dir}: checkpoint format {state.get('format')!r}; this code reads {CHECKPOINT_FORMAT}")
-    return state
-
-
-def _load_module(module: torch.nn.Module, path: Path) -> None:
-    module.load_state_dict(load_file(path), strict=True)
-
-
-def _restore(ckpt_dir: Path, state: dict, *, optimizer, ema, generator, batches: BatchOrder) -> None:
-    _optimizer_from_files(optimizer, load_file(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
-    if ema is not None:
-        shadow = load_file(ckpt_dir / "ema_unet.safetensors")
-        device = ema.shadow_params[0].device
-        ema.load_state_dict(dict(state["ema"], shadow_params=[shadow[str(i)].to(device) for i in range(len(shadow))]))
-    rng = load_file(ckpt_dir / "rng.safetensors")
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch_cpu"])
-    batches.perm, batches.pos = rng["batch_perm"], state["batch_pos"]
-
-
-def _check_resumable(state: dict, params: TrainParams) -> None:
-    saved = state["params"]
-    now = params.model_dump(mode="json")
-    diff = sorted(k for k in now if k not in NON_TRAINING_FIELDS and saved.get(k) != now[k])
-    if diff:
-        raise ValueError(f"cannot resume: the checkpoint was trained with other values of {', '.join(diff)}")
-
-
-# ================================================================================================
-# The run
-# ================================================================================================
-
-
-class _Run:
-    """What both stages share: params, device, hooks, clocks, loss history, checkpoint bookkeeping."""
-
-    def __init__(self, params: TrainParams, workdir: Path, hooks: TrainHooks, device: str, progress_every: int):
-        self.params, self.workdir, self.hooks, self.device = params, workdir, hooks, torch.device(device)
-        self.progress_every = progress_every
-        self.generator = torch.Generator().manual_seed(params.seed)
-        self.loss_history: dict[str, list[list[float]]] = {}
-        self.train_seconds = 0.0  # optimisation wall time only (no evaluation, no checkpoint I/O)
-        self.train_cpu_seconds = 0.0  # process CPU time of the same (all threads)
-        self.eval_seconds = 0.0
-        self.local_checkpoints: list[Path] = []
-        use_bf16 = params.mixed_precision == "bf16" or (params.mixed_precision == "auto" and self.device.type == "cuda")
-        self.autocast = (
-            (lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        )
-
-    def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator).to(self.device)
-
-    def report(self, *, stage, global_step, stage_step, stage_total, loss, lr, sec_per_step, later_seconds=0.0):
-        if stage_step % self.progress_every and stage_step != stage_total:
-            return
-        self.hooks.progress(
-            {
-                "stage": stage,
-                "step": global_step,
-                "total_steps": self.params.total_steps,
-                "stage_step": stage_step,
-                "stage_total_steps": stage_total,
-                "loss": loss,
-                "lr": lr,
-                "eta_s": (stage_total - stage_step) * sec_per_step + later_seconds,
-            }
-        )
-
-    def publish(self, ckpt_dir: Path, global_step: int) -> None:
-        """Hand a written checkpoint to the caller and keep the last K locally."""
-        self.hooks.save_checkpoint(global_step, ckpt_dir)
-        self.local_checkpoints.append(ckpt_dir)
-        while len(self.local_checkpoints) > self.params.keep_checkpoints:
-            shutil.rmtree(self.local_checkpoints.pop(0), ignore_errors=True)
-
-    def checkpoint_dir(self, global_step: int) -> Path:
-        return self.workdir / "checkpoints" / f"step-{global_step:08d}"
-
-
 def train(
     params: TrainParams,
     *,
@@ -363,23 +120,91 @@ def train(
     if dataset.resolution != params.resolution:
         raise ValueError(f"dataset is {dataset.resolution}px but params.resolution is {params.resolution}")
     run = _Run(params, workdir, hooks, device, progress_every)
-    dev = run.device
     torch.manual_seed(params.seed)  # weight initialisation
+    resume = _resume_point(run)
+    data = _Data.split(dataset, params, run.device)  # a held-out split for the VLB
+    parts = build(params, base_model_dir, run.device)
 
-    # ---- resume? ------------------------------------------------------------------------------
-    resume_dir = hooks.latest_checkpoint()
-    resume_state = read_checkpoint_state(resume_dir) if resume_dir is not None else None
-    if resume_state is not None:
-        _check_resumable(resume_state, params)
-        run.loss_history = resume_state["loss_history"]
-        run.train_seconds = resume_state.get("train_seconds", 0.0)
-        run.train_cpu_seconds = resume_state.get("train_cpu_seconds", 0.0)
+    if not parts.pretrained:
+        train_autoencoder(run, parts, data, resume)
+    parts.vae.eval().requires_grad_(False)
 
-    # ---- data: a held-out split for the VLB ----------------------------------------------------
-    train_set, heldout = dataset.split(params.holdout_fraction, seed=params.seed)
-    images = train_set.images.to(dev)
+    latents = cache_latents(parts, data, run.device)
+    unet = UNetStage(run, parts, latents, data, resume)
+    final_metrics = run.run_stage(unet)
+    if unet.start == unet.steps:  # resumed from the final checkpoint: only its evaluation is left
+        final_metrics = run.evaluate(unet, unet.first_step + unet.steps)
 
-    # ---- frozen parts: text encoder, and (with a base model) its autoencoder and schedule ---------
+    return export(run, parts, unet, final_metrics)
+
+
+# ================================================================================================
+# Stage 1: build the parts, find the resume point
+# ================================================================================================
+
+
+@dataclass
+class _Resume:
+    """The checkpoint a run continues from: its directory and its ``state.json``."""
+
+    dir: Path
+    state: dict
+
+    @property
+    def stage(self) -> str:
+        return self.state["stage"]
+
+
+def _resume_point(run: _Run) -> _Resume | None:
+    """The caller's latest checkpoint, checked against the params; the run's loss history and clocks
+    continue from it."""
+    ckpt = run.hooks.latest_checkpoint()
+    if ckpt is None:
+        return None
+    state = read_checkpoint_state(ckpt)
+    _check_resumable(state, run.params)
+    run.loss_history = state["loss_history"]
+    run.train_seconds = state.get("train_seconds", 0.0)
+    run.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
+    return _Resume(Path(ckpt), state)
+
+
+@dataclass
+class _Data:
+    """The training split (its images (N, 3, R, R) already on the device) and the held-out split."""
+
+    train: ImageCaptionDataset
+    heldout: ImageCaptionDataset
+    images: torch.Tensor
+
+    @classmethod
+    def split(cls, dataset: ImageCaptionDataset, params: TrainParams, device: torch.device) -> _Data:
+        train_set, heldout = dataset.split(params.holdout_fraction, seed=params.seed)
+        return cls(train_set, heldout, train_set.images.to(device))
+
+
+@dataclass
+class _Parts:
+    """The models of a run. ``scheduler`` is the training noise schedule (DDPM) the pipeline ships;
+    ``diffusion`` is the same schedule as the q(z_t | z_0) and VLB math of :mod:`worker.model.diffusion`."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object
+    diffusion: GaussianDiffusion
+    pretrained: bool  # from a base model: only the U-Net trains
+
+    def frozen(self) -> dict:
+        """The parts the U-Net stage does not train, as :func:`assemble_pipeline` takes them."""
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "scheduler": self.scheduler}
+
+
+def build(params: TrainParams, base_model_dir: Path | None, dev: torch.device) -> _Parts:
+    """The base model's parts, or new ones: the packaged text encoder, a new autoencoder and U-Net
+    (initialised from torch's global generator, seeded by :func:`train`: keep this order) and the
+    DDPM noise schedule. The text encoder is frozen from the start."""
     if base_model_dir is not None:
         from diffusers import StableDiffusionPipeline
 
@@ -404,245 +229,263 @@ def train(
     text_encoder.to(dev).requires_grad_(False).eval()
     vae.to(dev)
     diffusion = GaussianDiffusion.from_scheduler_config(noise_scheduler.config)
-    ctx_dim = text_encoder.config.hidden_size
-    latent_side = params.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     if unet is None:
-        unet = make_unet(params, in_channels=vae.config.latent_channels, sample_size=latent_side, cross_attention_dim=ctx_dim)
+        unet = make_unet(params, in_channels=vae.config.latent_channels, sample_size=_latent_side(params, vae),
+                         cross_attention_dim=text_encoder.config.hidden_size)
     unet.to(dev)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
+    return _Parts(tokenizer, text_encoder, vae, unet, noise_scheduler, diffusion, pretrained=base_model_dir is not None)
 
-    # ============================================================================================
-    # Stage 1: autoencoder
-    # ============================================================================================
-    ae_steps = 0 if base_model_dir is not None else params.autoencoder_steps
-    ae_done = resume_state is not None and resume_state["stage"] == "unet"
-    if base_model_dir is None and ae_done:
-        _load_module(vae, resume_dir / "vae.safetensors")
-    elif base_model_dir is None:
-        unet_sec_per_step = _time_unet_step(unet, params, vae.config.latent_channels, latent_side, ctx_dim, dev)
-        vae.train().requires_grad_(True)
-        opt = torch.optim.AdamW(
-            vae.parameters(), lr=params.autoencoder_learning_rate, weight_decay=params.weight_decay, fused=True
-        )
-        batches = BatchOrder(len(train_set), params.batch_size, run.generator)
-        start = 0
-        if resume_state is not None:  # stage == "autoencoder"
-            _load_module(vae, resume_dir / "vae.safetensors")
-            _restore(resume_dir, resume_state, optimizer=opt, ema=None, generator=run.generator, batches=batches)
-            start = resume_state["stage_step"]
-        history = run.loss_history.setdefault("autoencoder", [])
-        step_clock, cpu_clock = time.perf_counter(), time.process_time()
-        for step in range(start, ae_steps):
-            # -- one step: reconstruct a batch through a sampled latent
-            lr = lr_at(step, ae_steps, params.autoencoder_warmup_steps, params.autoencoder_learning_rate)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = images[batches.next().to(dev)]
-            with run.autocast():
-                posterior = vae.encode(x).latent_dist
-                z = posterior.mean + posterior.std * run.randn(posterior.mean.shape)
-                recon = vae.decode(z).sample
-            mse = F.mse_loss(recon.float(), x)
-            kl = (posterior.kl() / posterior.mean[0].numel()).mean()  # per latent element
-            loss = mse + params.kl_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if params.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), params.grad_clip)
-            opt.step()
-            # -- bookkeeping
-            step_wall = time.perf_counter() - step_clock
-            run.train_seconds += step_wall
-            run.train_cpu_seconds += time.process_time() - cpu_clock
-            hooks.step_done("autoencoder", step_wall)
-            history.append([step + 1, loss.item()])
-            sec = run.train_seconds / max(1, len(history))
-            run.report(
-                stage="autoencoder", global_step=step + 1, stage_step=step + 1, stage_total=ae_steps,
-                loss=loss.item(), lr=lr, sec_per_step=sec, later_seconds=params.steps * unet_sec_per_step,
-            )
-            last = step + 1 == ae_steps
-            stop = hooks.should_stop()
-            if stop or last or (step + 1) % params.checkpoint_every == 0:
-                _checkpoint_autoencoder(run, step + 1, vae, opt, batches, heldout, evaluate=not stop)
-            if stop:
-                raise TrainingStopped(f"stopped at step {step + 1}")
-            step_clock, cpu_clock = time.perf_counter(), time.process_time()
-        del opt
-    vae.eval().requires_grad_(False)
 
-    # ============================================================================================
-    # Stage 2: U-Net on cached latents
-    # ============================================================================================
-    # -- cache the training set's latent posteriors once; scale latents to unit variance
-    lat_mean, lat_std = _encode_posteriors(vae, images)
-    if base_model_dir is None:
-        # Var(z) of the posterior samples = Var(means) + E[posterior variance]
-        var = lat_mean.var().item() + (lat_std**2).mean().item()
-        vae.register_to_config(scaling_factor=1.0 / math.sqrt(var))
-    scaling = float(vae.config.scaling_factor)
-    # -- cache text embeddings of the distinct captions, and of the empty caption
-    distinct = sorted(set(train_set.captions))
-    lookup = {c: i for i, c in enumerate(distinct)}
-    caption_index = torch.tensor([lookup[c] for c in train_set.captions], device=dev)
-    caption_embeds = encode_captions(tokenizer, text_encoder, distinct, dev)
-    empty_embed = encode_captions(tokenizer, text_encoder, [""], dev)
+def _latent_side(params: TrainParams, vae) -> int:
+    """R / f: the autoencoder halves the side between consecutive blocks."""
+    return params.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
 
-    unet.train().requires_grad_(True)
-    # Fused AdamW and a foreach EMA update: one kernel over all parameters instead of a loop of
-    # small ops (~10 % of a U-Net step on the 2-core CPU, interleaved runs: docs/benchmarks.md).
-    opt = torch.optim.AdamW(unet.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay, fused=True)
+
+# ================================================================================================
+# What the runner needs of a training stage
+# ================================================================================================
+
+
+class _Stage:
+    """One optimisation stage as :meth:`_Run.run_stage` sees it. A subclass sets the attributes and
+    implements :meth:`train_step`, :meth:`modules` and :meth:`evaluate`."""
+
+    name: str  # "autoencoder" or "unet": progress reports, loss history, checkpoints
+    steps: int  # the stage's length; its learning rate runs lr_at(step, steps, warmup, peak_lr)
+    warmup: int
+    peak_lr: float
+    first_step: int  # global steps before this stage's first (its step s is global step first_step + s + 1)
+    start: int = 0  # the stage step to start at (> 0 when resumed)
+    later_seconds: float = 0.0  # estimated seconds of the stages after this one (for the ETA)
+    optimizer: torch.optim.Optimizer
+    batches: BatchOrder
     ema = None
-    if params.ema:
-        from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(unet.parameters(), decay=params.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=params.ema_power, foreach=True)
-    batches = BatchOrder(len(train_set), params.batch_size, run.generator)
-    start = 0
-    if resume_state is not None and resume_state["stage"] == "unet":
-        _load_module(unet, resume_dir / "unet.safetensors")
-        _restore(resume_dir, resume_state, optimizer=opt, ema=ema, generator=run.generator, batches=batches)
-        start = resume_state["stage_step"]
-    history = run.loss_history.setdefault("unet", [])
-    frozen = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": noise_scheduler}
-    evaluator = _Evaluator(run, frozen, train_set, heldout, diffusion, empty_embed)
-    unet_train_start = run.train_seconds
-    step_clock, cpu_clock = time.perf_counter(), time.process_time()
-    final_metrics: dict = {}
-    for step in range(start, params.steps):
-        # -- Algorithm 1: z_0 ~ data, t ~ U{1..T}, ε ~ N(0, I); step on ‖ε − ε_θ(z_t, t, τ(y))‖²
-        lr = lr_at(step, params.steps, params.warmup_steps, params.learning_rate)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = batches.next().to(dev)
-        if params.cache_latents:
-            mean, std = lat_mean[idx], lat_std[idx]
-        else:  # encode the batch now (the same draws from the generator as the cached path)
-            with torch.no_grad():
-                posterior = vae.encode(images[idx]).latent_dist
-            mean, std = posterior.mean.float(), posterior.std.float()
-        z0 = (mean + std * run.randn(mean.shape)) * scaling
-        t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=run.generator).to(dev)
-        noise = run.randn(z0.shape)
-        drop = (torch.rand(len(idx), generator=run.generator) < params.caption_dropout).to(dev)
-        context = torch.where(drop[:, None, None], empty_embed, caption_embeds[caption_index[idx]])
-        z_t = diffusion.q_sample(z0, t, noise)
-        with run.autocast():
-            eps = unet(z_t, t, encoder_hidden_states=context).sample
-        per_example = mean_flat((eps.float() - noise) ** 2)  # L_simple
-        if params.min_snr_gamma is not None:  # Min-SNR-γ (Hang et al. 2023), ε-prediction form
-            snr = diffusion.snr(t)
-            per_example = per_example * snr.clamp(max=params.min_snr_gamma) / snr
-        loss = per_example.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if params.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), params.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        # -- bookkeeping
-        step_wall = time.perf_counter() - step_clock
-        run.train_seconds += step_wall
-        run.train_cpu_seconds += time.process_time() - cpu_clock
-        hooks.step_done("unet", step_wall)
-        global_step = ae_steps + step + 1
-        history.append([global_step, loss.item()])
-        sec = (run.train_seconds - unet_train_start) / max(1, step + 1 - start)
-        run.report(
-            stage="unet", global_step=global_step, stage_step=step + 1, stage_total=params.steps,
-            loss=loss.item(), lr=lr, sec_per_step=sec,
+    def train_step(self) -> torch.Tensor:
+        """Compute the next step's loss and take the optimiser step; return the loss (a scalar)."""
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The modules whose weights a checkpoint of this stage holds, by file name."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """This stage's own entries in ``state.json``."""
+        return {}
+
+    def evaluate(self, ckpt: Path, global_step: int) -> dict:
+        """Write the evaluation of the current weights into checkpoint ``ckpt``; return its metrics."""
+        raise NotImplementedError
+
+    def _resume(self, run: _Run, resume: _Resume, modules: dict[str, torch.nn.Module]) -> None:
+        """Continue from a checkpoint of this stage: the weights of ``modules``, optimiser, EMA,
+        random state, batch order."""
+        for name, module in modules.items():
+            _load_module(module, resume.dir / f"{name}.safetensors")
+        _restore(resume.dir, resume.state, optimizer=self.optimizer, ema=self.ema, generator=run.generator,
+                 batches=self.batches)
+        self.start = resume.state["stage_step"]
+
+
+def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float | None) -> None:
+    """One optimiser step on ``loss``: gradients, clipped to global norm ``grad_clip``, then AdamW."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+
+
+# ================================================================================================
+# Stage 2: the autoencoder
+# ================================================================================================
+
+
+def train_autoencoder(run: _Run, parts: _Parts, data: _Data, resume: _Resume | None) -> None:
+    """Train the autoencoder, or take its weights from a checkpoint of the U-Net stage (it was done)."""
+    if resume is not None and resume.stage == "unet":
+        _load_module(parts.vae, resume.dir / "vae.safetensors")
+        return
+    later_seconds = run.params.steps * _time_unet_step(parts, run.params, run.device)
+    run.run_stage(AutoencoderStage(run, parts.vae, data, resume, later_seconds=later_seconds))
+
+
+class AutoencoderStage(_Stage):
+    """Stage 2: the autoencoder learns x ≈ D(z), z ~ q(z|x) = N(μ(x), σ(x)²) (reparameterised, one
+    sample), with loss = MSE(D(z), x) + ``kl_weight`` · KL(q(z|x) ‖ N(0, I)) / (C·h·w)."""
+
+    name = "autoencoder"
+
+    def __init__(self, run: _Run, vae, data: _Data, resume: _Resume | None, *, later_seconds: float):
+        p = run.params
+        self.run, self.vae, self.data = run, vae, data
+        self.steps, self.warmup, self.peak_lr = p.autoencoder_steps, p.autoencoder_warmup_steps, p.autoencoder_learning_rate
+        self.first_step, self.later_seconds = 0, later_seconds
+        vae.train().requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(
+            vae.parameters(), lr=p.autoencoder_learning_rate, weight_decay=p.weight_decay, fused=True
         )
-        last = step + 1 == params.steps
-        stop = hooks.should_stop()
-        if stop or last or global_step % params.checkpoint_every == 0:
-            state = _unet_state(run, global_step, step + 1, scaling)
-            ckpt = run.checkpoint_dir(global_step)
-            modules = {"unet": unet} if base_model_dir is not None else {"unet": unet, "vae": vae}
-            write_checkpoint(ckpt, state=state, modules=modules, optimizer=opt, ema=ema, generator=run.generator, batches=batches)
-            if not stop and (last or params.eval_at_checkpoints):
-                metrics = evaluator.evaluate(_ema_copy(unet, ema), ckpt)
-                if last:
-                    final_metrics = metrics
-            run.publish(ckpt, global_step)
-        if stop:
-            raise TrainingStopped(f"stopped at step {global_step}")
-        step_clock, cpu_clock = time.perf_counter(), time.process_time()
+        self.batches = BatchOrder(len(data.train), p.batch_size, run.generator)
+        if resume is not None:  # a checkpoint of this stage
+            self._resume(run, resume, {"vae": vae})
 
-    if start == params.steps:  # resumed from the final checkpoint: only the evaluation is left
-        ckpt = run.checkpoint_dir(ae_steps + params.steps)
-        ckpt.mkdir(parents=True, exist_ok=True)
-        final_metrics = evaluator.evaluate(_ema_copy(unet, ema), ckpt)
+    def train_step(self) -> torch.Tensor:
+        run, vae = self.run, self.vae
+        x = self.data.images[self.batches.next().to(run.device)]  # (B, 3, R, R)
+        with run.autocast():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * run.randn(posterior.mean.shape)  # (B, C, h, w)
+            recon = vae.decode(z).sample
+        mse = F.mse_loss(recon.float(), x)
+        kl = (posterior.kl() / posterior.mean[0].numel()).mean()  # per latent element
+        loss = mse + run.params.kl_weight * kl
+        _optimise(loss, self.optimizer, vae.parameters(), run.params.grad_clip)
+        return loss
 
-    # ============================================================================================
-    # The product: a plain diffusers StableDiffusionPipeline directory
-    # ============================================================================================
-    pipe = _pipeline(_ema_copy(unet, ema), frozen)
-    pipeline_dir = workdir / "pipeline"
-    if pipeline_dir.exists():
-        shutil.rmtree(pipeline_dir)
-    pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae}
 
-    eval_dir = workdir / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    artifacts = {}
-    for name in ("loss_curve.png", "samples.png", "metrics.json"):
-        src = run.checkpoint_dir(ae_steps + params.steps) / name
-        if src.exists():
-            artifacts[name] = Path(shutil.copy(src, eval_dir / name))
-    (eval_dir / "loss_history.json").write_text(json.dumps(run.loss_history))
-    artifacts["loss_history.json"] = eval_dir / "loss_history.json"
-    metrics = dict(final_metrics)
-    metrics.update(
-        {
-            "final_loss_unet": _tail_mean(run.loss_history.get("unet", [])),
-            "final_loss_autoencoder": _tail_mean(run.loss_history.get("autoencoder", [])) if ae_steps else None,
-            "train_wall_s": round(run.train_seconds, 2),
-            "train_cpu_s": round(run.train_cpu_seconds, 2),
-            "eval_wall_s": round(run.eval_seconds, 2),
-            "scaling_factor": scaling,
-            "unet_params": sum(p.numel() for p in unet.parameters()),
-            "autoencoder_params": sum(p.numel() for p in vae.parameters()),
-        }
-    )
-    return TrainResult(pipeline_dir=pipeline_dir, metrics=metrics, artifacts=artifacts)
+    def evaluate(self, ckpt: Path, global_step: int) -> dict:
+        return evaluate_autoencoder(self.vae, self.data.heldout, self.run.loss_history, ckpt, global_step, self.run.device)
 
 
-# ================================================================================================
-# Helpers of the run
-# ================================================================================================
-
-
-def _tail_mean(history, n: int = 50):
-    vals = [v for _, v in history[-n:]]
-    return float(sum(vals) / len(vals)) if vals else None
-
-
-@torch.no_grad()
-def _encode_posteriors(vae, images: torch.Tensor, batch_size: int = 256):
-    means, stds = [], []
-    for i in range(0, images.shape[0], batch_size):
-        post = vae.encode(images[i : i + batch_size]).latent_dist
-        means.append(post.mean.float())
-        stds.append(post.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-def _time_unet_step(unet, params, channels, side, ctx_dim, device) -> float:
-    """Seconds of one U-Net training step (forward + backward, no update), for the ETA of stage 1."""
-    b = params.batch_size
-    z, ctx = torch.zeros(b, channels, side, side, device=device), torch.zeros(b, 8, ctx_dim, device=device)
+def _time_unet_step(parts: _Parts, params: TrainParams, device) -> float:
+    """Seconds of one U-Net training step (forward + backward, no update), for the ETA of stage 2."""
+    b, side = params.batch_size, _latent_side(params, parts.vae)
+    z = torch.zeros(b, parts.vae.config.latent_channels, side, side, device=device)
+    ctx = torch.zeros(b, 8, parts.text_encoder.config.hidden_size, device=device)
     t = torch.zeros(b, dtype=torch.long, device=device)
     seconds = []
     for _ in range(3):
         clock = time.perf_counter()
-        unet(z, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
+        parts.unet(z, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
         seconds.append(time.perf_counter() - clock)
-    unet.zero_grad(set_to_none=True)
+    parts.unet.zero_grad(set_to_none=True)
     return min(seconds[1:])
+
+
+# ================================================================================================
+# Stage 3: cache latents and caption embeddings
+# ================================================================================================
+
+
+@dataclass
+class LatentCache:
+    """What the U-Net stage reads instead of running the frozen encoders every step."""
+
+    mean: torch.Tensor  # (N, C, h, w) posterior means μ(x) of the training images, unscaled
+    std: torch.Tensor  # (N, C, h, w) posterior std-devs σ(x)
+    scaling: float  # the VAE's scaling_factor: z = scaling · (μ + σ ε) has about unit variance
+    caption_index: torch.Tensor  # (N,) int64: image i's caption is row caption_index[i] of caption_embeds
+    caption_embeds: torch.Tensor  # (K, L, D): τ(y) of the K distinct captions, sorted
+    empty_embed: torch.Tensor  # (1, L, D): τ("") for classifier-free guidance
+
+
+def cache_latents(parts: _Parts, data: _Data, dev: torch.device) -> LatentCache:
+    """Encode the training set through the frozen autoencoder and text encoder once.
+
+    Without a base model this also fixes ``scaling_factor`` = 1/√Var(z) (saved in the VAE config,
+    as diffusers expects), where the posterior samples' variance is Var(z) = Var(μ) + E[σ²]. The
+    posteriors are encoded even with ``cache_latents=false``: the scaling factor needs them."""
+    lat_mean, lat_std = encode_posteriors(parts.vae, data.images)
+    if not parts.pretrained:
+        var = lat_mean.var().item() + (lat_std**2).mean().item()
+        parts.vae.register_to_config(scaling_factor=1.0 / math.sqrt(var))
+    distinct = sorted(set(data.train.captions))
+    lookup = {c: i for i, c in enumerate(distinct)}
+    caption_index = torch.tensor([lookup[c] for c in data.train.captions], device=dev)
+    caption_embeds = encode_captions(parts.tokenizer, parts.text_encoder, distinct, dev)
+    empty_embed = encode_captions(parts.tokenizer, parts.text_encoder, [""], dev)
+    return LatentCache(lat_mean, lat_std, float(parts.vae.config.scaling_factor), caption_index, caption_embeds,
+                       empty_embed)
+
+
+# ================================================================================================
+# Stage 4: the U-Net
+# ================================================================================================
+
+
+class UNetStage(_Stage):
+    """Stage 4: the U-Net learns ε_θ(z_t, t, τ(y)) by Algorithm 1 (Ho et al. 2020 on latents):
+    z_0 = scaling · (μ + σ ε′), t ~ U{1..T} (0..T−1 here), ε ~ N(0, I), z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε, and
+    L_simple = ‖ε − ε_θ(z_t, t, τ(y))‖², optionally weighted by Min-SNR-γ. Fused AdamW, and an EMA
+    of the weights (what is evaluated and exported)."""
+
+    name = "unet"
+
+    def __init__(self, run: _Run, parts: _Parts, latents: LatentCache, data: _Data, resume: _Resume | None):
+        p = run.params
+        self.run, self.parts, self.latents, self.data = run, parts, latents, data
+        self.steps, self.warmup, self.peak_lr = p.steps, p.warmup_steps, p.learning_rate
+        self.first_step = 0 if parts.pretrained else p.autoencoder_steps
+        unet = parts.unet
+        unet.train().requires_grad_(True)
+        # Fused AdamW and a foreach EMA update: one kernel over all parameters instead of a loop of
+        # small ops (~10 % of a U-Net step on the 2-core CPU, interleaved runs: docs/benchmarks.md).
+        self.optimizer = torch.optim.AdamW(unet.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay, fused=True)
+        if p.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(unet.parameters(), decay=p.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+                                power=p.ema_power, foreach=True)
+        self.batches = BatchOrder(len(data.train), p.batch_size, run.generator)
+        if resume is not None and resume.stage == "unet":
+            self._resume(run, resume, {"unet": unet})  # the autoencoder came back in stage 2
+        self.evaluator = UNetEvaluator(p, run.device, parts.frozen(), data.train, data.heldout, parts.diffusion)
+
+    def train_step(self) -> torch.Tensor:
+        run, p, unet, diffusion = self.run, self.run.params, self.parts.unet, self.parts.diffusion
+        idx, z0, context = self._batch()
+        # the draws after the batch's: t, then ε (their order is part of a checkpoint's reproducibility)
+        t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=run.generator).to(run.device)  # (B,)
+        noise = run.randn(z0.shape)  # ε, (B, C, h, w)
+        drop = (torch.rand(len(idx), generator=run.generator) < p.caption_dropout).to(run.device)
+        context = torch.where(drop[:, None, None], self.latents.empty_embed, context)  # (B, L, D)
+        z_t = diffusion.q_sample(z0, t, noise)
+        with run.autocast():
+            eps = unet(z_t, t, encoder_hidden_states=context).sample
+        per_example = mean_flat((eps.float() - noise) ** 2)  # L_simple
+        if p.min_snr_gamma is not None:  # Min-SNR-γ (Hang et al. 2023), ε-prediction form
+            snr = diffusion.snr(t)
+            per_example = per_example * snr.clamp(max=p.min_snr_gamma) / snr
+        loss = per_example.mean()
+        _optimise(loss, self.optimizer, unet.parameters(), p.grad_clip)
+        if self.ema is not None:
+            self.ema.step(unet.parameters())
+        return loss
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next batch: indices (B,), z_0 (B, C, h, w) sampled from the posteriors and scaled, and
+        the captions' τ(y) (B, L, D). Without ``cache_latents`` the batch is encoded now, with the
+        same draws from the generator as the cached path."""
+        lat = self.latents
+        idx = self.batches.next().to(self.run.device)
+        if self.run.params.cache_latents:
+            mean, std = lat.mean[idx], lat.std[idx]
+        else:
+            with torch.no_grad():
+                posterior = self.parts.vae.encode(self.data.images[idx]).latent_dist
+            mean, std = posterior.mean.float(), posterior.std.float()
+        z0 = (mean + std * self.run.randn(mean.shape)) * lat.scaling
+        return idx, z0, lat.caption_embeds[lat.caption_index[idx]]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        if self.parts.pretrained:
+            return {"unet": self.parts.unet}
+        return {"unet": self.parts.unet, "vae": self.parts.vae}
+
+    def state(self) -> dict:
+        return {"scaling_factor": self.latents.scaling}
+
+    def averaged(self):
+        """The U-Net to evaluate and export: a copy with the EMA weights, in eval mode."""
+        return _ema_copy(self.parts.unet, self.ema)
+
+    def evaluate(self, ckpt: Path, global_step: int) -> dict:
+        return self.evaluator.evaluate(self.averaged(), ckpt, global_step, self.run.loss_history)
 
 
 def _ema_copy(unet, ema):
@@ -655,130 +498,178 @@ def _ema_copy(unet, ema):
     return model
 
 
-def _pipeline(unet, frozen: dict):
-    from diffusers import StableDiffusionPipeline
+# ================================================================================================
+# Stage 5: export a plain diffusers StableDiffusionPipeline directory
+# ================================================================================================
 
-    return StableDiffusionPipeline(
-        vae=frozen["vae"],
-        text_encoder=frozen["text_encoder"],
-        tokenizer=frozen["tokenizer"],
-        unet=unet,
-        scheduler=frozen["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+
+def export(run: _Run, parts: _Parts, unet: UNetStage, final_metrics: dict) -> TrainResult:
+    """Save the pipeline (EMA U-Net) to ``workdir/pipeline``, copy the final checkpoint's evaluation
+    and the loss history to ``workdir/eval``, and add the run's figures to the final metrics."""
+    pipe = assemble_pipeline(unet.averaged(), **parts.frozen())
+    pipeline_dir = run.workdir / "pipeline"
+    if pipeline_dir.exists():
+        shutil.rmtree(pipeline_dir)
+    pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+
+    eval_dir = run.workdir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    artifacts = {}
+    for name in ("loss_curve.png", "samples.png", "metrics.json"):
+        src = run.checkpoint_dir(unet.first_step + unet.steps) / name
+        if src.exists():
+            artifacts[name] = Path(shutil.copy(src, eval_dir / name))
+    (eval_dir / "loss_history.json").write_text(json.dumps(run.loss_history))
+    artifacts["loss_history.json"] = eval_dir / "loss_history.json"
+    metrics = dict(final_metrics)
+    metrics.update(
+        {
+            "final_loss_unet": _tail_mean(run.loss_history.get("unet", [])),
+            "final_loss_autoencoder": _tail_mean(run.loss_history.get("autoencoder", [])) if unet.first_step else None,
+            "train_wall_s": round(run.train_seconds, 2),
+            "train_cpu_s": round(run.train_cpu_seconds, 2),
+            "eval_wall_s": round(run.eval_seconds, 2),
+            "scaling_factor": unet.latents.scaling,
+            "unet_params": sum(p.numel() for p in parts.unet.parameters()),
+            "autoencoder_params": sum(p.numel() for p in parts.vae.parameters()),
+        }
     )
+    return TrainResult(pipeline_dir=pipeline_dir, metrics=metrics, artifacts=artifacts)
 
 
-def _unet_state(run: _Run, global_step: int, stage_step: int, scaling: float) -> dict:
-    return {
-        "stage": "unet",
-        "global_step": global_step,
-        "stage_step": stage_step,
-        "params": run.params.model_dump(mode="json"),
-        "loss_history": run.loss_history,
-        "train_seconds": run.train_seconds,
-        "train_cpu_seconds": run.train_cpu_seconds,
-        "scaling_factor": scaling,
-    }
+def _tail_mean(history, n: int = 50):
+    vals = [v for _, v in history[-n:]]
+    return float(sum(vals) / len(vals)) if vals else None
 
 
-def _checkpoint_autoencoder(run: _Run, step: int, vae, opt, batches, heldout, *, evaluate: bool) -> None:
-    state = {
-        "stage": "autoencoder",
-        "global_step": step,
-        "stage_step": step,
-        "params": run.params.model_dump(mode="json"),
-        "loss_history": run.loss_history,
-        "train_seconds": run.train_seconds,
-        "train_cpu_seconds": run.train_cpu_seconds,
-    }
-    ckpt = run.checkpoint_dir(step)
-    write_checkpoint(ckpt, state=state, modules={"vae": vae}, optimizer=opt, generator=run.generator, batches=batches)
-    if evaluate and (run.params.eval_at_checkpoints or step == run.params.autoencoder_steps):
-        clock = time.perf_counter()
-        vae.eval()
-        with torch.no_grad():
-            x = heldout.images.to(run.device)
-            recon = torch.cat([vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)])
-        vae.train()
-        mse = F.mse_loss(recon, x).item()
-        n = min(16, len(x))
-        pairs = torch.stack([x[:n], recon[:n]], dim=1).reshape(2 * n, *x.shape[1:])
-        evaluation.image_grid_png((pairs.cpu() + 1) / 2, ckpt / "samples.png", ncol=8)
-        evaluation.loss_curve_png(run.loss_history, ckpt / "loss_curve.png")
-        (ckpt / "metrics.json").write_text(json.dumps({"step": step, "autoencoder_heldout_mse": mse}, indent=1))
-        run.eval_seconds += time.perf_counter() - clock
-    run.publish(ckpt, step)
+# ================================================================================================
+# The runner: one loop for every stage
+# ================================================================================================
 
 
-class _Evaluator:
-    """The evaluation stored with each U-Net checkpoint: loss curve, sample grid, held-out VLB, and for
-    digits accuracy and Fréchet distance with its floor."""
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Learning rate for 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to 0
+    (as diffusers' ``get_cosine_schedule_with_warmup``)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    def __init__(self, run: _Run, frozen: dict, train_set, heldout, diffusion, empty_embed):
-        self.run, self.frozen, self.heldout, self.diffusion = run, frozen, heldout, diffusion
-        p = run.params
-        self.is_digits = train_set.name == "builtin:digits"
-        if p.validation_prompts:
-            self.prompts = p.validation_prompts
-        elif self.is_digits:
-            self.prompts = evaluation.digit_prompts(10)[0]  # zero … nine
-        else:
-            self.prompts = sorted(set(train_set.captions))[:10]
-        self._judge = None
-        self._heldout_latents = None
-        self._heldout_context = None
 
-    def _prepare(self):
-        vae, dev = self.frozen["vae"], self.run.device
-        if self._heldout_latents is None and len(self.heldout):
-            mean, _ = _encode_posteriors(vae, self.heldout.images.to(dev))
-            self._heldout_latents = mean * float(vae.config.scaling_factor)
-            self._heldout_context = encode_captions(
-                self.frozen["tokenizer"], self.frozen["text_encoder"], self.heldout.captions, dev
-            )
-        if self.is_digits and self._judge is None:
-            self._judge = evaluation.DigitsJudge()
+class _Run:
+    """What every stage shares: params, device, hooks, the training generator, clocks, loss history,
+    checkpoint bookkeeping; and :meth:`run_stage`, the one training loop."""
 
-    @torch.no_grad()
-    def _autoencoder_frechet(self, n: int, seed: int) -> float:
-        """Fréchet distance of n real digits passed through the autoencoder (encode, posterior mean,
-        decode): what the autoencoder alone costs, the best a perfect U-Net could reach."""
-        from worker.model.data import load_digits
-
-        real = load_digits(self.run.params.resolution).images
-        idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
-        vae = self.frozen["vae"]
-        recon = vae.decode(vae.encode(real[idx].to(self.run.device)).latent_dist.mean).sample
-        return self._judge.frechet(((recon.float().cpu() + 1) / 2).clamp(0, 1))
-
-    def evaluate(self, unet, ckpt: Path) -> dict:
-        clock = time.perf_counter()
-        p = self.run.params
-        self._prepare()
-        pipe = _pipeline(unet, self.frozen)
-        metrics: dict = {"step": int(ckpt.name.split("-")[-1])}
-        # sample grid: each validation prompt in a row
-        prompts = [q for q in self.prompts for _ in range(GRID_IMAGES_PER_PROMPT)]
-        grid = evaluation.generate(
-            pipe, prompts, scheduler=p.eval_scheduler, steps=p.eval_steps, guidance_scale=p.eval_guidance_scale, seed=p.seed
+    def __init__(self, params: TrainParams, workdir: Path, hooks: TrainHooks, device: str, progress_every: int):
+        self.params, self.workdir, self.hooks, self.device = params, workdir, hooks, torch.device(device)
+        self.progress_every = progress_every
+        self.generator = torch.Generator().manual_seed(params.seed)
+        self.loss_history: dict[str, list[list[float]]] = {}
+        self.train_seconds = 0.0  # optimisation wall time only (no evaluation, no checkpoint I/O)
+        self.train_cpu_seconds = 0.0  # process CPU time of the same (all threads)
+        self.eval_seconds = 0.0
+        self.local_checkpoints: list[Path] = []
+        use_bf16 = params.mixed_precision == "bf16" or (params.mixed_precision == "auto" and self.device.type == "cuda")
+        self.autocast = (
+            (lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         )
-        evaluation.image_grid_png(grid, ckpt / "samples.png", ncol=GRID_IMAGES_PER_PROMPT)
-        evaluation.loss_curve_png(self.run.loss_history, ckpt / "loss_curve.png")
-        if self._heldout_latents is not None:
-            vlb = evaluation.heldout_bits_per_dim(
-                unet, self._heldout_latents, self._heldout_context, self.diffusion, num_terms=p.vlb_timesteps, seed=p.seed
+
+    def randn(self, shape) -> torch.Tensor:
+        """N(0, I) of ``shape`` from the training generator (drawn on the CPU: the same numbers on
+        every device), moved to the device."""
+        return torch.randn(shape, generator=self.generator).to(self.device)
+
+    def run_stage(self, stage: _Stage) -> dict | None:
+        """Run ``stage`` from ``stage.start`` to its end; return the evaluation of its last step (None
+        when no step was left). Per step: set the learning rate, let the stage take its step (timed:
+        wall and process CPU), record the loss, report progress, ask whether to stop, and at a
+        checkpoint step write, evaluate and publish the checkpoint. Raises :class:`TrainingStopped`
+        after the checkpoint of the step at which ``hooks.should_stop()`` said so."""
+        history = self.loss_history.setdefault(stage.name, [])
+        seconds_before = self.train_seconds
+        metrics = None
+        step_clock, cpu_clock = time.perf_counter(), time.process_time()
+        for step in range(stage.start, stage.steps):
+            lr = lr_at(step, stage.steps, stage.warmup, stage.peak_lr)
+            for group in stage.optimizer.param_groups:
+                group["lr"] = lr
+            loss = stage.train_step()
+            step_wall = time.perf_counter() - step_clock
+            self.train_seconds += step_wall
+            self.train_cpu_seconds += time.process_time() - cpu_clock
+            self.hooks.step_done(stage.name, step_wall)
+            global_step = stage.first_step + step + 1
+            history.append([global_step, loss.item()])
+            self.report(
+                stage=stage.name, global_step=global_step, stage_step=step + 1, stage_total=stage.steps,
+                loss=loss.item(), lr=lr, sec_per_step=(self.train_seconds - seconds_before) / (step + 1 - stage.start),
+                later_seconds=stage.later_seconds,
             )
-            metrics["heldout_bits_per_dim"] = vlb["bits_per_dim"]
-            metrics["heldout_vlb"] = vlb
-        if self.is_digits:
-            digits = evaluation.evaluate_digits(
-                pipe, self._judge, num_samples=p.eval_num_samples, scheduler=p.eval_scheduler,
-                steps=p.eval_steps, guidance_scale=p.eval_guidance_scale, seed=p.seed,
-            )
-            metrics.update({k: v for k, v in digits.items() if k not in ("images", "labels")})
-            metrics["autoencoder_frechet"] = self._autoencoder_frechet(p.eval_num_samples, p.seed)
-        (ckpt / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        self.run.eval_seconds += time.perf_counter() - clock
+            last = step + 1 == stage.steps
+            stop = self.hooks.should_stop()
+            if stop or last or global_step % self.params.checkpoint_every == 0:
+                evaluate = not stop and (last or self.params.eval_at_checkpoints)
+                ckpt_metrics = self.checkpoint(stage, global_step, step + 1, evaluate=evaluate)
+                if last:
+                    metrics = ckpt_metrics
+            if stop:
+                raise TrainingStopped(f"stopped at step {global_step}")
+            step_clock, cpu_clock = time.perf_counter(), time.process_time()
         return metrics
+
+    def checkpoint(self, stage: _Stage, global_step: int, stage_step: int, *, evaluate: bool) -> dict | None:
+        """Write the checkpoint of ``global_step`` (before any evaluation: the random state saved is
+        the training's), evaluate into it when asked, and publish it; return the evaluation."""
+        state = {
+            "stage": stage.name,
+            "global_step": global_step,
+            "stage_step": stage_step,
+            "params": self.params.model_dump(mode="json"),
+            "loss_history": self.loss_history,
+            "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
+            **stage.state(),
+        }
+        ckpt = self.checkpoint_dir(global_step)
+        write_checkpoint(ckpt, state=state, modules=stage.modules(), optimizer=stage.optimizer, ema=stage.ema,
+                         generator=self.generator, batches=stage.batches)
+        metrics = self.evaluate(stage, global_step) if evaluate else None
+        self.publish(ckpt, global_step)
+        return metrics
+
+    def evaluate(self, stage: _Stage, global_step: int) -> dict:
+        """The stage's evaluation into the checkpoint directory of ``global_step``, timed apart from
+        training."""
+        clock = time.perf_counter()
+        ckpt = self.checkpoint_dir(global_step)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        metrics = stage.evaluate(ckpt, global_step)
+        self.eval_seconds += time.perf_counter() - clock
+        return metrics
+
+    def report(self, *, stage, global_step, stage_step, stage_total, loss, lr, sec_per_step, later_seconds=0.0):
+        """Progress to ``hooks.progress`` every ``progress_every`` stage steps and at a stage's end."""
+        if stage_step % self.progress_every and stage_step != stage_total:
+            return
+        self.hooks.progress(
+            {
+                "stage": stage,
+                "step": global_step,
+                "total_steps": self.params.total_steps,
+                "stage_step": stage_step,
+                "stage_total_steps": stage_total,
+                "loss": loss,
+                "lr": lr,
+                "eta_s": (stage_total - stage_step) * sec_per_step + later_seconds,
+            }
+        )
+
+    def publish(self, ckpt_dir: Path, global_step: int) -> None:
+        """Hand a written checkpoint to the caller and keep the last K locally."""
+        self.hooks.save_checkpoint(global_step, ckpt_dir)
+        self.local_checkpoints.append(ckpt_dir)
+        while len(self.local_checkpoints) > self.params.keep_checkpoints:
+            shutil.rmtree(self.local_checkpoints.pop(0), ignore_errors=True)
+
+    def checkpoint_dir(self, global_step: int) -> Path:
+        return self.workdir / "checkpoints" / f"step-{global_step:08d}"
