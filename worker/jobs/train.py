@@ -20,6 +20,7 @@ from pathlib import Path
 from shared.db import session_scope
 from shared.jobstate import LeaseLost
 from shared.models import Dataset, Job, Model
+from shared.pipelines import PipelineRejected
 from shared.registry import register_pipeline_dir
 from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
@@ -96,6 +97,8 @@ def run_train(settings: Settings, run: Run) -> dict:
             uploader.wait()  # the checkpoint of the step it stopped at is stored before the job is given back
             run.check()  # raises the precise reason (canceled, lease lost, timeout)
             raise LeaseLost(run.job_id) from None
+        except PipelineRejected as exc:  # the base model failed the pipeline check: never loaded
+            raise JobError("unsafe_model", f"the base model was refused: {exc}") from None
         finally:
             uploader.close()
         uploader.wait()

@@ -92,7 +92,7 @@ def read_checkpoint_state(ckpt_dir: Path) -> dict:
     return state
 
 
-def _check_resumable(state: dict, params: TrainParams) -> None:
+def check_resumable(state: dict, params: TrainParams) -> None:
     """ValueError unless ``params`` trains the same weights as the checkpoint's params (they may
     differ only in :data:`NON_TRAINING_FIELDS`)."""
     saved = state["params"]
@@ -102,14 +102,14 @@ def _check_resumable(state: dict, params: TrainParams) -> None:
         raise ValueError(f"cannot resume: the checkpoint was trained with other values of {', '.join(diff)}")
 
 
-def _load_module(module: torch.nn.Module, path: Path) -> None:
+def load_module_weights(module: torch.nn.Module, path: Path) -> None:
     """Load a module's weights from ``<module>.safetensors`` (every key must match)."""
     module.load_state_dict(load_file(path), strict=True)
 
 
-def _restore(ckpt_dir: Path, state: dict, *, optimizer, ema, generator, batches: BatchOrder) -> None:
+def restore_training_state(ckpt_dir: Path, state: dict, *, optimizer, ema, generator, batches: BatchOrder) -> None:
     """Put the optimiser, the EMA (when given), the random generators and the batch order back
-    where the checkpoint left them; the module weights are loaded with :func:`_load_module`."""
+    where the checkpoint left them; the module weights are loaded with :func:`load_module_weights`."""
     _optimizer_from_files(optimizer, load_file(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
     if ema is not None:
         shadow = load_file(ckpt_dir / "ema_unet.safetensors")

@@ -57,10 +57,11 @@ import torch
 import torch.nn.functional as F
 
 from shared.train_schema import TrainParams
-from worker.model.checkpoint import _check_resumable, _load_module, _restore, read_checkpoint_state, write_checkpoint
+from worker.model.checkpoint import check_resumable, load_module_weights, restore_training_state, read_checkpoint_state, write_checkpoint
 from worker.model.data import BatchOrder, ImageCaptionDataset
 from worker.model.diffusion import GaussianDiffusion, mean_flat
 from worker.model.parts import assemble_pipeline, encode_captions, encode_posteriors, make_autoencoder, make_unet
+from worker.model.pipelines import load_pipeline_dir
 from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
 from worker.model.train_eval import UNetEvaluator, evaluate_autoencoder
 
@@ -162,7 +163,7 @@ def _resume_point(run: _Run) -> _Resume | None:
     if ckpt is None:
         return None
     state = read_checkpoint_state(ckpt)
-    _check_resumable(state, run.params)
+    check_resumable(state, run.params)
     run.loss_history = state["loss_history"]
     run.train_seconds = state.get("train_seconds", 0.0)
     run.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
@@ -206,11 +207,9 @@ def build(params: TrainParams, base_model_dir: Path | None, dev: torch.device) -
     (initialised from torch's global generator, seeded by :func:`train`: keep this order) and the
     DDPM noise schedule. The text encoder is frozen from the start."""
     if base_model_dir is not None:
-        from diffusers import StableDiffusionPipeline
-
-        base = StableDiffusionPipeline.from_pretrained(
-            str(base_model_dir), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        # The one loader: the pipeline check (plain paths, safetensors only, no code, known classes),
+        # use_safetensors and local files only, in float32 for training.
+        base = load_pipeline_dir(base_model_dir, "cpu", dtype="float32")
         tokenizer, text_encoder, vae, unet = base.tokenizer, base.text_encoder, base.vae, base.unet
         noise_scheduler = base.scheduler
         if noise_scheduler.config.get("prediction_type", "epsilon") != "epsilon":
@@ -284,8 +283,8 @@ class _Stage:
         """Continue from a checkpoint of this stage: the weights of ``modules``, optimiser, EMA,
         random state, batch order."""
         for name, module in modules.items():
-            _load_module(module, resume.dir / f"{name}.safetensors")
-        _restore(resume.dir, resume.state, optimizer=self.optimizer, ema=self.ema, generator=run.generator,
+            load_module_weights(module, resume.dir / f"{name}.safetensors")
+        restore_training_state(resume.dir, resume.state, optimizer=self.optimizer, ema=self.ema, generator=run.generator,
                  batches=self.batches)
         self.start = resume.state["stage_step"]
 
@@ -307,7 +306,7 @@ def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, 
 def train_autoencoder(run: _Run, parts: _Parts, data: _Data, resume: _Resume | None) -> None:
     """Train the autoencoder, or take its weights from a checkpoint of the U-Net stage (it was done)."""
     if resume is not None and resume.stage == "unet":
-        _load_module(parts.vae, resume.dir / "vae.safetensors")
+        load_module_weights(parts.vae, resume.dir / "vae.safetensors")
         return
     later_seconds = run.params.steps * _time_unet_step(parts, run.params, run.device)
     run.run_stage(AutoencoderStage(run, parts.vae, data, resume, later_seconds=later_seconds))
