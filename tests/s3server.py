@@ -143,11 +143,22 @@ class SeaweedS3:
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={config}",
+            *self._http_socket_flags(),
             # Off: the Iceberg and Lance catalogs (fixed default ports 8181, 9101), IAM on the S3
             # port, the volume server's 10 s wait between its last heartbeat and stopping.
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false", "-volume.preStopSeconds=0",
             "-volume.max=200",  # room for many buckets (7 volumes each)
         ]
+
+    def _http_socket_flags(self) -> list[str]:
+        """The filer's and gateway's HTTP Unix sockets in this server's folder, not /tmp (when the
+        path fits in a socket address, 107 bytes)."""
+        flags = []
+        for name in ("filer", "s3"):
+            path = self.dir / f"{name}-http.sock"
+            if len(str(path).encode()) < 100:
+                flags.append(f"-{name}.localSocket={path}")
+        return flags
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> "SeaweedS3":
@@ -186,9 +197,33 @@ class SeaweedS3:
         return all(p is not None and p.poll() is None for p in (self.master, self.proc))
 
     def _spawn(self, command: list[str], log_path: Path) -> subprocess.Popen:
+        # weed's log files (weed.INFO, ...) go to $TMPDIR: keep them in this server's folder.
+        tmp = self.dir / "tmp"
+        tmp.mkdir(exist_ok=True)
         with open(log_path, "ab") as log:
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, "TMPDIR": str(tmp)})
+
+    def _local_sockets(self) -> list[Path]:
+        """The Unix sockets ``weed server`` opens beside its gRPC ports, at fixed /tmp paths
+        (``/tmp/seaweedfs-<service>-grpc-<port>.sock``; no flag moves them)."""
+        kinds = {"volume.grpc": "volume", "filer.grpc": "filer", "s3.grpc": "s3", "master.grpc": "master"}
+        return [Path(f"/tmp/seaweedfs-{kind}-grpc-{self.ports[name]}.sock") for name, kind in kinds.items()
+                if name in self.ports]
+
+    def _remove_stale_sockets(self) -> None:
+        """A SIGKILLed weed leaves its sockets behind: remove ours once nothing answers on them."""
+        for path in self._local_sockets():
+            if not path.is_socket():
+                continue
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                    continue  # someone listens there: not ours to remove
+                except OSError:
+                    pass
+            path.unlink(missing_ok=True)
 
     def _check_alive(self) -> None:
         for name, proc, log in (("weed master", self.master, self.master_log_path), ("weed server", self.proc,
@@ -249,6 +284,8 @@ class SeaweedS3:
             self._stop(proc, self.STOP_GRACE_S if grace is None else grace)
         finally:
             self._stop(master, self.STOP_GRACE_S if grace is None else grace)
+            if self.ports:
+                self._remove_stale_sockets()
 
     @staticmethod
     def _stop(proc: subprocess.Popen | None, grace: float) -> None:
