@@ -147,6 +147,10 @@ class SeaweedS3:
             # Off: the Iceberg and Lance catalogs (fixed default ports 8181, 9101), IAM on the S3
             # port, the volume server's 10 s wait between its last heartbeat and stopping.
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false", "-volume.preStopSeconds=0",
+            # S3's answers where weed's defaults are laxer: a write to a missing bucket is
+            # NoSuchBucket (weed creates the bucket when an admin identity writes to it).
+            "-s3.autoCreateBucket=false",
+            "-s3.allowDeleteBucketNotEmpty=false",  # BucketNotEmpty, as on S3 (weed's default deletes)
             "-volume.max=200",  # room for many buckets (7 volumes each)
         ]
 

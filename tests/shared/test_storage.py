@@ -202,6 +202,20 @@ def test_s3_refuses_a_wrong_secret_and_an_unknown_key(s3, s3_bucket, monkeypatch
     assert good.get_bytes("mine") == b"secret bytes"
 
 
+def test_s3_a_missing_bucket_is_an_error_not_created(s3, tmp_path):
+    """A storage URL naming a bucket that does not exist fails loudly: readiness fails and a write
+    is NoSuchBucket, not a bucket created on the fly (SeaweedFS's default for admin identities;
+    tests/s3server.py turns it off, as S3 and MinIO behave)."""
+    name = f"ldmq-nosuch-{tmp_path.name[-8:].lower().replace('_', '-')}"
+    st = S3Storage(name, "p", endpoint_url=s3.endpoint, retry_s=5)
+    with pytest.raises(StorageError):
+        st.check()
+    with pytest.raises(StorageError) as err:
+        st.put_bytes("k", b"x")
+    assert _s3_code(err.value) == "NoSuchBucket" and not isinstance(err.value, StorageUnavailable)
+    assert name not in {b["Name"] for b in s3.client().list_buckets()["Buckets"]}
+
+
 def _fetch(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
