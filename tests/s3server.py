@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -69,7 +70,7 @@ class SeaweedS3:
     The master runs apart so that it is the leader before a volume server first calls it: in one
     process the volume server's first heartbeat may beat the master's election and then waits 5 s
     to retry (measured: starts of 3.5 s or 8.5 s at random, restarts of 2.4 to 8.4 s). Apart, a
-    start takes ~4.5 s and a restart of the S3 side ~2.5 s, every time.
+    start takes ~5 s and a restart of the S3 side ~2.5 s, every time.
 
     ``kill()`` takes the S3 side away at once (an outage: connections refused) and ``start()``
     brings it back on the same ports and data folder; ``stop()`` stops both processes."""
@@ -135,8 +136,7 @@ class SeaweedS3:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}
         config = self.dir / "identities.json"
-        config.write_text(json.dumps(identities))
-        config.chmod(0o600)
+        _write_private(config, json.dumps(identities))
         return [
             weed_binary(), "server", "-master=false", f"-master.peers=127.0.0.1:{p['master']}.{p['master.grpc']}",
             f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -338,6 +338,15 @@ class _Exited(RuntimeError):
     pass
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds the secret key), readable by no one else
+    at any moment."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -354,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         env = {"LDMQ_TEST_S3_ENDPOINT": server.endpoint, **server.env()}
         tmp = Path(args.env_file + ".tmp")
-        tmp.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-        tmp.chmod(0o600)
+        _write_private(tmp, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
         os.replace(tmp, args.env_file)
         print(f"SeaweedFS serves S3 at {server.endpoint} (started in {server.start_seconds:.1f} s; "
               f"log {server.log_path})", flush=True)
