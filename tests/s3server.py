@@ -204,6 +204,11 @@ class SeaweedS3:
         # weed's log files (weed.INFO, ...) go to $TMPDIR: keep them in this server's folder.
         tmp = self.dir / "tmp"
         tmp.mkdir(exist_ok=True)
+        # If this process dies without stopping the server (SIGKILL, a CI timeout), the kernel kills
+        # weed too (PR_SET_PDEATHSIG, set by util-linux's setpriv, which then execs weed).
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            command = [setpriv, "--pdeathsig", "KILL", *command]
         with open(log_path, "ab") as log:
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
