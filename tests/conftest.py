@@ -1,17 +1,18 @@
 """Fixtures that talk to real servers: PostgreSQL and Redis on loopback (started by .ci/run if
-down) and an S3-protocol server (moto) on a free loopback port, started per test session."""
+down) and a real S3 server: SeaweedFS (tests/s3server.py) on free loopback ports with credentials
+generated per test session, or the server that LDMQ_TEST_S3_ENDPOINT names (.ci/run starts one)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+# No default S3 credentials: the `s3` fixture exports the ones its server checks.
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,30 +71,64 @@ def redis_url():
     r.flushdb()
 
 
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3 server and the credentials it accepts (``server`` is None when started outside)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    server: object | None = None
+
+    def client(self, **kw):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=kw.pop("access_key", self.access_key),
+                            aws_secret_access_key=kw.pop("secret_key", self.secret_key), **kw)
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3-protocol server on loopback: the one .ci/run started (LDMQ_TEST_S3_ENDPOINT), or
-    moto on a free port, stopped at the end."""
+def s3(tmp_path_factory):
+    """A real S3 server that checks signatures, expiry, checksums and conditional writes: the one
+    .ci/run started (LDMQ_TEST_S3_ENDPOINT, with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), or
+    SeaweedFS on free loopback ports with fresh credentials, stopped at the end. Its credentials
+    are exported (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) for this process and its children:
+    ldmq's storage uses boto3's default credential chain, as in production."""
     if os.environ.get("LDMQ_TEST_S3_ENDPOINT"):
-        yield os.environ["LDMQ_TEST_S3_ENDPOINT"]
+        missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(k)]
+        if missing:
+            raise RuntimeError(f"LDMQ_TEST_S3_ENDPOINT is set but {', '.join(missing)} is not: export the "
+                               "credentials that server accepts")
+        yield S3Server(os.environ["LDMQ_TEST_S3_ENDPOINT"], os.environ["AWS_ACCESS_KEY_ID"],
+                       os.environ["AWS_SECRET_ACCESS_KEY"])
         return
-    from moto.server import ThreadedMotoServer
+    from tests.s3server import SeaweedS3
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {k: os.environ.get(k) for k in server.env()}
     try:
-        yield f"http://127.0.0.1:{port}"
+        server.start()
+        os.environ.update(server.env())
+        yield S3Server(server.endpoint, server.access_key, server.secret_key, server)
     finally:
-        server.stop()
+        server.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
-def s3_bucket(s3_endpoint):
-    import boto3
+def s3_endpoint(s3):
+    return s3.endpoint
 
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3):
     name = f"ldmq-test-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    s3.client().create_bucket(Bucket=name)
     return name
 
 

@@ -1,5 +1,6 @@
 """The spine, end to end, with real processes and servers: ``ldmq api`` over HTTP, Postgres,
-Celery on Redis, an ``ldmq worker`` process, and an S3-protocol server (moto) on loopback."""
+Celery on Redis, an ``ldmq worker`` process, and a real S3 server (SeaweedFS, tests/s3server.py)
+on loopback: the presigned URLs fetched here are checked for their signature."""
 
 import hashlib
 import io

@@ -4,7 +4,8 @@ not enforce) and conditional writes (which moto 5 does enforce, and tests/shared
 tests/worker check there too) against a real MinIO.
 
 Needs a Docker engine: skipped, with the reason, where `docker info` fails (the dev machine and CI
-have no engine; CI runs the same path against moto's S3 server in tests/test_e2e.py). Run it with
+have no engine; CI runs the same path against SeaweedFS in tests/test_e2e.py, and checks expiry
+and conditional writes there too, in tests/shared/test_storage.py). Run it with
 `make compose-test`. It builds the images (minutes the first time), brings up its own project
 (`ldmq-e2e-<random>`, free host ports, nothing shared with a `make compose-up` stack) and always
 removes it and its volumes at the end.

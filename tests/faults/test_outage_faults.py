@@ -1,6 +1,7 @@
 """Dependencies go away: PostgreSQL (a private server of this test, stopped and started) and the S3
-server (a dedicated moto server, stopped and started). The API answers 503 with Retry-After, never
-500; work resumes when they are back; a long storage outage fails the job with a clear error."""
+server (a dedicated SeaweedFS, killed and started again on the same ports and data). The API
+answers 503 with Retry-After, never 500; work resumes when they are back; a long storage outage
+fails the job with a clear error."""
 
 from __future__ import annotations
 
@@ -143,45 +144,29 @@ def test_9_postgres_down_api_answers_503_then_work_resumes(settings, private_pg,
 
 
 # ------------------------------------------------------------------------------------------------
-# A dedicated S3 server that the test stops and starts (moto keeps its state in this process).
+# A dedicated S3 server that the test takes away and brings back: SeaweedFS (tests/s3server.py)
+# accepting the suite's credentials. kill() SIGKILLs what serves S3 (connections refused at once);
+# start() brings it back on the same ports and data folder in ~2.5 s, everything stored still there.
 # ------------------------------------------------------------------------------------------------
 
-class StoppableS3:
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-
 @pytest.fixture
-def stoppable_s3():
-    s3 = StoppableS3()
-    s3.start()
+def stoppable_s3(s3, tmp_path):
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path / "s3", access_key=s3.access_key, secret_key=s3.secret_key)
     try:
-        yield s3
+        server.start()
+        yield server
     finally:
-        s3.stop()
+        server.close()
 
 
 def test_10_s3_down_briefly_is_retried_down_long_fails_the_job_clearly(settings, stoppable_s3, tiny_pipeline_dir,
                                                                       tmp_path):
-    import boto3
-
     bucket = f"ldmq-outage-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=stoppable_s3.url, region_name="us-east-1").create_bucket(Bucket=bucket)
-    budget = 6
-    s10 = settings.model_copy(update={"s3_endpoint_url": stoppable_s3.url, "storage_url": f"s3://{bucket}/t",
+    stoppable_s3.client().create_bucket(Bucket=bucket)
+    budget = 10  # seconds of retries; a restart of the S3 side takes ~2.5 s of them
+    s10 = settings.model_copy(update={"s3_endpoint_url": stoppable_s3.endpoint, "storage_url": f"s3://{bucket}/t",
                                       "storage_retry_s": budget})
     key, model_id = seed(s10, tiny_pipeline_dir)
     st = FaultStack(s10, tmp_path, key, model_id)
@@ -191,17 +176,17 @@ def test_10_s3_down_briefly_is_retried_down_long_fails_the_job_clearly(settings,
         # Down for a while: retried with backoff, the job carries on.
         job_id = st.submit_sample(60, steps=8)
         st.wait_status(job_id, lambda j: j.outputs_count >= 2, 60, "outputs")
-        stoppable_s3.stop()
+        stoppable_s3.kill()
         try:
             wait_until(lambda: "retry 3 in" in w.output(), 30, "the worker to retry its uploads")
         finally:
-            stoppable_s3.start()
+            stoppable_s3.start()  # ~2.5 s: well within the worker's retry budget
         job = st.wait_final(job_id, 90)
         assert job.status == "succeeded", job.error
         st.assert_outputs_exactly_once(job_id, 60)
 
         # Down for long: the job fails with a clear error once the retry budget is spent.
-        stoppable_s3.stop()
+        stoppable_s3.kill()
         try:
             t0 = time.monotonic()
             failing = st.submit_sample(2, steps=2)
