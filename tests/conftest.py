@@ -343,3 +343,13 @@ def one_torch_thread():
 @pytest.fixture(name="wait_until")
 def wait_until_fixture():
     return wait_until
+
+
+def put_dir(s3_endpoint: str, bucket: str, prefix: str, local: Path) -> None:
+    """Upload a local folder under ``prefix`` with a plain boto3 client (as an operator would)."""
+    import boto3
+
+    c = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for p in local.rglob("*"):
+        if p.is_file():
+            c.put_object(Bucket=bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=p.read_bytes())

@@ -4,17 +4,12 @@ import pickle
 
 import boto3
 
+from tests.conftest import put_dir
+
 
 def auth(key):
     return {"Authorization": f"Bearer {key}"}
 
-
-def put_dir(s3_endpoint, bucket, prefix, local):
-    c = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    for p in local.rglob("*"):
-        if p.is_file():
-            c.put_object(Bucket=bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=p.read_bytes())
-    return c
 
 
 def test_import_from_s3(client, settings, s3_endpoint, s3_bucket, tiny_pipeline_dir, make_tenant):

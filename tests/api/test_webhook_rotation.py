@@ -3,52 +3,28 @@ period, only the new one after it."""
 
 from __future__ import annotations
 
-import http.server
-import threading
 from datetime import timedelta
 
 from shared.db import session_scope
 from shared.models import Tenant, utcnow
 from shared.processes.webhook_sender import WebhookSettings, deliver_once
 from shared.webhooks import verify_signature
+from tests.receivers import Receiver
 
 
 def auth(key):
     return {"Authorization": f"Bearer {key}"}
 
 
-class Receiver:
-    def __init__(self):
-        self.got: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.got.append((dict(self.headers), body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def deliver_one(client, settings, key, model_id, rx) -> tuple[dict, bytes]:
     r = client.post("/v1/jobs/sample", headers=auth(key), json={
-        "model": model_id, "prompts": [{"prompt": "a"}], "webhook": {"url": rx.url, "events": ["canceled"]}})
+        "model": model_id, "prompts": [{"prompt": "a"}], "webhook": {"url": rx.url + "/hook", "events": ["canceled"]}})
     client.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth(key))
     before = len(rx.got)
     deliver_once(settings, WebhookSettings(settle_s=0, block_private=False, timeout_s=5, lease_s=30))
     assert len(rx.got) == before + 1
-    return rx.got[-1]
+    _, headers, body = rx.got[-1]
+    return headers, body
 
 
 def test_rotation_keeps_the_old_secret_valid_for_the_grace_period(client, settings, tiny_model):

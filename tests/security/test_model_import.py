@@ -13,17 +13,12 @@ import boto3
 import pytest
 
 from shared.storage import FileStorage, ObjectTooLarge, Storage, UnsafeKey, get_storage
+from tests.conftest import put_dir
 
 
 def auth(key):
     return {"Authorization": f"Bearer {key}"}
 
-
-def put_dir(s3_endpoint, bucket, prefix, local):
-    c = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    for p in local.rglob("*"):
-        if p.is_file():
-            c.put_object(Bucket=bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=p.read_bytes())
 
 
 def stored_models(settings, tenant_id) -> list[str]:

@@ -4,45 +4,14 @@ and its records never hold what a receiver answered."""
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import pytest
 
 from shared.processes.webhook_sender import WebhookSettings, deliver_once
+from tests.receivers import Receiver as Server
 
 
 def auth(key):
     return {"Authorization": f"Bearer {key}"}
-
-
-class Server:
-    """A loopback HTTP server answering every POST with ``status``, ``body`` and ``headers``."""
-
-    def __init__(self, status=200, body=b"", headers=None):
-        self.hits: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.hits.append(self.path)
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def ws(**kw) -> WebhookSettings:
@@ -71,7 +40,7 @@ def test_the_default_refuses_loopback(client, settings, tiny_model):
     try:
         job_id = submit_with_webhook(client, key, model_id, srv.url + "/hook")
         deliver_once(settings, ws())
-        assert srv.hits == []
+        assert srv.paths == []
     finally:
         srv.close()
     d = delivery(client, key, job_id)
@@ -103,7 +72,7 @@ def test_a_redirect_is_not_followed(client, settings, tiny_model):
     try:
         job_id = submit_with_webhook(client, key, model_id, redirector.url + "/hook")
         deliver_once(settings, ws(block_private=False))
-        assert redirector.hits == ["/hook"] and target.hits == []
+        assert redirector.paths == ["/hook"] and target.paths == []
     finally:
         target.close()
         redirector.close()
