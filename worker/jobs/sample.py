@@ -188,11 +188,24 @@ def _auto_size(pipe, model: Model, lead: JobWork, scheduler: str, embeddings: Em
     return auto_batch_size(device, (model.id, width, height, streams), probe, streams=streams)
 
 
-def run_sample(settings: Settings, run: Run) -> dict:
-    """Make every image of the job (and of the jobs packed into its batches) not made yet."""
-    lead, model = load_work(settings, run)
-    if model is None:
-        raise JobError("model_not_found", f"model {lead.job.params.get('model')!r} no longer exists")
+@dataclass
+class _Setup:
+    """How a run makes its images: the pipeline on its device, the size, the sampler, the fixed
+    batch, the model streams, and what every PNG of the run records (``common``)."""
+
+    pipe: object
+    device: str
+    width: int
+    height: int
+    scheduler: str
+    size: int
+    n_streams: int
+    threads: int
+    embeddings: EmbeddingCache
+    common: dict
+
+
+def _set_up(settings: Settings, lead: JobWork, model: Model) -> _Setup:
     device = resolve_device(settings.worker_device)
     pipe = load_pipeline(settings, model, device)
     scale = pipe.vae_scale_factor
@@ -204,20 +217,43 @@ def run_sample(settings: Settings, run: Run) -> dict:
     common = run_params(settings, model, scheduler=scheduler, pipe=pipe, device=device)  # what every PNG records
     size = batch_size_for(settings, model) or _auto_size(pipe, model, lead, scheduler, embeddings, device=device,
                                                         width=width, height=height, streams=n_streams)
+    return _Setup(pipe, device, width, height, scheduler, size, n_streams, threads, embeddings, common)
 
+
+def run_sample(settings: Settings, run: Run) -> dict:
+    """Make every image of the job (and of the jobs packed into its batches) not made yet."""
+    lead, model = load_work(settings, run)
+    if model is None:
+        raise JobError("model_not_found", f"model {lead.job.params.get('model')!r} no longer exists")
+    setup = _set_up(settings, lead, model)
     works = [lead] + claim_companions(settings, lead, settings.cobatch_max_items - len(lead.items))
     log.info("job %s: %d images to make (%d done before), batch %d, %d stream(s) of %d thread(s)", lead.job.id,
-             sum(len(w.items) for w in works), lead.made, size, n_streams, threads)
+             sum(len(w.items) for w in works), lead.made, setup.size, setup.n_streams, setup.threads)
     stopped: set[int] = set()  # packed jobs that left the run (canceled, lease lost)
-    streams = ModelStreams(pipe, scheduler, n_streams, threads)
-    writer = run.output_writer()
+    n_batches = _make_images(run, works, setup, stopped)
+    write_manifest(settings, lead.tenant_id, lead.job.id, setup.common)
+    for i, w in enumerate(works[1:], start=1):
+        if i in stopped:
+            continue
 
-    def packed():
-        return [w for i, w in enumerate(works[1:], start=1) if i not in stopped]
+        def finish(r, w=w):
+            write_manifest(settings, w.tenant_id, w.job.id, setup.common)
+            r.succeed({"model_id": w.job.model_id})
+        _end_companion(w, finish)
+    return {"model_id": model.id, "batches": n_batches, "streams": setup.n_streams,
+            "packed_jobs": [w.job.id for w in works[1:]]}
+
+
+def _make_images(run: Run, works: list[JobWork], setup: _Setup, stopped: set[int]) -> int:
+    """Compute the works' items in fixed batches on the model streams and hand each batch to the
+    output writer; a packed job whose run stops leaves (``stopped``), the run itself raises. On the
+    way out by an error, the packed jobs still in are released. Returns the number of batches."""
+    streams = ModelStreams(setup.pipe, setup.scheduler, setup.n_streams, setup.threads)
+    writer = run.output_writer()
 
     def dispatch():
         """The batches to compute, each checked against the run (and its packed jobs) as it goes out."""
-        for batch in batches([it for w in works for it in w.items], size):
+        for batch in batches([it for w in works for it in w.items], setup.size):
             run.check()
             for i, w in enumerate(works[1:], start=1):  # a packed job that was canceled or lost leaves
                 if i not in stopped:
@@ -241,15 +277,15 @@ def run_sample(settings: Settings, run: Run) -> dict:
             streams.check()
             run.check()
 
-        arrays = generate(view, batch, batch_size=size, width=width, height=height, device=device,
-                          embeddings=embeddings, on_step=on_step)
+        arrays = generate(view, batch, batch_size=setup.size, width=setup.width, height=setup.height,
+                          device=setup.device, embeddings=setup.embeddings, on_step=on_step)
         run.images_made(len(batch), time.perf_counter() - clock["batch"])
         return arrays
 
     n_batches = 0
     try:
         for batch, arrays in streams.imap(compute, dispatch()):
-            run.device_memory(device)
+            run.device_memory(setup.device)
             n_batches += 1
             for i, w in enumerate(works):
                 mine = [k for k, it in enumerate(batch) if it.work == i]
@@ -258,22 +294,16 @@ def run_sample(settings: Settings, run: Run) -> dict:
                     writer.submit(job_id=w.job.id, attempt=w.run.attempt, tenant_id=w.tenant_id, lead=i == 0,
                                   made=w.made, total=w.total, arrays=arrays[mine],
                                   meta=[(batch[k].row, batch[k].index, batch[k].seed) for k in mine],
-                                  text=[png_text(image_params(common, w.job.id, batch[k], width, height))
-                                        for k in mine])
+                                  text=[png_text(image_params(setup.common, w.job.id, batch[k], setup.width,
+                                                              setup.height)) for k in mine])
         writer.drain()
     except BaseException:
         streams.close()  # first: batches still computing stop at their next step
         writer.close()  # batches still being written finish, fenced; nobody waits for them
-        for w in packed():
-            _end_companion(w, lambda r: r.release("the run they were packed into stopped"))
+        for i, w in enumerate(works[1:], start=1):
+            if i not in stopped:
+                _end_companion(w, lambda r: r.release("the run they were packed into stopped"))
         raise
     streams.close()
     writer.close()
-    write_manifest(settings, lead.tenant_id, lead.job.id, common)
-    for w in packed():
-        def finish(r, w=w):
-            write_manifest(settings, w.tenant_id, w.job.id, common)
-            r.succeed({"model_id": w.job.model_id})
-        _end_companion(w, finish)
-    return {"model_id": model.id, "batches": n_batches, "streams": n_streams,
-            "packed_jobs": [w.job.id for w in works[1:]]}
+    return n_batches

@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def run_train(settings: Settings, run: Run) -> dict:
+    """Fetch the job's inputs, train (resuming from the job's checkpoint, if any), register the model."""
     import torch
 
-    from worker.model.data import load_dataset
-    from worker.model.training import TrainHooks, TrainingStopped, train
+    from worker.model.training import TrainingStopped, train
 
     if settings.worker_threads:
         torch.set_num_threads(settings.worker_threads)
@@ -51,45 +51,12 @@ def run_train(settings: Settings, run: Run) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix=f"train-{run.job_id}-", dir=_scratch(settings)))
     try:
-        archive = None
-        if dataset is not None:
-            archive = workdir / Path(dataset.key).name
-            with open(archive, "wb") as f:  # streamed to disk
-                storage.read_into(dataset.key, f)
-        try:
-            data = load_dataset(params.dataset, archive_path=archive, resolution=params.resolution)
-        except ValueError as exc:
-            raise JobError("invalid_dataset", str(exc)) from exc
+        data = _load_data(storage, params, dataset, workdir)
         base_dir = storage.download_dir(base.key, workdir / "base") if base is not None else None
-
         uploader = CheckpointUploader(storage, run, tenant_id, params.keep_checkpoints, workdir / "staging",
                                       saved=[checkpoint_key] if checkpoint_key else [])
-
         device = resolve_device(settings.worker_device)
-
-        def progress(info: dict) -> None:
-            # No run.check() here: should_stop() (next) stops the loop *after* a checkpoint.
-            total = max(1, int(info.get("total_steps") or 1))
-            run.progress(min(1.0, float(info.get("step", 0)) / total), info)
-            run.device_memory(device)
-
-        def should_stop() -> bool:
-            try:
-                run.check()
-            except Exception:
-                return True
-            return False
-
-        def latest_checkpoint() -> Path | None:
-            if not checkpoint_key:
-                return None
-            check_checkpoint_files(storage.list(checkpoint_key.rstrip("/") + "/"), checkpoint_key)
-            log.info("job %s: resuming from %s", run.job_id, checkpoint_key)
-            return storage.download_dir(checkpoint_key, workdir / "resume")
-
-        hooks = TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=uploader.submit,
-                           latest_checkpoint=latest_checkpoint,
-                           step_done=lambda _stage, seconds: run.observe_step(seconds))
+        hooks = _hooks(run, storage, uploader, checkpoint_key, workdir, device)
         try:
             result = train(params, workdir=workdir / "run", dataset=data, base_model_dir=base_dir, hooks=hooks,
                            device=device)
@@ -103,22 +70,70 @@ def run_train(settings: Settings, run: Run) -> dict:
             uploader.close()
         uploader.wait()
         run.check()
-        with session_scope(settings) as s:
-            model = register_pipeline_dir(
-                s, storage, tenant_id, result.pipeline_dir, name=f"train-{run.job_id[:8]}", job_id=run.job_id,
-                metrics=result.metrics, extra_config={"train_params": params.model_dump(mode="json")},
-            )
-            eval_prefix = f"{job_prefix(tenant_id, run.job_id)}/eval"
-            artifacts = {}
-            for name, path in result.artifacts.items():
-                key = f"{eval_prefix}/{name}"
-                storage.put_file(key, path, content_type="image/png" if name.endswith(".png") else "application/octet-stream")
-                artifacts[name] = key
-            model.metrics = {**(result.metrics or {}), "artifacts": artifacts}
-            model_id = model.id
-        return {"model_id": model_id}
+        return {"model_id": _register(settings, storage, run, tenant_id, params, result)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _load_data(storage, params: TrainParams, dataset: Dataset | None, workdir: Path):
+    """The training images: builtin, or the dataset's archive streamed to disk and decoded."""
+    from worker.model.data import load_dataset
+
+    archive = None
+    if dataset is not None:
+        archive = workdir / Path(dataset.key).name
+        with open(archive, "wb") as f:  # streamed to disk, never whole in memory
+            storage.read_into(dataset.key, f)
+    try:
+        return load_dataset(params.dataset, archive_path=archive, resolution=params.resolution)
+    except ValueError as exc:
+        raise JobError("invalid_dataset", str(exc)) from exc
+
+
+def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str | None, workdir: Path, device: str):
+    """How the training loop reports to the run: progress (fenced), stop checks, checkpoints to
+    storage, the checkpoint to resume from, step timings."""
+    from worker.model.training import TrainHooks
+
+    def progress(info: dict) -> None:
+        # No run.check() here: should_stop() (next) stops the loop *after* a checkpoint.
+        total = max(1, int(info.get("total_steps") or 1))
+        run.progress(min(1.0, float(info.get("step", 0)) / total), info)
+        run.device_memory(device)
+
+    def should_stop() -> bool:
+        try:
+            run.check()
+        except Exception:
+            return True
+        return False
+
+    def latest_checkpoint() -> Path | None:
+        if not checkpoint_key:
+            return None
+        check_checkpoint_files(storage.list(checkpoint_key.rstrip("/") + "/"), checkpoint_key)
+        log.info("job %s: resuming from %s", run.job_id, checkpoint_key)
+        return storage.download_dir(checkpoint_key, workdir / "resume")
+
+    return TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=uploader.submit,
+                      latest_checkpoint=latest_checkpoint, step_done=lambda _stage, seconds: run.observe_step(seconds))
+
+
+def _register(settings: Settings, storage, run: Run, tenant_id: str, params: TrainParams, result) -> str:
+    """Store the trained pipeline as the tenant's model, its evaluation artifacts beside the job."""
+    with session_scope(settings) as s:
+        model = register_pipeline_dir(
+            s, storage, tenant_id, result.pipeline_dir, name=f"train-{run.job_id[:8]}", job_id=run.job_id,
+            metrics=result.metrics, extra_config={"train_params": params.model_dump(mode="json")},
+        )
+        eval_prefix = f"{job_prefix(tenant_id, run.job_id)}/eval"
+        artifacts = {}
+        for name, path in result.artifacts.items():
+            key = f"{eval_prefix}/{name}"
+            storage.put_file(key, path, content_type="image/png" if name.endswith(".png") else "application/octet-stream")
+            artifacts[name] = key
+        model.metrics = {**(result.metrics or {}), "artifacts": artifacts}
+        return model.id
 
 
 class CheckpointUploader:
