@@ -1,4 +1,4 @@
-"""S3 storage (boto3; MinIO, moto or AWS), with bounded retries. boto3 is imported when a client
+"""S3 storage (boto3; AWS, MinIO, SeaweedFS), with bounded retries. boto3 is imported when a client
 is made, not with this module."""
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ CHECKSUM_META = "sha256"
 log = logging.getLogger(__name__)
 
 _RETRY_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
-                "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+                "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+# Not retried: a clock off by more than the server allows stays off; retrying it for the whole
+# budget would end as "unreachable" and hide the cause.
 
 
 def _retryable(exc: Exception) -> bool:
@@ -93,6 +95,9 @@ class S3Storage(Storage):
                 return ObjectNotFound(key)
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return ObjectExists(key)
+            if code == "RequestTimeTooSkewed":
+                return StorageError("object storage refused the request: this machine's clock is off by more than "
+                                    "the server allows (RequestTimeTooSkewed); fix the clock (NTP)")
         return StorageError(f"S3 {type(exc).__name__} on {key!r}: {exc}")
 
     def _call(self, op: str, key: str, fn, *, retry: bool = True):

@@ -362,3 +362,18 @@ def test_s3_list_pages_through_many_keys(s3, s3_bucket, tmp_path):
     assert st.list("l/b/") == ["l/b/one", "l/b/two/three"]
     st.delete("l/b/two/three")
     assert st.list("l/b/") == ["l/b/one"]  # no folder left behind as a key
+
+
+def test_a_skewed_clock_is_not_retried_and_says_so():
+    """RequestTimeTooSkewed is the machine's fault, not the server's: no retry budget spent, and the
+    error names the cause instead of "unreachable"."""
+    from botocore.exceptions import ClientError
+
+    from shared.storage import S3Storage, StorageUnavailable
+    from shared.storage.s3 import _retryable
+
+    exc = ClientError({"Error": {"Code": "RequestTimeTooSkewed", "Message": "skewed"},
+                       "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+    assert not _retryable(exc)
+    err = S3Storage("b", endpoint_url="http://127.0.0.1:9")._wrap(exc, "k")
+    assert not isinstance(err, StorageUnavailable) and "clock" in str(err)
