@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     train_max_steps: int = Field(default=200_000, ge=1, description="autoencoder_steps + steps of one train job")
     train_max_batch_size: int = Field(default=512, ge=1)
     train_max_resolution: int = Field(default=512, ge=8)
-    train_min_checkpoint_every: int = Field(default=50, ge=1, description=(
-        "The most often a job may checkpoint (each checkpoint is an upload and, by default, an evaluation)."))
+    train_max_checkpoints: int = Field(default=200, ge=1, description=(
+        "The most checkpoints one job may write: (autoencoder + U-Net steps) / checkpoint_every (each is an "
+        "upload and, by default, an evaluation)."))
     train_max_eval_samples: int = Field(default=1000, ge=10)
     train_max_keep_checkpoints: int = Field(default=10, ge=1)
     sample_time_limit_s: int = Field(default=6 * 3600, ge=1, description="Soft limit: the run is asked to stop.")

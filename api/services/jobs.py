@@ -342,9 +342,10 @@ def check_train_bounds(settings: Settings, params: TrainParams) -> None:
     ) if v > b]
     details = [{"field": f, "message": f"{'autoencoder_steps + steps' if f == 'steps' else f} is {v}; "
                                        f"this deployment allows at most {b}"} for f, v, b in over]
-    if params.checkpoint_every < settings.train_min_checkpoint_every:
-        details.append({"field": "checkpoint_every", "message": f"checkpoint_every is {params.checkpoint_every}; "
-                        f"this deployment allows at least {settings.train_min_checkpoint_every}"})
+    checkpoints = -(-total // params.checkpoint_every)
+    if checkpoints > settings.train_max_checkpoints:
+        details.append({"field": "checkpoint_every", "message": f"checkpoint_every {params.checkpoint_every} makes "
+                        f"{checkpoints} checkpoints; this deployment allows at most {settings.train_max_checkpoints}"})
     if details:
         raise ApiError(422, "invalid_request", "the train job is over this deployment's limits", details)
 
