@@ -46,10 +46,10 @@ class ObjectTooLarge(StorageError):
 class StorageUnavailable(StorageError):
     """The backend did not answer (connection refused, timeouts, 5xx) for the whole retry budget."""
 
-    def __init__(self, message: str, retry_s: float | None = None):
+    def __init__(self, message: str, retry_s: float | None = None, public: str | None = None):
         super().__init__(message)
         budget = f" after {retry_s:.0f} s of retries" if retry_s is not None else ""
-        self.public = f"object storage unreachable{budget}"
+        self.public = public or f"object storage unreachable{budget}"
 
 
 def sha256_hex(data: bytes) -> str:

@@ -77,6 +77,8 @@ def test_storage_unreachable_is_raised_as_storage_unavailable(client, settings, 
     with pytest.raises(StorageUnavailable) as err:
         writer.drain()
     assert classify(err.value).error["code"] == "storage_unavailable"
+    # The tenant reads what it would have read had the work been done in-process: the retry budget.
+    assert "unreachable after 0 s of retries" in classify(err.value).error["message"]
     # The writer goes on serving runs after a failed one.
     writer = OutputWriter(settings)
     submit(writer, job_id, attempt, tenant_id, [1], images(1))

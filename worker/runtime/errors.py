@@ -79,14 +79,18 @@ def error_kind(exc: BaseException) -> str:
     return "internal"
 
 
-def raise_kind(kind: str, message: str, job_id: str):
-    """Raise again, in this process, an error another process reported as ``(kind, message)``."""
+def raise_kind(kind: str, message: str, public: str | None, job_id: str):
+    """Raise again, in this process, an error another process reported as ``(kind, message,
+    public)`` (``public``: a storage error's text for the tenant)."""
     if kind == "lease_lost":
         raise LeaseLost(job_id)
     if kind == "storage_unavailable":
-        raise StorageUnavailable(message)
+        raise StorageUnavailable(message, public=public)
     if kind == "storage_error":
-        raise StorageError(message)
+        exc = StorageError(message)
+        if public:
+            exc.public = public
+        raise exc
     if kind == "db_unreachable":
         raise DatabaseUnreachable(message)
     raise RuntimeError(f"writing outputs failed: {message}")

@@ -153,7 +153,10 @@ def _writer_main(batches, results, parent_pid: int) -> None:
             kind = error_kind(exc)
             if kind == "internal":
                 log.exception("job %s: writing outputs failed", b.job_id)
-            error = (kind, f"{type(exc).__name__}: {exc}" if kind == "internal" else str(exc))
+            # The full text for the executor's log, and what a tenant may read (a storage error's
+            # ``public``) so the job's error is the same as if the work had been done in-process.
+            error = (kind, f"{type(exc).__name__}: {exc}" if kind == "internal" else str(exc),
+                     getattr(exc, "public", None))
         try:
             results.send((seq, error))
         except (EOFError, OSError):
@@ -193,7 +196,7 @@ class _Process:
         return self.seq
 
     def wait(self, seq: int) -> tuple | None:
-        """The answer for batch ``seq``: None, or (kind, message) of its failure."""
+        """The answer for batch ``seq``: None, or (kind, message, public text) of its failure."""
         while seq not in self.answers:
             try:
                 got, error = self.results.recv()
