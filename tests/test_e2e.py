@@ -45,7 +45,7 @@ def test_csv_over_http_to_pngs_in_s3(stack, tiny_pipeline_dir, wait_until):
         img = Image.open(io.BytesIO(body.content))
         img.verify()
         assert img.format == "PNG" and img.size == (o["width"], o["height"]) == (32, 32)
-        digests[(o["row"], o["index"])] = hashlib.sha256(body.content).hexdigest()
+        digests[(o["row"], o["index"])] = pixel_digest(body.content)
     assert len(set(digests.values())) == 6  # different seeds, different images
     manifest = httpx.get(outs["manifest_url"], timeout=30).json()
     assert len(manifest["outputs"]) == 6
@@ -61,4 +61,10 @@ def test_csv_over_http_to_pngs_in_s3(stack, tiny_pipeline_dir, wait_until):
     job_id = r.json()["id"]
     assert wait_until(finished, 180, "the second job")["status"] == "succeeded"
     o2 = api.get(f"/v1/jobs/{job_id}/outputs").json()["items"][0]
-    assert hashlib.sha256(httpx.get(o2["url"]).content).hexdigest() == digests[(3, 1)]
+    # Compared as pixels: each PNG's text chunks name its own job, row and index.
+    assert pixel_digest(httpx.get(o2["url"]).content) == digests[(3, 1)]
+
+
+def pixel_digest(png: bytes) -> str:
+    """SHA-256 of a PNG's decoded pixels (not of its bytes, which carry per-job text chunks)."""
+    return hashlib.sha256(Image.open(io.BytesIO(png)).convert("RGB").tobytes()).hexdigest()
