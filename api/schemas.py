@@ -162,6 +162,20 @@ class OutputList(BaseModel):
     manifest_url: str | None
 
 
+class CheckpointOut(BaseModel):
+    step: int = Field(description="Global step (autoencoder + U-Net) the checkpoint was written at.")
+    attempt: int = Field(description="The job attempt that wrote it.")
+    latest: bool = Field(description="The checkpoint a resumed run starts from.")
+    metrics: dict[str, Any] = Field(description="The evaluation stored with it (losses, accuracy, Fréchet, VLB …); "
+                                                "empty when it was not evaluated.")
+    grid_url: str | None = Field(description="Presigned URL of its sample grid (PNG), if any.")
+    loss_curve_url: str | None = Field(description="Presigned URL of the loss curve up to it (PNG), if any.")
+
+
+class CheckpointList(BaseModel):
+    items: list[CheckpointOut]
+
+
 class ModelOut(BaseModel):
     id: str
     name: str

@@ -11,6 +11,7 @@ from api import routing
 from api.errors import ApiError
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import (
+    CheckpointList,
     ErrorBody,
     EventList,
     JobList,
@@ -138,6 +139,13 @@ def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: 
 def list_outputs(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> OutputList:
     items, manifest = svc.list_outputs(session, settings, get_storage(settings), tenant, job_id)
     return OutputList(items=items, manifest_url=manifest)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
+def list_checkpoints(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> CheckpointList:
+    """A train job's stored checkpoints with their evaluation, sample grid and loss curve (empty for
+    a sample job, or before the first checkpoint)."""
+    return CheckpointList(items=svc.list_checkpoints(session, settings, get_storage(settings), tenant, job_id))
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
+import re
 import secrets
 from collections.abc import Callable
 from datetime import datetime
@@ -23,6 +25,7 @@ from api.schemas import (
     JOB_STATUSES,
     JOB_TYPES,
     SEED_MAX,
+    CheckpointOut,
     EventOut,
     JobOut,
     OutputOut,
@@ -52,7 +55,7 @@ from shared.models import (
 from shared.queue import enqueue
 from shared.security import TenantRef
 from shared.settings import Settings
-from shared.storage import Storage, manifest_key
+from shared.storage import ObjectNotFound, ObjectTooLarge, Storage, checkpoint_prefix, job_prefix, manifest_key
 from shared.train_schema import TrainParams
 
 
@@ -431,6 +434,47 @@ def list_outputs(session: Session, settings: Settings, storage: Storage, tenant:
     if job.type == JobType.sample.value and job.status == JobStatus.succeeded.value:
         manifest = storage.presigned_url(manifest_key(tenant.id, job.id), settings.presign_expiry_s)
     return items, manifest
+
+
+CHECKPOINT_DIR = re.compile(r"/checkpoints/step-(\d+)-a(\d+)/([^/]+)$")
+METRICS_MAX_BYTES = 1 << 20
+
+
+def list_checkpoints(session: Session, settings: Settings, storage: Storage, tenant: TenantRef, job_id: str
+                     ) -> list[CheckpointOut]:
+    """A train job's stored checkpoints (the last ``keep_checkpoints``), oldest first, each with the
+    evaluation stored beside it and presigned links to its sample grid and loss curve."""
+    job = get_job(session, tenant, job_id)
+    if job.type != JobType.train.value:
+        return []
+    found: dict[tuple[int, int], set[str]] = {}
+    for key in storage.list(f"{job_prefix(tenant.id, job.id)}/checkpoints/"):
+        m = CHECKPOINT_DIR.search(key)
+        if m:
+            found.setdefault((int(m.group(1)), int(m.group(2))), set()).add(m.group(3))
+    latest = (job.checkpoint_key or "").rstrip("/")
+    items = []
+    for (step, attempt), names in sorted(found.items()):
+        prefix = f"{checkpoint_prefix(tenant.id, job.id, step)}-a{attempt}"
+
+        def url(name: str) -> str | None:
+            return storage.presigned_url(f"{prefix}/{name}", settings.presign_expiry_s) if name in names else None
+
+        items.append(CheckpointOut(step=step, attempt=attempt, latest=prefix == latest,
+                                   metrics=_small_json(storage, f"{prefix}/metrics.json") if "metrics.json" in names else {},
+                                   grid_url=url("samples.png"), loss_curve_url=url("loss_curve.png")))
+    return items
+
+
+def _small_json(storage: Storage, key: str) -> dict:
+    """A small JSON object written by the worker; anything else (too big, not an object) is left out."""
+    buf = io.BytesIO()
+    try:
+        storage.read_into(key, buf, max_bytes=METRICS_MAX_BYTES)
+        value = json.loads(buf.getvalue())
+    except (ObjectTooLarge, ObjectNotFound, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def parse_event_types(types: str | None) -> list[str] | None:
