@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.catalog import DEFAULT_SCHEDULER, SchedulerName
+from shared.catalog import DEFAULT_SCHEDULER, PRIORITY_HELP, PRIORITY_MAX, PRIORITY_MIN, SchedulerName
 from shared.models import JobStatus, JobType
 from shared.train_schema import TrainParams
 from shared.webhooks import DEFAULT_WEBHOOK_EVENTS, SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_EVENTS, check_url
@@ -88,17 +88,19 @@ class SampleRequest(Strict):
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     max_attempts: int | None = Field(default=None, ge=1, le=10)
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description=PRIORITY_HELP)
     webhook: WebhookSpec | None = None
 
 
 class TrainRequest(TrainParams):
-    """The body of ``POST /v1/jobs/train``: the training parameters plus an optional webhook.
-    The webhook is kept beside the job, not in its params (the worker reads those as TrainParams)."""
+    """The body of ``POST /v1/jobs/train``: the training parameters plus an optional webhook and
+    priority. Both are kept beside the job, not in its params (the worker reads those as TrainParams)."""
 
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description=PRIORITY_HELP)
     webhook: WebhookSpec | None = None
 
     def train_params(self) -> TrainParams:
-        return TrainParams.model_validate(self.model_dump(exclude={"webhook"}))
+        return TrainParams.model_validate(self.model_dump(exclude={"webhook", "priority"}))
 
 
 class SampleEstimate(BaseModel):
@@ -138,6 +140,7 @@ class JobOut(BaseModel):
     attempts: int
     progress_detail: dict[str, Any] = Field(default_factory=dict)
     total_items: int = 0
+    priority: int = 0
     webhook: WebhookSpec | None = None
 
 

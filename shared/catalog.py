@@ -17,3 +17,7 @@ DEFAULT_SCHEDULER: SchedulerName = "dpm-solver++"
 
 # Datasets that ship with the worker (no upload): scikit-learn's 1,797 handwritten 8×8 digits.
 BUILTIN_DATASETS: tuple[str, ...] = ("builtin:digits",)
+
+# Job priority (spec 1.1 "Scheduling"): within one tenant higher runs first, FIFO among equals.
+PRIORITY_MIN, PRIORITY_MAX = -10, 10
+PRIORITY_HELP = f"{PRIORITY_MIN}..{PRIORITY_MAX}: within the tenant, higher runs first (FIFO among equals)"

@@ -103,6 +103,14 @@ class Tenant(Base):
     webhook_secret_previous_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    # Scheduling, set by the operator (``ldmq tenants set``): a share of the fleet by ``weight``
+    # (weighted fair share over recent usage), and quotas; None means unlimited.
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    max_running: Mapped[int | None] = mapped_column(Integer)
+    max_queued_images: Mapped[int | None] = mapped_column(Integer)
+    rate_per_s: Mapped[float | None] = mapped_column(Float)
+    rate_burst: Mapped[int | None] = mapped_column(Integer)
+
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
 
@@ -133,6 +141,8 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     type: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
+    # −10..10: within one tenant, higher runs first (FIFO among equals, with aging).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))

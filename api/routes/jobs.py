@@ -24,7 +24,7 @@ from api.schemas import (
 )
 from api.services import deletion
 from api.services import jobs as svc
-from shared.catalog import SCHEDULERS
+from shared.catalog import PRIORITY_HELP, SCHEDULERS
 from shared.models import EVENT_TYPES
 from shared.storage import get_storage
 from shared.webhooks import WEBHOOK_EVENTS
@@ -77,14 +77,15 @@ async def create_sample_job_csv(
     scheduler: Annotated[str | None, Form(description=f"one of {', '.join(SCHEDULERS)}")] = None,
     steps: Annotated[str | None, Form()] = None,
     guidance_scale: Annotated[str | None, Form()] = None,
+    priority: Annotated[str | None, Form(description=PRIORITY_HELP)] = None,
     webhook_url: Annotated[str | None, Form(description="POST the job's events here (signed; see GET /v1/webhooks/secret)")] = None,
     webhook_events: Annotated[str | None, Form(description=f"comma-separated subset of {', '.join(WEBHOOK_EVENTS)}")] = None,
     idempotency_key: IdemKey = None,
     dry_run: DryRun = False,
 ) -> JobOut | SampleEstimate:
     form = {"model": model, "scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale,
-            "webhook_url": webhook_url, "webhook_events": webhook_events}
-    # FastAPI drops form fields it has no parameter for; a typo (``priority=…``, ``step=…``) must
+            "priority": priority, "webhook_url": webhook_url, "webhook_events": webhook_events}
+    # FastAPI drops form fields it has no parameter for; a typo (``prority=…``, ``step=…``) must
     # not be silently ignored, as unknown JSON fields are not.
     unknown = sorted(set((await request.form()).keys()) - set(form) - {"file"})
     if unknown:

@@ -77,7 +77,8 @@ def job_out(job: Job, hook: JobWebhook | None | bool = True) -> JobOut:
         id=job.id, type=job.type, status=job.status, progress=job.progress, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, error=job.error, params=job.params,
         model_id=job.model_id, outputs_count=job.outputs_count, attempts=job.attempts,
-        progress_detail=job.progress_detail or {}, total_items=job.total_items, webhook=_webhook_spec(hook),
+        progress_detail=job.progress_detail or {}, total_items=job.total_items, priority=job.priority or 0,
+        webhook=_webhook_spec(hook),
     )
 
 
@@ -228,10 +229,10 @@ def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, r
     digest = digest or request_hash("sample", req.model_dump(mode="json"))
 
     def build() -> Job:
-        params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook"})
+        params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook", "priority"})
         params["num_rows"] = len(req.prompts)
         job = Job(type=JobType.sample.value, status=JobStatus.queued.value, params=params, model_id=model.id,
-                  total_items=total, max_attempts=req.max_attempts)
+                  total_items=total, max_attempts=req.max_attempts, priority=req.priority)
         job.rows = [_row(i, p) for i, p in enumerate(req.prompts, start=1)]
         return job
 
@@ -242,7 +243,7 @@ def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str
                             ) -> tuple[SampleRequest, str]:
     """A CSV upload and its form fields as a SampleRequest, and the request hash for idempotency.
 
-    Form fields: ``model`` (required), ``scheduler``, ``steps``, ``guidance_scale``, ``webhook_url``,
+    Form fields: ``model`` (required), ``scheduler``, ``steps``, ``guidance_scale``, ``priority``, ``webhook_url``,
     ``webhook_events`` (comma-separated; needs ``webhook_url``). Any problem is a 422.
     """
     limits = CsvLimits(max_rows=settings.csv_max_rows, max_prompt_chars=settings.prompt_max_chars,
@@ -253,7 +254,7 @@ def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str
         raise ApiError(422, "invalid_csv", exc.message, cap_details(exc.details)) from None
     model = form.get("model")
     body: dict[str, Any] = {"model": model, "prompts": [p.model_dump(exclude_none=True) for p in prompts]}
-    for name in ("scheduler", "steps", "guidance_scale"):
+    for name in ("scheduler", "steps", "guidance_scale", "priority"):
         if form.get(name) not in (None, ""):
             body[name] = form[name]
     url, events = (form.get("webhook_url") or "").strip(), (form.get("webhook_events") or "").strip()
@@ -356,6 +357,7 @@ def check_train_bounds(settings: Settings, params: TrainParams) -> None:
 def create_train_job(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest | TrainParams, *,
                      idempotency_key: str | None = None) -> Submitted:
     webhook = req.webhook if isinstance(req, TrainRequest) else None
+    priority = req.priority if isinstance(req, TrainRequest) else 0
     params = req.train_params() if isinstance(req, TrainRequest) else req
     check_train_bounds(settings, params)
     dataset_id = None
@@ -370,10 +372,13 @@ def create_train_job(session: Session, settings: Settings, tenant: TenantRef, re
     body = params.model_dump(mode="json")
     # The webhook is part of the request (so a key reused with another webhook is refused) but not
     # of the params the worker reads.
-    digest = request_hash("train", body if webhook is None else {**body, "webhook": webhook.model_dump(mode="json")})
+    extra: dict[str, Any] = {} if webhook is None else {"webhook": webhook.model_dump(mode="json")}
+    if priority:
+        extra["priority"] = priority
+    digest = request_hash("train", {**body, **extra} if extra else body)
     return _create_once(session, settings, tenant, idempotency_key, digest,
                         lambda: Job(type=JobType.train.value, status=JobStatus.queued.value, params=body,
-                                    dataset_id=dataset_id, total_items=0),
+                                    dataset_id=dataset_id, total_items=0, priority=priority),
                         webhook)
 
 

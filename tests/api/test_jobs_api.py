@@ -281,3 +281,29 @@ def test_ops_routes(client):
     assert "ldmq_jobs" in client.get("/metrics").text
     assert client.get("/openapi.json").json()["paths"]["/v1/jobs/sample/csv"]
     assert client.get("/docs").status_code == 200
+
+
+def test_priority_is_stored_shown_and_bounded(client, settings, tiny_model):
+    tid, key, model_id = tiny_model
+    body = {"model": model_id, "prompts": [{"prompt": "a"}]}
+    r = client.post("/v1/jobs/sample", headers=auth(key), json={**body, "priority": 7})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["priority"] == 7 and "priority" not in job["params"]
+    assert client.post("/v1/jobs/sample", headers=auth(key), json=body).json()["priority"] == 0
+    r = upload(client, key, b"prompt\na\n", model_id, priority="-3")
+    assert r.status_code == 202 and r.json()["priority"] == -3
+    r = client.post("/v1/jobs/train", headers=auth(key), json={"dataset": "builtin:digits", "steps": 2, "priority": 10})
+    assert r.status_code == 202 and r.json()["priority"] == 10 and "priority" not in r.json()["params"]
+    with session_scope(settings) as s:
+        before = s.query(Job).filter_by(tenant_id=tid).count()
+        assert s.get(Job, job["id"]).priority == 7
+    for bad in (11, -11, "high"):
+        r = client.post("/v1/jobs/sample", headers=auth(key), json={**body, "priority": bad})
+        assert r.status_code == 422 and r.json()["error"]["details"][0]["field"].endswith("priority"), r.text
+    r = upload(client, key, b"prompt\na\n", model_id, priority="99")
+    assert r.status_code == 422 and "priority" in json.dumps(r.json())
+    r = client.post("/v1/jobs/train", headers=auth(key), json={"dataset": "builtin:digits", "priority": -20})
+    assert r.status_code == 422
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(tenant_id=tid).count() == before
