@@ -55,11 +55,11 @@ def test_a_header_of_many_columns_is_linear(client, settings, tiny_model):
 def test_an_unknown_form_field_names_the_valid_ones(client, settings, tiny_model):
     _, key, model_id = tiny_model
     before = jobs_of(settings)
-    r = post_csv(client, key, model_id, b"prompt\na\n", priority="10", step="5")
+    r = post_csv(client, key, model_id, b"prompt\na\n", prority="10", step="5")
     assert r.status_code == 422
     err = r.json()["error"]
-    assert "'priority'" in err["message"] and "'step'" in err["message"] and "valid: file, model" in err["message"]
-    assert {d["field"] for d in err["details"]} == {"priority", "step"}
+    assert "'prority'" in err["message"] and "'step'" in err["message"] and "valid: file, model" in err["message"]
+    assert {d["field"] for d in err["details"]} == {"prority", "step"}
     assert jobs_of(settings) == before
 
 
