@@ -12,7 +12,9 @@ route's dependencies, so an anonymous client could make the API read and parse m
 being told its key is bad. :class:`AuthFirst` checks the key of every ``/v1/`` request in ASGI,
 before the body is touched, and hands the tenant on (``scope["state"]["tenant"]``) so the route's
 dependency does not look it up again. A client address that fails too often is answered 429 with
-``Retry-After`` (:class:`FailureThrottle`, a token bucket per address) until it regains attempts.
+``Retry-After`` (:class:`FailureThrottle`, a token bucket per address) until it regains attempts,
+and a tenant over its request rate is answered 429 ``rate_limited`` (:class:`TenantRate`). Both
+buckets are shared by every API process through Redis (api.ratelimit).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from collections.abc import Callable
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError, error_response
+from api.ratelimit import Buckets, LocalBuckets, retry_after_header
 from shared.security import TenantRef, hash_key
+from shared.settings import Settings
+from shared.tenants import effective_rate
 
 
 def bearer_token(authorization: str) -> str:
@@ -74,26 +79,37 @@ class KeyCache:
 class FailureThrottle:
     """Failed authentications per client address: a token bucket of ``burst`` tokens refilled at
     ``per_minute``; each failure spends one; an address with none left is refused (429) until the
-    next token. Per API process, bounded to ``max_clients`` addresses (least recent dropped)."""
+    next token. The buckets are ``buckets`` (api.ratelimit: in Redis, so every API process counts
+    an address's failures together; per process without Redis)."""
 
-    def __init__(self, burst: int, per_minute: float, max_clients: int = 50_000, clock=time.monotonic):
-        self.burst, self.rate, self.max_clients, self._clock = burst, per_minute / 60.0, max_clients, clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+    def __init__(self, burst: int, per_minute: float, buckets: Buckets | None = None, clock=time.monotonic):
+        self.burst, self.rate = burst, per_minute / 60.0
+        self.buckets = buckets if buckets is not None else LocalBuckets(clock=clock)
 
-    def _tokens(self, client: str) -> float:
-        tokens, at = self._buckets.get(client, (float(self.burst), self._clock()))
-        return min(float(self.burst), tokens + (self._clock() - at) * self.rate)
-
-    def retry_after(self, client: str) -> float:
+    async def retry_after(self, client: str) -> float:
         """Seconds until ``client`` may try again (0: it may now)."""
-        tokens = self._tokens(client)
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        return await self.buckets.take(f"authfail:{client}", self.rate, self.burst, cost=0)
 
-    def failed(self, client: str) -> None:
-        self._buckets[client] = (self._tokens(client) - 1, self._clock())
-        self._buckets.move_to_end(client)
-        while len(self._buckets) > self.max_clients:
-            self._buckets.popitem(last=False)
+    async def failed(self, client: str) -> None:
+        await self.buckets.take(f"authfail:{client}", self.rate, self.burst)
+
+
+class TenantRate:
+    """Each authenticated ``/v1/`` request spends one token of its tenant's bucket (its
+    ``rate_per_s`` and ``rate_burst``, else the deployment's ``LDMQ_RATE_PER_S`` and
+    ``LDMQ_RATE_BURST``; neither: unlimited). The rate travels with the cached key
+    (:class:`shared.security.TenantRef`), so a change by ``ldmq tenants set`` applies within
+    ``LDMQ_AUTH_CACHE_S``."""
+
+    def __init__(self, settings: Settings, buckets: Buckets):
+        self.settings, self.buckets = settings, buckets
+
+    async def wait(self, tenant: TenantRef) -> float:
+        """0.0 when the request may go on (its token spent), else the seconds until it may."""
+        limit = effective_rate(tenant.rate_per_s, tenant.rate_burst, self.settings)
+        if limit is None:
+            return 0.0
+        return await self.buckets.take(f"tenant:{tenant.id}", *limit)
 
 
 class AuthFirst:
@@ -102,24 +118,26 @@ class AuthFirst:
     lookup that raises (the database is away) is left to the route, whose error handlers answer it."""
 
     def __init__(self, app, cache: KeyCache, throttle: FailureThrottle, lookup: Callable[[str], TenantRef | None],
-                 routes=()):
+                 routes=(), rate: TenantRate | None = None):
         self.app, self.cache, self.throttle, self.lookup, self.routes = app, cache, throttle, lookup, routes
+        self.rate = rate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             return await self.app(scope, receive, send)
         self._note_route(scope)
         client = (scope.get("client") or ("unknown", 0))[0]
-        wait = self.throttle.retry_after(client)
+        wait = await self.throttle.retry_after(client)
         if wait > 0:
             resp = error_response(429, "rate_limited", "too many failed authentications from this address; "
-                                  f"retry in {wait:.0f} s", headers={"Retry-After": str(max(1, round(wait)))})
+                                  f"retry in {retry_after_header(wait)} s",
+                                  headers={"Retry-After": retry_after_header(wait)})
             return await resp(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         try:
             key = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
         except ApiError as exc:
-            self.throttle.failed(client)
+            await self.throttle.failed(client)
             return await error_response(exc.status, exc.code, exc.message, headers=exc.headers)(scope, receive, send)
         tenant = self.cache.get(key)
         if tenant is None:
@@ -128,11 +146,15 @@ class AuthFirst:
             except Exception:
                 return await self.app(scope, receive, send)  # the route's own lookup reports it
             if tenant is None:
-                self.throttle.failed(client)
+                await self.throttle.failed(client)
                 resp = error_response(401, "unauthorized", "invalid or revoked API key",
                                       headers={"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send)
             self.cache.put(key, tenant)
+        if self.rate is not None and (wait := await self.rate.wait(tenant)) > 0:
+            resp = error_response(429, "rate_limited", f"this tenant's request rate is spent; retry in "
+                                  f"{retry_after_header(wait)} s", headers={"Retry-After": retry_after_header(wait)})
+            return await resp(scope, receive, send)
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
 
