@@ -78,6 +78,23 @@ def parse_value(field: str, text: str) -> float | int | None:
     return value
 
 
+def parse_values(texts: dict[str, str]) -> dict[str, float | int | None]:
+    """:func:`parse_value` of each field, then :func:`validate`: every problem together."""
+    values, problems = {}, []
+    for field, text in texts.items():
+        try:
+            values[field] = parse_value(field, text)
+        except InvalidTenantSettings as exc:
+            problems += exc.problems
+    try:
+        validate(values)
+    except InvalidTenantSettings as exc:
+        problems += exc.problems
+    if problems:
+        raise InvalidTenantSettings(problems)
+    return values
+
+
 def validate(changes: dict[str, Any]) -> None:
     """Every problem with ``changes`` (field → value), raised together as InvalidTenantSettings."""
     problems = [f"unknown setting {k!r}; valid: {', '.join(FIELDS)}" for k in changes if k not in FIELDS]

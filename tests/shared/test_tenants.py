@@ -62,3 +62,10 @@ def test_effective_rate_falls_back_to_the_deployment():
     assert tenants.effective_rate(10.0, None, Settings(rate_per_s=1, rate_burst=7)) == (10.0, 7)
     assert tenants.effective_rate(0.1, 5, default) == (0.1, 5)
     assert tenants.effective_rate(0.1, None, none) == (0.1, 1)
+
+
+def test_parse_values_reports_every_problem_at_once():
+    with pytest.raises(InvalidTenantSettings) as exc:
+        tenants.parse_values({"weight": "0", "max_running": "-1", "rate_burst": "x"})
+    assert len(exc.value.problems) == 3
+    assert tenants.parse_values({"weight": "2", "rate_per_s": "0"}) == {"weight": 2.0, "rate_per_s": None}
