@@ -12,7 +12,9 @@ route's dependencies, so an anonymous client could make the API read and parse m
 being told its key is bad. :class:`AuthFirst` checks the key of every ``/v1/`` request in ASGI,
 before the body is touched, and hands the tenant on (``scope["state"]["tenant"]``) so the route's
 dependency does not look it up again. A client address that fails too often is answered 429 with
-``Retry-After`` (:class:`FailureThrottle`, a token bucket per address) until it regains attempts,
+``Retry-After`` (:class:`FailureThrottle`, a token bucket per address) until it regains attempts
+(a key the cache knows as valid is not held back: it is no guess, and skipping the check saves
+every such request a Redis round trip),
 and a tenant over its request rate is answered 429 ``rate_limited`` (:class:`TenantRate`). Both
 buckets are shared by every API process through Redis (api.ratelimit).
 """
@@ -127,36 +129,44 @@ class AuthFirst:
             return await self.app(scope, receive, send)
         self._note_route(scope)
         client = (scope.get("client") or ("unknown", 0))[0]
-        wait = await self.throttle.retry_after(client)
-        if wait > 0:
-            resp = error_response(429, "rate_limited", "too many failed authentications from this address; "
-                                  f"retry in {retry_after_header(wait)} s",
-                                  headers={"Retry-After": retry_after_header(wait)})
-            return await resp(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         try:
             key = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
         except ApiError as exc:
-            await self.throttle.failed(client)
-            return await error_response(exc.status, exc.code, exc.message, headers=exc.headers)(scope, receive, send)
+            return await self._refused(scope, receive, send, client, exc)
+        # A key remembered as valid is no guess: it skips the failure throttle (a Redis round
+        # trip). Anything else is checked against it before the lookup.
         tenant = self.cache.get(key)
         if tenant is None:
+            if (wait := await self.throttle.retry_after(client)) > 0:
+                return await self._too_many(scope, receive, send, wait, "too many failed authentications from "
+                                            "this address")
             try:
                 tenant = await run_in_threadpool(self.lookup, key)
             except Exception:
                 return await self.app(scope, receive, send)  # the route's own lookup reports it
             if tenant is None:
-                await self.throttle.failed(client)
-                resp = error_response(401, "unauthorized", "invalid or revoked API key",
-                                      headers={"WWW-Authenticate": "Bearer"})
-                return await resp(scope, receive, send)
+                exc = ApiError(401, "unauthorized", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+                return await self._refused(scope, receive, send, client, exc, checked=True)
             self.cache.put(key, tenant)
         if self.rate is not None and (wait := await self.rate.wait(tenant)) > 0:
-            resp = error_response(429, "rate_limited", f"this tenant's request rate is spent; retry in "
-                                  f"{retry_after_header(wait)} s", headers={"Retry-After": retry_after_header(wait)})
-            return await resp(scope, receive, send)
+            return await self._too_many(scope, receive, send, wait, "this tenant's request rate is spent")
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
+
+    async def _refused(self, scope, receive, send, client: str, exc: ApiError, checked: bool = False):
+        """A failed authentication: 429 if the address has no attempts left (``checked``: already
+        asked), else counted and answered."""
+        if not checked and (wait := await self.throttle.retry_after(client)) > 0:
+            return await self._too_many(scope, receive, send, wait, "too many failed authentications from this address")
+        await self.throttle.failed(client)
+        return await error_response(exc.status, exc.code, exc.message, headers=exc.headers)(scope, receive, send)
+
+    @staticmethod
+    async def _too_many(scope, receive, send, wait: float, why: str):
+        after = retry_after_header(wait)
+        resp = error_response(429, "rate_limited", f"{why}; retry in {after} s", headers={"Retry-After": after})
+        return await resp(scope, receive, send)
 
     def _note_route(self, scope) -> None:
         """Set the route a refused request was for, as the router would have: request metrics are
