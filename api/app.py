@@ -11,10 +11,11 @@ import anyio.to_thread
 from fastapi import FastAPI, HTTPException
 
 from api import metrics
-from api.auth import AuthFirst, FailureThrottle, KeyCache
+from api.auth import AuthFirst, FailureThrottle, KeyCache, TenantRate
 from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
-from api.routes import dashboard, datasets, jobs, models, ops, webhooks
+from api.ratelimit import make_buckets
+from api.routes import dashboard, datasets, jobs, models, ops, usage, webhooks
 from api.services.jobs import default_seconds_per_step
 from shared.settings import Settings, get_settings
 
@@ -119,12 +120,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     install_error_handlers(app)
-    for r in (jobs.router, models.router, datasets.router, webhooks.router, ops.router, dashboard.router):
+    for r in (jobs.router, models.router, datasets.router, webhooks.router, usage.router, ops.router, dashboard.router):
         app.include_router(r)
 
+    buckets = make_buckets(settings.effective_ratelimit_redis_url)  # shared by every API process
     app.add_middleware(AuthFirst, cache=app.state.key_cache,
-                       throttle=FailureThrottle(settings.auth_failure_burst, settings.auth_failure_per_minute),
-                       lookup=lambda key: lookup_tenant(settings, key), routes=app.router.routes)
+                       throttle=FailureThrottle(settings.auth_failure_burst, settings.auth_failure_per_minute, buckets),
+                       lookup=lambda key: lookup_tenant(settings, key), routes=app.router.routes,
+                       rate=TenantRate(settings, buckets))
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, limits={"/v1/datasets": settings.dataset_max_bytes})
     return app

@@ -103,6 +103,15 @@ class TrainRequest(TrainParams):
         return TrainParams.model_validate(self.model_dump(exclude={"webhook", "priority"}))
 
 
+class QuotaVerdict(BaseModel):
+    """A job's images against the tenant's ``max_queued_images`` (None: no quota)."""
+
+    max_queued_images: int | None
+    images_queued: int = Field(description="The tenant's images queued or in progress, not yet made.")
+    images_requested: int
+    would_exceed: bool
+
+
 class SampleEstimate(BaseModel):
     """The answer of a dry run: the request is valid; nothing was stored or enqueued."""
 
@@ -118,6 +127,34 @@ class SampleEstimate(BaseModel):
     scheduler: str
     steps: int
     guidance_scale: float
+    quota: QuotaVerdict | None = Field(default=None, description=(
+        "Whether the tenant's queued-images quota would refuse this job now (a submit checks again)."))
+
+
+class Quotas(BaseModel):
+    """A tenant's limits as they apply now (None: unlimited)."""
+
+    max_running: int | None
+    max_queued_images: int | None
+    rate_per_s: float | None = Field(description="Requests per second to /v1 (the tenant's own, else the "
+                                                 "deployment's LDMQ_RATE_PER_S).")
+    rate_burst: int | None = Field(description="Requests at once before the rate applies.")
+
+
+class UsageOut(BaseModel):
+    """GET /v1/usage: the caller's tenant, its weight, quotas, queue and recent use."""
+
+    tenant: str
+    weight: float
+    quotas: Quotas
+    jobs_running: int
+    jobs_queued: int
+    images_queued: int = Field(description="Images of queued and running sample jobs not yet made, plus one "
+                                           "per queued or running train job (what max_queued_images bounds).")
+    gpu_seconds_24h: float = Field(description="Wall time of the tenant's runs holding a worker over the last "
+                                               "24 h (co-batched jobs each count their own).")
+    window_s: int
+    as_of: datetime
 
 
 class ImportModelRequest(Strict):

@@ -233,8 +233,38 @@ def _jobs_get(c, args) -> int:
 
 
 def _jobs_list(c, args) -> int:
-    for job in c.list(status=args.status, type=args.type, max_items=args.limit):
+    jobs = c.list(status=args.status, type=args.type, max_items=args.limit)
+    if args.json:
+        _print_json([job.raw for job in jobs])
+        return 0
+    # The tenant's usage and quotas first, on stderr: stdout stays one job a line for scripts.
+    for line in usage_lines(c.usage()):
+        print(line, file=sys.stderr)
+    for job in jobs:
         print(f"{job.id}  {job.type:6}  {job.status:9}  {job.progress * 100:5.1f}%  {job.created_at}")
+    return 0
+
+
+def _limit(value, unit: str = "") -> str:
+    return "unlimited" if value is None else f"{value:g}{unit}"
+
+
+def usage_lines(u: dict) -> list[str]:
+    """``GET /v1/usage`` for a person: three lines."""
+    q = u["quotas"]
+    rate = "unlimited" if q["rate_per_s"] is None else f"{q['rate_per_s']:g}/s, burst {q['rate_burst']}"
+    return [f"tenant {u['tenant']} · weight {u['weight']:g} · GPU-seconds in the last 24 h: {u['gpu_seconds_24h']:.1f}",
+            f"running {u['jobs_running']} job(s) (max {_limit(q['max_running'])}) · queued {u['jobs_queued']} job(s);"
+            f" images queued {u['images_queued']} (max {_limit(q['max_queued_images'])})",
+            f"request rate: {rate}"]
+
+
+def _usage(c, args) -> int:
+    u = c.usage()
+    if args.json:
+        _print_json(u)
+    else:
+        print("\n".join(usage_lines(u)))
     return 0
 
 
@@ -327,10 +357,12 @@ def _add_jobs_parser(sub) -> None:
     p = jsub.add_parser("get", parents=[conn], help="print a job")
     p.add_argument("job_id")
     p.set_defaults(jobs_fn=_jobs_get)
-    p = jsub.add_parser("list", parents=[conn], help="list jobs, newest first")
+    p = jsub.add_parser("list", parents=[conn], help="list jobs, newest first (the tenant's usage and quotas "
+                        "first, on stderr)")
     p.add_argument("--status")
     p.add_argument("--type")
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="the jobs as one JSON list (no usage lines)")
     p.set_defaults(jobs_fn=_jobs_list)
     p = jsub.add_parser("cancel", parents=[conn], help="cancel a job")
     p.add_argument("job_id")
@@ -367,6 +399,100 @@ def cmd_keys_revoke(args) -> int:
         ok = revoke_key(s, prefix)
     print("revoked" if ok else "no such active key")
     return 0 if ok else 1
+
+
+# ---- ldmq tenants: the operator's per-tenant settings, straight in the database ---------------------
+
+TENANT_OPTIONS = {"weight": "weight", "max_running": "max_running", "max_queued_images": "max_queued_images",
+                  "rate": "rate_per_s", "burst": "rate_burst"}  # argparse dest -> shared.tenants field
+
+TENANTS_EPILOG = """examples:
+  ldmq tenants set --tenant acme --weight 2 --max-running 4 --max-queued-images 5000 --rate 20 --burst 40
+  ldmq tenants set --tenant acme --rate none        # back to LDMQ_RATE_PER_S (unset: unlimited)
+  ldmq tenants set --tenant acme --max-queued-images 0   # accept no new work (queued work still runs)
+  ldmq tenants get --tenant acme --json
+  ldmq tenants list
+
+A new rate reaches the API within LDMQ_AUTH_CACHE_S (5 s); quotas apply to the next submit;
+max_running to the next claim. 'none' (or 'unlimited') clears a setting; --rate 0 does too."""
+
+
+def _effective_rate(t) -> tuple[float, int] | None:
+    from shared.tenants import effective_rate
+
+    return effective_rate(t.rate_per_s, t.rate_burst, _settings())
+
+
+def _tenant_rows(items) -> list[str]:
+    """A table of tenants' settings; a rate that is the deployment's default is marked ``*``."""
+    rows = [f"{'tenant':24} {'weight':>7} {'max_running':>11} {'max_queued_images':>17} {'rate/s':>10} {'burst':>6}"]
+    for t in items:
+        eff = _effective_rate(t)
+        rate = _limit(eff[0] if eff else None) + ("*" if eff and t.rate_per_s is None else "")
+        rows.append(f"{t.name[:24]:24} {t.weight:>7g} {_limit(t.max_running):>11} {_limit(t.max_queued_images):>17} "
+                    f"{rate:>10} {_limit(eff[1] if eff else None):>6}")
+    if any(t.rate_per_s is None for t in items) and _settings().rate_per_s is not None:
+        rows.append("* the deployment's default (LDMQ_RATE_PER_S)")
+    return rows
+
+
+def cmd_tenants(args) -> int:
+    from shared.db import session_scope
+    from shared.registry import TenantNotFound
+    from shared.tenants import (InvalidTenantSettings, get_tenant_settings, list_tenant_settings, parse_values,
+                                set_tenant_settings)
+
+    try:
+        with session_scope(_settings()) as session:
+            if args.tenants_cmd == "list":
+                items = list_tenant_settings(session)
+            elif args.tenants_cmd == "get":
+                items = [get_tenant_settings(session, args.tenant)]
+            else:
+                changes = parse_values({field: getattr(args, dest) for dest, field in TENANT_OPTIONS.items()
+                                        if getattr(args, dest) is not None})
+                if not changes:
+                    print(f"error: nothing to set; give one or more of {', '.join('--' + d.replace('_', '-') for d in TENANT_OPTIONS)}",
+                          file=sys.stderr)
+                    return 2
+                items = [set_tenant_settings(session, args.tenant, changes)]
+    except TenantNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except InvalidTenantSettings as exc:
+        print("error: invalid tenant settings:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = [{**t.as_dict(), "effective_rate": dict(zip(("rate_per_s", "rate_burst"), eff)) if eff else None}
+               for t in items for eff in [_effective_rate(t)]]
+        _print_json(out if args.tenants_cmd == "list" else out[0])
+    else:
+        print("\n".join(_tenant_rows(items)))
+    return 0
+
+
+def _add_tenants_parser(sub) -> None:
+    t = sub.add_parser("tenants", help="per-tenant weight, quotas and request rate (operator; the database directly)",
+                       description="Per-tenant scheduling settings, read and written in the database directly "
+                                   "(like `ldmq keys`).", epilog=TENANTS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    tsub = t.add_subparsers(dest="tenants_cmd", required=True)
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="print JSON")
+    ps = tsub.add_parser("set", parents=[out], help="change a tenant's settings (prints them)", epilog=TENANTS_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ps.add_argument("--tenant", required=True, help="the tenant's name (as in `ldmq keys create --tenant`)")
+    ps.add_argument("--weight", help="share of the workers under fair share, > 0 (default 1)")
+    ps.add_argument("--max-running", help="jobs running at once, >= 0, or none")
+    ps.add_argument("--max-queued-images", help="images queued or in progress (a train job counts 1), >= 0, or none")
+    ps.add_argument("--rate", help="requests per second to /v1, > 0; 0 or none: the deployment's LDMQ_RATE_PER_S")
+    ps.add_argument("--burst", help="requests at once before the rate applies, >= 1, or none (one second's worth)")
+    pg = tsub.add_parser("get", parents=[out], help="print a tenant's settings")
+    pg.add_argument("--tenant", required=True)
+    tsub.add_parser("list", parents=[out], help="every tenant's settings")
+    t.set_defaults(fn=cmd_tenants)
 
 
 def cmd_models_import(args) -> int:
@@ -442,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     wh.set_defaults(fn=cmd_webhooks)
 
     _add_jobs_parser(sub)
+    u = sub.add_parser("usage", parents=[_conn_parser()], help="your tenant's usage and quotas (GET /v1/usage)")
+    u.add_argument("--json", action="store_true", help="print the JSON answer")
+    u.set_defaults(fn=cmd_jobs, jobs_fn=_usage)
+    _add_tenants_parser(sub)
 
     k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
     kc = k.add_parser("create", help="create a key (and its tenant); prints the key on the last line")

@@ -36,9 +36,11 @@ PNG_CHUNK = "ldmq"  # the PNG text chunk that holds an image's parameters as JSO
 class ApiError(Exception):
     """A 4xx/5xx answer of the API, from its error envelope."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None):
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
+                 retry_after: float | None = None):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.details = status, code, message, details or []
+        self.retry_after = retry_after  # seconds, from a 429's or 503's Retry-After header
 
     def __str__(self) -> str:
         lines = [f"{self.status} {self.code}: {self.message}"]
@@ -172,11 +174,14 @@ class Client:
     def _request(self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw) -> Any:
         r = self.http.request(method, path, headers={**self._auth, **(headers or {})}, **kw)
         if r.status_code >= 400:
+            retry = r.headers.get("retry-after", "")
+            retry_after = float(retry) if retry.isdigit() else None
             try:
                 err = r.json()["error"]
-                raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"))
+                raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"),
+                               retry_after)
             except (ValueError, KeyError, TypeError):
-                raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase) from None
+                raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase, None, retry_after) from None
         if r.status_code == 204:
             return None
         return r.json()
@@ -249,6 +254,12 @@ class Client:
                                   height=p["height"])
 
     # -- read -----------------------------------------------------------------------------------
+    def usage(self) -> dict[str, Any]:
+        """The caller's tenant: ``weight``, ``quotas`` (max_running, max_queued_images, rate_per_s,
+        rate_burst; None: unlimited), ``jobs_running``, ``jobs_queued``, ``images_queued`` and
+        ``gpu_seconds_24h`` (``GET /v1/usage``)."""
+        return self._request("GET", "/v1/usage")
+
     def model(self, model_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/models/{model_id}")
 

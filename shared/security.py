@@ -37,10 +37,14 @@ def create_key(session: Session, tenant_name: str) -> str:
 @dataclass(frozen=True, slots=True)
 class TenantRef:
     """The caller's tenant as a plain value: no ORM state, so the API can cache it and share it
-    between threads (services read ``id``; whatever else they need they load in their session)."""
+    between threads (services read ``id``; whatever else they need they load in their session).
+    The tenant's own request rate rides along (None: the deployment's default), so the API's
+    per-request rate check needs no query of its own; it is as fresh as the cached key."""
 
     id: str
     name: str
+    rate_per_s: float | None = None
+    rate_burst: int | None = None
 
 
 def authenticate(session: Session, key: str) -> TenantRef | None:
@@ -57,7 +61,7 @@ def authenticate(session: Session, key: str) -> TenantRef | None:
     ok = hmac.compare_digest(expected, hash_key(key))
     if not ok or row is None or row.revoked_at is not None:
         return None
-    return TenantRef(id=tenant.id, name=tenant.name)
+    return TenantRef(id=tenant.id, name=tenant.name, rate_per_s=tenant.rate_per_s, rate_burst=tenant.rate_burst)
 
 
 def revoke_key(session: Session, prefix: str) -> bool:

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
         "Failed authentications a client address may make in a burst before it is answered 429."))
     auth_failure_per_minute: float = Field(default=20.0, gt=0, description=(
         "The rate at which a client address regains failed attempts once the burst is spent."))
+    rate_per_s: float | None = Field(default=None, gt=0, description=(
+        "Requests per second a tenant may make to /v1 (a token bucket shared by every API process), for "
+        "tenants without a rate of their own (`ldmq tenants set --rate`). Unset: unlimited."))
+    rate_burst: int | None = Field(default=None, ge=1, description=(
+        "Requests a tenant may make at once before its rate applies, for tenants without a burst of their "
+        "own. Unset: one second's worth of the rate (at least 1)."))
+    ratelimit_redis_url: str = Field(default="", description=(
+        "The Redis that holds the request-rate buckets (tenants' rates, failed authentications) so every API "
+        "process shares them. Default: the broker's URL when it is a redis:// one; otherwise (the embedded "
+        "default) each API process keeps its own buckets."))
 
     # Jobs and leases (the database is the record of truth; a Celery message is a wake-up call).
     lease_seconds: int = Field(default=60, ge=2)
@@ -144,6 +154,14 @@ class Settings(BaseSettings):
     def broker_folder(self) -> Path:
         """Folder of the file-system transport used when no broker URL is set."""
         return self.var_dir / "broker"
+
+    @property
+    def effective_ratelimit_redis_url(self) -> str | None:
+        """Where the rate buckets live: ``ratelimit_redis_url``, else a Redis broker, else None (per process)."""
+        if self.ratelimit_redis_url:
+            return self.ratelimit_redis_url
+        broker = self.effective_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else None
 
     @property
     def effective_storage_url(self) -> str:

@@ -134,8 +134,15 @@ def s3_bucket(s3):
 
 @pytest.fixture
 def settings(migrated_pg, redis_url, s3_endpoint, s3_bucket, tmp_path):
+    import redis
+
     from shared.settings import Settings
 
+    # The API's rate buckets (api.ratelimit) live in this Redis and outlive an app: each test starts
+    # with full ones, as it did when every app kept its own.
+    r = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(match="ldmq:rl:*", count=1000):
+        r.delete(key)
     return Settings(
         database_url=migrated_pg,
         broker_url=redis_url,

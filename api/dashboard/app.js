@@ -325,10 +325,50 @@ async function submitUpload(dryRun) {
   }
 }
 
+// ---- usage and quotas (GET /v1/usage) ----------------------------------------------------------------
+
+const USAGE_REFRESH_MS = 10000;   // usage moves slowly; every request counts against the tenant's rate
+
+function limitText(value, unit = "") {
+  return value === null || value === undefined ? "unlimited" : `${value}${unit}`;
+}
+
+async function refreshUsage() {
+  if (!state.key) return;
+  let u;
+  try {
+    u = await api("/v1/usage");
+  } catch (_) {
+    return;   // the jobs refresh reports a bad key or an unreachable API on the status line
+  }
+  const q = u.quotas;
+  const rows = [
+    ["tenant", u.tenant, "tenant"],
+    ["weight", u.weight, "weight"],
+    ["running", `${u.jobs_running} job(s) · max ${limitText(q.max_running)}`, "running"],
+    ["queued", `${u.jobs_queued} job(s), ${u.images_queued} image(s) · max ${limitText(q.max_queued_images)} images`, "queued"],
+    ["request rate", q.rate_per_s === null ? "unlimited" : `${q.rate_per_s}/s, burst ${q.rate_burst}`, "rate"],
+    ["GPU-seconds (24 h)", u.gpu_seconds_24h.toFixed(1), "gpu"],
+  ];
+  const dl = $("usage-facts");
+  dl.replaceChildren();
+  for (const [k, v, field] of rows) dl.append(el("dt", {}, k), el("dd", { dataset: { field } }, v));
+  $("usage-panel").hidden = false;
+}
+
+function startUsage() {
+  clearInterval(state.usageTimer);
+  $("usage-panel").hidden = true;
+  if (!state.key) return;
+  refreshUsage();
+  state.usageTimer = setInterval(refreshUsage, USAGE_REFRESH_MS);
+}
+
 // ---- wiring ---------------------------------------------------------------------------------------
 
 function start() {
   clearInterval(state.timer);
+  startUsage();
   if (!state.key) {
     setStatus("enter an API key to start");
     return;

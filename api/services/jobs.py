@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from api.errors import ApiError, cap_details, not_found
+from api.services import quotas
 from api.schemas import (
     JOB_STATUSES,
     JOB_TYPES,
@@ -36,7 +37,7 @@ from api.schemas import (
     WebhookDeliveryOut,
     WebhookSpec,
 )
-from shared import jobstate
+from shared import jobstate, usage
 from shared.catalog import BUILTIN_DATASETS
 from shared.db import after_commit
 from shared.models import (
@@ -136,20 +137,26 @@ def _existing_for_key(session: Session, tenant: TenantRef, key: str, digest: str
 
 
 def _create_once(session: Session, settings: Settings, tenant: TenantRef, idempotency_key: str | None,
-                 digest: str, build: Callable[[], Job], webhook: WebhookSpec | None) -> Submitted:
-    """The one way a job is created (JSON sample, CSV sample, train), with its idempotency.
+                 digest: str, build: Callable[[], Job], webhook: WebhookSpec | None, images: int) -> Submitted:
+    """The one way a job is created (JSON sample, CSV sample, train), with its idempotency and the
+    tenant's queued-images quota.
 
     With an ``Idempotency-Key`` that already names a job of the tenant, that job is the answer (a
     replay; a 422 if the request differs, by ``digest``) and ``build`` is never called. Otherwise
-    the job ``build()`` returns is inserted with its webhook, and enqueued once the transaction
-    commits. Two requests racing with one key: the unique (tenant, key) constraint lets one insert
-    win; the other, inside a savepoint, reads the winner's job instead.
+    the tenant's quota must hold the job's ``images`` (a 429 ``quota_exceeded`` otherwise, nothing
+    stored), and the job ``build()`` returns is inserted with its webhook, and enqueued once the
+    transaction commits. The quota's lock is taken first, so a replay waiting behind its original
+    sees it and is answered as a replay, not refused. Two requests racing with one key: the unique
+    (tenant, key) constraint lets one insert win; the other, inside a savepoint, reads the winner's
+    job instead.
     """
     key = _idempotency_key(idempotency_key)
+    limit = quotas.lock_queued_images(session, tenant)
     if key:
         found = _existing_for_key(session, tenant, key, digest)
         if found is not None:
             return Submitted(found, False)
+    quotas.check_queued_images(session, tenant, limit, images)
     job = build()
     job.idempotency_key = key
     job.request_hash = digest
@@ -236,7 +243,8 @@ def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, r
         job.rows = [_row(i, p) for i, p in enumerate(req.prompts, start=1)]
         return job
 
-    return _create_once(session, settings, tenant, idempotency_key, digest, build, req.webhook)
+    return _create_once(session, settings, tenant, idempotency_key, digest, build, req.webhook,
+                        usage.images_of(JobType.sample.value, total))
 
 
 def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str | None]
@@ -309,7 +317,8 @@ def model_seconds_per_step(model: Model) -> tuple[float, str]:
 
 def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest) -> SampleEstimate:
     """Validate a sample request as a submit would, resolve its model, and estimate its cost,
-    storing and enqueueing nothing.
+    storing and enqueueing nothing; ``quota`` says whether the tenant's queued-images quota would
+    refuse it now (a submit checks again: the queue moves).
 
     The estimate is rough: images × their steps × a per-model seconds-per-step constant. It
     ignores batching, guidance (which doubles the U-Net work when > 1), image size, the scheduler,
@@ -323,7 +332,8 @@ def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req
     return SampleEstimate(model_id=model.id, rows=len(req.prompts), images=images, denoising_steps=steps,
                           seconds_per_step=sps, seconds_per_step_source=source,
                           estimated_gpu_seconds=round(steps * sps, 3), scheduler=req.scheduler,
-                          steps=req.steps, guidance_scale=req.guidance_scale)
+                          steps=req.steps, guidance_scale=req.guidance_scale,
+                          quota=quotas.queued_images_verdict(session, tenant, images))
 
 
 def _row(i: int, p: SamplePrompt) -> JobRow:
@@ -379,7 +389,7 @@ def create_train_job(session: Session, settings: Settings, tenant: TenantRef, re
     return _create_once(session, settings, tenant, idempotency_key, digest,
                         lambda: Job(type=JobType.train.value, status=JobStatus.queued.value, params=body,
                                     dataset_id=dataset_id, total_items=0, priority=priority),
-                        webhook)
+                        webhook, usage.images_of(JobType.train.value, 0))
 
 
 def _encode_cursor(job: Job) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -103,6 +104,7 @@ def test_dashboard_in_a_real_browser(stack, settings, tiny_pipeline_dir, wait_un
     model_id = stack.cli("models", "import", str(tiny_pipeline_dir), "--tenant", "dash", "--name", "tiny").strip().splitlines()[-1]
     with session_scope(settings) as s:
         tenant_id = tenant_by_name(s, "dash").id
+    stack.cli("tenants", "set", "--tenant", "dash", "--weight", "2", "--max-queued-images", "500")
     api = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
     r = api.post("/v1/jobs/sample/csv", data={"model": model_id, "steps": "2", "scheduler": "ddim"},
@@ -131,6 +133,13 @@ def test_dashboard_in_a_real_browser(stack, settings, tiny_pipeline_dir, wait_un
             expect(page.locator("#conn-status")).to_have_text("enter an API key to start")
             page.fill("#api-key", key)
             page.click("#save-key")
+
+            # The tenant's usage and quotas (GET /v1/usage), with what the operator set.
+            expect(page.locator("#usage-panel")).to_be_visible(timeout=15_000)
+            expect(page.locator('#usage-facts dd[data-field="tenant"]')).to_have_text("dash")
+            expect(page.locator('#usage-facts dd[data-field="weight"]')).to_have_text("2")
+            expect(page.locator('#usage-facts dd[data-field="queued"]')).to_contain_text("max 500 images")
+            expect(page.locator('#usage-facts dd[data-field="gpu"]')).to_have_text(re.compile(r"^\d+\.\d$"))
 
             # The finished sample job, and its thumbnails (presigned URLs) loaded by the browser.
             row = page.locator(f'tr[data-job-id="{sample_id}"]')
