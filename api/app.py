@@ -16,6 +16,7 @@ from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
 from api.routes import dashboard, datasets, jobs, models, ops, webhooks
 from api.services.jobs import default_seconds_per_step
+from api.services.stream import StreamSlots
 from shared.settings import Settings, get_settings
 
 
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.auth_cache_s)
+    app.state.stream_slots = StreamSlots(settings.stream_max_per_tenant)
     install_error_handlers(app)
     for r in (jobs.router, models.router, datasets.router, webhooks.router, ops.router, dashboard.router):
         app.include_router(r)
