@@ -165,13 +165,16 @@ STREAM_DOC = {200: {"content": {"text/event-stream": {"schema": {"type": "string
               429: {"model": ErrorBody}}
 
 
-@router.get("/{job_id}/stream", response_class=stream.EventStreamResponse, responses={**ERRORS, **STREAM_DOC})
+@router.get("/{job_id}/stream", status_code=200, response_class=stream.EventStreamResponse,
+            responses={**ERRORS, **STREAM_DOC})
 def stream_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                last_event_id: Annotated[str | None, Query(description="Resume after this event id (the "
                                                                       "Last-Event-ID header wins).")] = None,
+               last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", description=(
+                   "Resume after this event id (what an EventSource sends when it reconnects)."))] = None,
                ) -> stream.EventStreamResponse:
     """A job's events as they happen (server-sent events); resumable with ``Last-Event-ID``."""
-    after_id = stream.last_event_id(request.headers.get("last-event-id"), last_event_id)
+    after_id = stream.last_event_id(last_event_id_header, last_event_id)
     job = svc.get_job(session, tenant, job_id)
     snapshot = svc.job_out(job).model_dump(mode="json")
     slots: stream.StreamSlots = request.app.state.stream_slots
