@@ -179,7 +179,8 @@ def stream_job(job_id: str, request: Request, session: SessionDep, settings: Set
     snapshot = svc.job_out(job).model_dump(mode="json")
     slots: stream.StreamSlots = request.app.state.stream_slots
     slots.acquire(tenant.id)
-    return stream.EventStreamResponse(stream.job_stream(settings, tenant.id, job.id, after_id, snapshot),
+    body = stream.job_stream(settings, tenant.id, job.id, after_id, snapshot, request.app.state.stream_stop)
+    return stream.EventStreamResponse(body,
                                       on_close=lambda: slots.release(tenant.id))
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -104,6 +105,30 @@ class StreamSlots:
             return self._open.get(tenant_id, 0)
 
 
+def close_streams_on_exit_signals(stop: threading.Event) -> None:
+    """Set ``stop`` when this process is asked to exit (SIGTERM, SIGINT), then let the server's
+    own handler run. Why: uvicorn's graceful shutdown waits for every open response to finish, and
+    a stream only ends with its job, so one open stream held ``ldmq api`` past a SIGTERM for
+    ``LDMQ_STREAM_MAX_S`` (30 min; a rollout's pod is killed long before). Streams see ``stop``
+    at their next poll and close without ``end``: their clients resume on another process.
+    Called from the app's lifespan, after uvicorn installed its handlers (which it restores when it
+    exits); only on the main thread, where signal handlers live (not in a test's in-process app)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            stop.set()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:  # nobody handled it: what it would have done
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        signal.signal(sig, handler)
+
+
 class EventStreamResponse(StreamingResponse):
     """A ``text/event-stream`` response that runs ``on_close`` however it ends (finished, client
     gone, cancelled before its first byte): the tenant's stream slot is always given back."""
@@ -152,12 +177,17 @@ def poll(settings: Settings, tenant_id: str, job_id: str, after_id: int, limit: 
 
 
 async def job_stream(settings: Settings, tenant_id: str, job_id: str, after_id: int,
-                     snapshot: dict[str, Any]) -> AsyncIterator[bytes]:
+                     snapshot: dict[str, Any], stop: threading.Event) -> AsyncIterator[bytes]:
     """The body of one stream: ``retry``, the job as it is now (``event: job``, no id), then its
-    events after ``after_id`` as they are written, then ``end`` once the job has ended."""
+    events after ``after_id`` as they are written, then ``end`` once the job has ended. Closed
+    without ``end`` (to be resumed) at the time limit, on a database error, or once ``stop`` is
+    set (the process is exiting)."""
     yield f"retry: {RETRY_MS}\n\n".encode() + sse(snapshot, event="job")
     started = last_sent = time.monotonic()
     while True:
+        if stop.is_set():
+            yield b": the API process is stopping; reconnect with Last-Event-ID\n\n"
+            return
         try:
             found = await anyio.to_thread.run_sync(poll, settings, tenant_id, job_id, after_id)
         except SQLAlchemyError as exc:  # the database is away: the client resumes from its last id

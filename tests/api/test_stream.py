@@ -188,3 +188,26 @@ def test_live_stream_resumes_exactly_across_an_api_restart(stack, settings, make
     listed = httpx.get(f"{stack.url}/v1/jobs/{job_id}/events", headers=auth(key)).json()["items"]
     assert seen == [e["id"] for e in listed[1:]]  # none lost, none repeated, in order
     assert [e["type"] for e in listed[1:]] == ["progress"] * 5 + ["succeeded"]
+
+
+@pytest.mark.slow
+def test_sigterm_closes_open_streams_so_the_api_exits_at_once(stack, settings, make_tenant, wait_until):
+    """uvicorn waits for open responses before it exits, and a stream ends only with its job: the
+    streams close when the process is told to stop (without `end`: the client resumes elsewhere)."""
+    stack.env.update(LDMQ_STREAM_POLL_S="0.2")
+    api = stack.start_api()
+    _, key = make_tenant()
+    job_id = httpx.post(f"{stack.url}/v1/jobs/train", headers=auth(key),
+                        json={"dataset": "builtin:digits", "steps": 5}).json()["id"]
+    with session_scope(settings) as s:
+        jobstate.claim(s, job_id, "w", 60)
+    reader = Reader(stack.url, job_id, key)
+    assert [reader.next_event()["event"] for _ in range(2)] == ["job", "started"]
+    api.signal(signal.SIGTERM)
+    wait_until(lambda: api.p.poll() is not None, 15, "the API to exit with a stream open")
+    rest = list(reader.it)
+    reader.close()
+    # uvicorn ends a graceful shutdown by raising the signal again: the default SIGTERM exit.
+    assert api.p.returncode == -signal.SIGTERM and "Traceback" not in api.output(), api.output()
+    assert {"comment": "the API process is stopping; reconnect with Last-Event-ID"} in rest
+    assert not any(m.get("event") == "end" for m in rest)
