@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -17,6 +18,7 @@ from api.errors import error_response, install_error_handlers
 from api.ratelimit import make_buckets
 from api.routes import dashboard, datasets, jobs, models, ops, usage, webhooks
 from api.services.jobs import default_seconds_per_step
+from api.services.stream import StreamSlots, close_streams_on_exit_signals
 from shared.settings import Settings, get_settings
 
 
@@ -105,6 +107,7 @@ async def _lifespan(app: FastAPI):
     # default) a short stall snowballed into seconds of latency at 100 submits/s.
     anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.settings.api_threads
     app.state.commit_limiter = anyio.CapacityLimiter(app.state.settings.api_threads)
+    close_streams_on_exit_signals(app.state.stream_stop)
     yield
 
 
@@ -119,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.auth_cache_s)
+    app.state.stream_slots = StreamSlots(settings.stream_max_per_tenant)
+    app.state.stream_stop = threading.Event()  # set when the process is asked to exit
     install_error_handlers(app)
     for r in (jobs.router, models.router, datasets.router, webhooks.router, usage.router, ops.router, dashboard.router):
         app.include_router(r)

@@ -141,6 +141,14 @@ class _ProgressBar:
         self.stream = stream or sys.stderr
         self.width = width
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last = ""
+
+    def note(self, text: str) -> None:
+        """A line of its own (a checkpoint's metrics) above the bar, which is drawn again."""
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        if self.tty and self.last:
+            self.stream.write(self.last)
+        self.stream.flush()
 
     def update(self, job) -> None:
         frac = max(0.0, min(1.0, float(job.progress or 0)))
@@ -154,6 +162,9 @@ class _ProgressBar:
             if isinstance(detail.get("loss"), (int, float)):
                 extra += f" loss {detail['loss']:.4f}"
         line = f"{job.id[:8]} [{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% {job.status}{extra}"
+        if line == self.last:
+            return
+        self.last = line
         if self.tty:
             self.stream.write("\r\x1b[K" + line)
             if job.is_final:
@@ -163,12 +174,41 @@ class _ProgressBar:
         self.stream.flush()
 
 
+def _checkpoint_line(job_id: str, data: dict) -> str:
+    metrics = data.get("metrics") or {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step")
+    return f"{job_id[:8]} checkpoint at step {data.get('step', '?')}" + (f": {shown}" if shown else "")
+
+
 def _follow(client, job_id: str, args) -> int:
-    bar = _ProgressBar()
-    job = None
-    for job in client.follow(job_id, interval=args.interval, timeout=args.follow_timeout):
+    """Follow the job's event stream (``Client.stream``, resumed by itself if the connection
+    drops) to its end: a progress bar on stderr (a train job's step/total and latest loss, a line
+    per checkpoint with its evaluation), then the final job as JSON on stdout. With ``--json``:
+    each event as one JSON object a line on stdout instead (the last one is ``end``)."""
+    import json
+
+    from ldmq.client import Job, apply_event
+
+    bar, state, end = _ProgressBar(), {}, {}
+    for ev in client.stream(job_id, timeout=args.follow_timeout):
+        if args.json:
+            print(json.dumps(ev.to_json(), default=str), flush=True)
+        if ev.type == "end":
+            end = ev.data
+            break
+        if args.json:
+            continue
+        if ev.type == "checkpoint" and not Job.from_json(state).is_final:
+            bar.note(_checkpoint_line(job_id, ev.data))
+        state = apply_event(state, ev)
+        bar.update(Job.from_json(state))
+    if end.get("reason") == "deleted":
+        print(f"job {job_id} was deleted while it was followed", file=sys.stderr)
+        return 1
+    job = client.get(job_id)
+    if not args.json:
         bar.update(job)
-    _print_json(job.raw)
+        _print_json(job.raw)
     if job.status != "succeeded" and job.error:
         print(f"job {job.id} {job.status}: {job.error.get('message', job.error)}", file=sys.stderr)
     return 0 if job.status == "succeeded" else 1
@@ -328,8 +368,10 @@ def _conn_parser() -> argparse.ArgumentParser:
 def _add_jobs_parser(sub) -> None:
     conn = _conn_parser()
     follow = argparse.ArgumentParser(add_help=False)
-    follow.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     follow.add_argument("--follow-timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
+    follow.add_argument("--json", action="store_true",
+                        help="while following: each event of the job's stream as one JSON object a line on stdout "
+                             "(no progress bar, no final job)")
     sample = argparse.ArgumentParser(add_help=False)
     sample.add_argument("csv", help="CSV of prompts (header row; prompt required)")
     sample.add_argument("--model", required=True, help="model id")

@@ -4,8 +4,10 @@
 
     with Client("http://127.0.0.1:8000", key) as c:          # or LDMQ_API_URL / LDMQ_API_KEY
         job = c.submit_csv("prompts.csv", model=model_id, steps=20)
-        for state in c.follow(job.id):                       # polls; yields on every change
+        for state in c.follow(job.id):                       # its event stream; yields on every change
             print(state.status, state.progress)
+        for ev in c.stream(job.id):                          # or the events themselves (resumes by itself)
+            print(ev.type, ev.data)
         c.download(job.id, "out/")                           # PNGs + manifest, checksums verified
         c.reproduce("out/000001-000.png")                    # the same image again, as a new job
 
@@ -126,6 +128,76 @@ class Events:
     has_more: bool
 
 
+@dataclass(frozen=True)
+class StreamEvent:
+    """One message of ``GET /v1/jobs/{id}/stream``. ``type``: ``"job"`` (the job as it is when the
+    stream opens; ``data`` is the job's JSON, see :attr:`job`), a job event's type (``started``,
+    ``progress``, ``row_done``, ``checkpoint``, ``requeued``, ``succeeded``, ``failed``,
+    ``canceled``: ``id`` is its id and ``data`` its data), or ``"end"`` (the last one: the job has
+    ended, ``data`` = ``{"reason": "final", "status"}``, or was deleted, ``{"reason": "deleted"}``)."""
+
+    type: str
+    id: int | None
+    data: dict[str, Any]
+    created_at: str | None = None
+
+    @property
+    def job(self) -> Job | None:
+        return Job.from_json(self.data) if self.type == "job" else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.type, "id": self.id, "data": self.data, "created_at": self.created_at}
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """Server-sent events from a response's lines, as the HTML standard reads them (written here:
+    httpx has no SSE reader and the package that adds one is a dependency for 30 lines):
+    ("message", {"id", "event", "data", "retry"} as present) per blank-line-ended block,
+    ("comment", {"text"}) per ``:`` line (heartbeats: a reader can check its deadline on them)."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if fields:
+                yield "message", fields
+            fields = {}
+            continue
+        if line.startswith(":"):
+            yield "comment", {"text": line[1:].strip()}
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data" and "data" in fields:
+            fields["data"] += "\n" + value
+        elif name in ("id", "event", "data", "retry"):
+            fields[name] = value
+
+
+def apply_event(job: dict[str, Any], ev: StreamEvent) -> dict[str, Any]:
+    """A job's JSON after one of its stream events (status, attempts, progress): what
+    :meth:`Client.follow` and ``ldmq jobs follow`` show between the stream's ``job`` snapshot and
+    the job read again once it has ended."""
+    if ev.type == "job":
+        return dict(ev.data)
+    if job.get("status") in FINAL_STATUSES:  # final states never change: what follows is history
+        return job
+    out = dict(job)
+    d = ev.data
+    if ev.type == "started":
+        out.update(status="running", attempts=d.get("attempt", out.get("attempts")))
+    elif ev.type == "requeued":
+        out["status"] = "queued"
+    elif ev.type == "progress":
+        out["progress"] = d.get("progress", out.get("progress"))
+        out["progress_detail"] = {k: v for k, v in d.items() if k != "progress"}
+        if "images_done" in d:
+            out["outputs_count"] = d["images_done"]
+    elif ev.type in FINAL_STATUSES:
+        out["status"] = ev.type
+        if ev.type == "succeeded":
+            out["progress"] = 1.0
+    return out
+
+
 def _csv_bytes(csv: str | os.PathLike | bytes) -> tuple[str, bytes]:
     if isinstance(csv, bytes):
         return "prompts.csv", csv
@@ -174,17 +246,21 @@ class Client:
     def _request(self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw) -> Any:
         r = self.http.request(method, path, headers={**self._auth, **(headers or {})}, **kw)
         if r.status_code >= 400:
-            retry = r.headers.get("retry-after", "")
-            retry_after = float(retry) if retry.isdigit() else None
-            try:
-                err = r.json()["error"]
-                raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"),
-                               retry_after)
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase, None, retry_after) from None
+            self._raise(r)
         if r.status_code == 204:
             return None
         return r.json()
+
+    @staticmethod
+    def _raise(r: httpx.Response) -> None:
+        retry = r.headers.get("retry-after", "")
+        retry_after = float(retry) if retry.isdigit() else None
+        try:
+            err = r.json()["error"]
+            raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"),
+                           retry_after)
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase, None, retry_after) from None
 
     @staticmethod
     def _idem(key: str | None) -> dict[str, str]:
@@ -314,27 +390,86 @@ class Client:
         body = self._request("GET", f"/v1/jobs/{job_id}/events", params=params)
         return Events([Event.from_json(e) for e in body["items"]], body["next_after_id"], body["has_more"])
 
-    def follow(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None) -> Iterator[Job]:
-        """Poll the job; yield it first and then whenever its status, progress or output count
-        changes, ending with its final state. ``timeout``: raise TimeoutError after that long."""
+    def stream(self, job_id: str, last_event_id: int | None = None, *, timeout: float | None = None,
+               reconnect_s: float = 60.0) -> Iterator[StreamEvent]:
+        """The job's events as they happen (``GET /v1/jobs/{id}/stream``), ending with the
+        ``end`` event. A dropped connection (an API restart, the stream's time limit, a 503) is
+        reconnected with ``Last-Event-ID``, so every event comes once, in order; the server's
+        ``retry`` is waited before each try, doubling up to 5 s, for up to ``reconnect_s``
+        without a message, then the error is raised. Another 4xx raises :class:`ApiError` at once.
+        ``timeout``: raise TimeoutError once that long has passed (checked at every message,
+        heartbeats included: at least every 15 s)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        last = None
+        last, retry_s = last_event_id, 1.0
+        failures, failing_since = 0, 0.0
         while True:
-            job = self.get(job_id)
-            state = (job.status, job.progress, job.outputs_count)
-            if state != last:
-                last = state
-                yield job
-            if job.is_final:
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout}s")
-            time.sleep(interval)
+            try:
+                for ev in self._stream_once(job_id, last, deadline):
+                    failures = 0
+                    if isinstance(ev, float):
+                        retry_s = ev
+                        continue
+                    if ev.id is not None:
+                        last = ev.id
+                    yield ev
+                    if ev.type == "end":
+                        return
+            except (httpx.TransportError, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status != 503:
+                    raise
+                failing_since = failing_since if failures else time.monotonic()
+                failures += 1
+                if time.monotonic() - failing_since > reconnect_s:
+                    raise
+            wait = min(5.0, retry_s * 2 ** max(0, failures - 1))
+            if deadline is not None and time.monotonic() + wait > deadline:
+                raise TimeoutError(f"job {job_id}: no end of its stream after {timeout}s")
+            time.sleep(wait)
 
-    def wait(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None) -> Job:
+    def _stream_once(self, job_id: str, last: int | None, deadline: float | None) -> Iterator[StreamEvent | float]:
+        """One connection's events (and the server's ``retry``, in seconds, as a float)."""
+        headers = {**self._auth, **({"Last-Event-ID": str(last)} if last is not None else {})}
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._raise(r)
+            for kind, fields in parse_sse(r.iter_lines()):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id}: no end of its stream after the timeout")
+                if kind == "comment":
+                    continue
+                if fields.get("retry", "").isdigit():
+                    yield int(fields["retry"]) / 1000
+                if "data" not in fields:
+                    continue
+                data = json.loads(fields["data"])
+                if "id" in fields:  # a job event: data is its {"id", "type", "data", "created_at"}
+                    yield StreamEvent(data["type"], int(fields["id"]), data.get("data") or {}, data.get("created_at"))
+                else:
+                    yield StreamEvent(fields.get("event", "message"), None, data)
+
+    def follow(self, job_id: str, *, timeout: float | None = None) -> Iterator[Job]:
+        """The job from its stream: yielded first as it is, then whenever its status, progress or
+        output count changes, and last as read again once it has ended (its final record).
+        ``timeout``: raise TimeoutError after that long."""
+        state: dict[str, Any] = {}
+        last = None
+        for ev in self.stream(job_id, timeout=timeout):
+            if ev.type == "end":
+                break
+            state = apply_event(state, ev)
+            job = Job.from_json(state)
+            key = (job.status, job.progress, job.outputs_count)
+            if key != last:
+                last = key
+                if not job.is_final:
+                    yield job
+        yield self.get(job_id)
+
+    def wait(self, job_id: str, *, timeout: float | None = None) -> Job:
         """Block until the job is final; return it."""
         job = None
-        for job in self.follow(job_id, interval=interval, timeout=timeout):
+        for job in self.follow(job_id, timeout=timeout):
             pass
         assert job is not None
         return job

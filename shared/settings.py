@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     auth_cache_s: float = Field(default=5.0, ge=0, description=(
         "How long the API remembers a valid API key (by its SHA-256) before asking the database again: a "
         "revoked key stops working within this many seconds. 0: every request asks the database."))
+    stream_poll_s: float = Field(default=1.0, gt=0, le=60, description=(
+        "How often an open GET /v1/jobs/{id}/stream asks the database for new events (one indexed query "
+        "on a pooled connection, none held in between)."))
+    stream_heartbeat_s: float = Field(default=15.0, gt=0, description=(
+        "A comment line is sent on a quiet stream this often, so proxies do not close it as idle."))
+    stream_max_s: float = Field(default=1800.0, gt=0, description=(
+        "The longest one stream stays open; the client then reconnects with Last-Event-ID and misses nothing."))
+    stream_max_per_tenant: int = Field(default=16, ge=1, description=(
+        "Streams one tenant may hold open at once, per API process (beyond: 429 with Retry-After)."))
     webhook_secret_grace_s: float = Field(default=24 * 3600, ge=0, description=(
         "After POST /v1/webhooks/secret/rotate, how long deliveries are also signed with the old secret."))
     metrics_token: str = Field(default="", description=(
@@ -101,6 +110,10 @@ class Settings(BaseSettings):
     orphan_grace_s: float = Field(default=10.0, gt=0, description=(
         "A queued job that no broker holds for this long is re-enqueued by the sweeper."))
     sweep_interval_s: float = Field(default=15.0, gt=0)
+    progress_event_min_s: float = Field(default=1.0, ge=0, description=(
+        "A running job's progress is written to its row at every report, but a `progress` event (what "
+        "GET /v1/jobs/{id}/stream, webhooks and the dashboard read) at most once this many seconds per "
+        "job, plus at a job's or a training stage's last step. 0: every report."))
     retention_days: float = Field(default=0, ge=0, description=(
         "Delete final jobs (succeeded, failed, canceled) that finished more than this many days ago: their "
         "records, outputs, manifests and checkpoints, as DELETE /v1/jobs/{id} does (a trained model and its "

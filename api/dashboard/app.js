@@ -13,7 +13,9 @@ const state = {
   jobs: [],
   selected: null,        // job id
   shownOutputs: null,    // "<job id>:<outputs_count>" of the thumbnails on screen
-  loss: {},              // job id -> {after: last event id, points: {stage: [[step, loss], ...]}}
+  loss: {},              // job id -> {points: {stage: [[step, loss], ...]}} from its stream's progress events
+  detailJob: null,       // the selected job as its stream has brought it up to date
+  checkpointsShown: null,
   gridFor: null,         // model id whose grid is on screen
   timer: null,
   busy: false,
@@ -121,7 +123,6 @@ async function refreshJobs() {
     renderJobs();
     setStatus(`connected · ${page.items.length} job(s)`);
     $("refresh-note").textContent = `refreshed ${new Date().toLocaleTimeString()}`;
-    if (state.selected) await refreshDetail();
   } catch (err) {
     setStatus(err.status === 401 ? "invalid or revoked API key" : `error: ${err.message}`, true);
   } finally {
@@ -129,14 +130,142 @@ async function refreshJobs() {
   }
 }
 
-// ---- job detail -----------------------------------------------------------------------------------
+// ---- job detail: live from the job's event stream (GET /v1/jobs/{id}/stream) ----------------------
+//
+// The selected job's stream is read with fetch (EventSource cannot send the Authorization header):
+// `job` (the job now), then every event of the job in order (`id:` its id), then `end`. A stream that
+// closes without `end` (API restart, the stream's time limit) is opened again with Last-Event-ID,
+// so no event is missed or repeated. Progress moves the bar and the loss chart; a checkpoint event
+// reloads the checkpoints (grids, loss curves, metrics); a final event reads the job's last record.
+
+const live = { ctl: null, jobId: null, lastId: null, drawQueued: false, thumbsTimer: null };
 
 function select(jobId) {
   state.selected = jobId;
   state.shownOutputs = null;
   state.gridFor = null;
+  state.checkpointsShown = null;
   renderJobs();
-  refreshDetail();
+  openStream(jobId);
+}
+
+function parseBlock(block) {
+  const msg = {};
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;
+    const i = line.indexOf(":");
+    const name = i < 0 ? line : line.slice(0, i);
+    let value = i < 0 ? "" : line.slice(i + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    msg[name] = name === "data" && msg.data !== undefined ? `${msg.data}\n${value}` : value;
+  }
+  return msg.data === undefined ? null : msg;
+}
+
+async function readStream(jobId, ctl) {
+  const headers = { Authorization: `Bearer ${state.key}` };
+  if (live.lastId !== null) headers["Last-Event-ID"] = String(live.lastId);
+  const res = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/stream`, { headers, signal: ctl.signal });
+  if (!res.ok) {
+    let body = null;
+    try { body = await res.json(); } catch (_) { body = null; }
+    throw new ApiError(res.status, body);
+  }
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return false;
+    buf += value;
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const msg = parseBlock(buf.slice(0, cut));
+      buf = buf.slice(cut + 2);
+      if (!msg) continue;
+      if (msg.id !== undefined) live.lastId = Number(msg.id);
+      if (jobId !== state.selected) return true;
+      await onStreamMessage(jobId, msg.event || "message", JSON.parse(msg.data));
+      if (msg.event === "end") return true;
+    }
+  }
+}
+
+async function openStream(jobId) {
+  if (live.ctl) live.ctl.abort();
+  const ctl = new AbortController();
+  Object.assign(live, { ctl, jobId, lastId: null });
+  state.loss[jobId] = { points: {} };   // the stream replays the job's events from its first
+  for (let failures = 0; ; ) {
+    try {
+      if (await readStream(jobId, ctl)) return;   // ended (or another job was selected)
+      failures = 0;
+    } catch (err) {
+      if (ctl.signal.aborted) return;
+      if (err instanceof ApiError && err.status !== 503) {
+        $("detail").hidden = false;
+        showError($("detail-error"), err);
+        $("detail-error").hidden = false;
+        return;
+      }
+      failures += 1;
+    }
+    await new Promise((resolve) => setTimeout(resolve, Math.min(5000, 1000 * 2 ** failures)));
+    if (ctl.signal.aborted || jobId !== state.selected) return;
+  }
+}
+
+async function onStreamMessage(jobId, type, data) {
+  if (type === "job") {
+    await showJob(data);
+    return;
+  }
+  if (type === "end" || !state.detailJob) return;
+  const job = state.detailJob;
+  const d = data.data || {};
+  if (type === "started") Object.assign(job, { status: "running", attempts: d.attempt || job.attempts });
+  else if (type === "requeued") job.status = "queued";
+  else if (type === "progress") {
+    if (!FINAL.has(job.status)) {
+      job.progress = d.progress;
+      job.progress_detail = d;
+      if (d.images_done !== undefined) job.outputs_count = d.images_done;
+    }
+    if (typeof d.loss === "number" && typeof d.step === "number") {
+      const pts = state.loss[jobId].points;
+      (pts[d.stage || "loss"] = pts[d.stage || "loss"] || []).push([d.step, d.loss]);
+      scheduleDraw(jobId);
+    }
+  } else if (type === "row_done") scheduleThumbs(job);
+  else if (type === "checkpoint") await showCheckpoints(job, true);
+  if (FINAL.has(type)) {   // the job has ended: its final record (error, model, outputs)
+    const final = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
+    if (jobId === state.selected) await showJob(final);
+    refreshJobs();
+    return;
+  }
+  renderHead(job);
+  updateRow(job);
+}
+
+function scheduleDraw(jobId) {
+  if (live.drawQueued) return;
+  live.drawQueued = true;
+  requestAnimationFrame(() => {
+    live.drawQueued = false;
+    if (jobId === state.selected) drawLoss(state.loss[jobId].points);
+  });
+}
+
+function scheduleThumbs(job) {
+  clearTimeout(live.thumbsTimer);
+  live.thumbsTimer = setTimeout(() => { if (job.id === state.selected) showThumbs(job); }, 300);
+}
+
+function updateRow(job) {
+  const tr = document.querySelector(`tr[data-job-id="${CSS.escape(job.id)}"]`);
+  if (!tr) return;
+  tr.children[3].replaceWith(progressCell(job));
+  tr.children[2].replaceChildren(badge(job.status));
 }
 
 function facts(job) {
@@ -149,35 +278,34 @@ function facts(job) {
   if (job.type === "sample") rows.push(["sampling", `${p.scheduler}, ${p.steps} steps, guidance ${p.guidance_scale}`]);
   if (job.type === "train") rows.push(["training", `${p.dataset}, ${p.steps} steps, batch ${p.batch_size}`]);
   const d = job.progress_detail || {};
+  if (typeof d.step === "number" && !FINAL.has(job.status)) {
+    rows.push(["step", `${d.step}/${d.total_steps}` + (typeof d.loss === "number" ? ` · loss ${d.loss.toPrecision(4)}` : "")]);
+  }
   if (d.eta_s !== undefined && !FINAL.has(job.status)) rows.push(["eta", `${Math.round(d.eta_s)} s`]);
   if (job.webhook) rows.push(["webhook", `${job.webhook.url} (${job.webhook.events.join(", ")})`]);
   for (const [k, v] of rows) dl.append(el("dt", {}, k), el("dd", {}, v === null || v === undefined ? "" : v));
 }
 
-async function refreshDetail() {
-  const jobId = state.selected;
-  if (!jobId) return;
-  let job;
-  try {
-    job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
-  } catch (err) {
-    $("detail").hidden = false;
-    showError($("detail-error"), err);
-    $("detail-error").hidden = false;
-    return;
-  }
-  if (jobId !== state.selected) return;
+function renderHead(job) {
   $("detail").hidden = false;
   $("detail").dataset.jobId = job.id;
+  $("detail").dataset.status = job.status;
   $("detail-title").textContent = `${job.type} job ${job.id.slice(0, 12)}`;
   $("detail-title").append(" ", badge(job.status));
   $("cancel-btn").hidden = FINAL.has(job.status);
   facts(job);
+}
+
+async function showJob(job) {
+  if (job.id !== state.selected) return;
+  state.detailJob = job;
+  renderHead(job);
   const errBox = $("detail-error");
   errBox.hidden = !job.error;
   errBox.textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
   $("thumbs-block").hidden = job.type !== "sample";
   $("loss-block").hidden = job.type !== "train";
+  $("ckpt-block").hidden = job.type !== "train";
   $("grid-block").hidden = true;
   if (job.type === "sample") await showThumbs(job);
   else await showTraining(job);
@@ -199,24 +327,37 @@ async function showThumbs(job) {
   state.shownOutputs = token;
 }
 
-async function showTraining(job) {
-  const cache = state.loss[job.id] || (state.loss[job.id] = { after: 0, points: {} });
-  // Page through the progress events not seen yet (the loss curve's data).
-  for (;;) {
-    const page = await api(`/v1/jobs/${encodeURIComponent(job.id)}/events?types=progress&limit=1000&after_id=${cache.after}`);
-    for (const ev of page.items) {
-      const d = ev.data || {};
-      if (typeof d.loss !== "number" || typeof d.step !== "number") continue;
-      const stage = d.stage || "loss";
-      (cache.points[stage] = cache.points[stage] || []).push([d.step, d.loss]);
-    }
-    cache.after = page.next_after_id;
-    if (!page.has_more) break;
+function metricsList(metrics) {
+  const dl = el("dl");
+  for (const [k, v] of Object.entries(metrics || {})) {
+    if (typeof v === "number" && k !== "step") dl.append(el("dt", {}, k), el("dd", {}, Number.isInteger(v) ? v : v.toPrecision(4)));
   }
+  return dl;
+}
+
+async function showCheckpoints(job, force = false) {
+  if (!force && state.checkpointsShown === job.id) return;
+  const list = await api(`/v1/jobs/${encodeURIComponent(job.id)}/checkpoints`);
   if (state.selected !== job.id) return;
-  drawLoss(cache.points);
+  const box = $("checkpoints");
+  box.replaceChildren();
+  for (const c of list.items.slice().reverse()) {   // newest first
+    const fig = el("figure", { class: "checkpoint", dataset: { step: c.step, attempt: c.attempt } });
+    if (c.grid_url) fig.append(el("img", { class: "ckpt-grid", src: c.grid_url, alt: `samples at step ${c.step}` }));
+    if (c.loss_curve_url) fig.append(el("img", { class: "ckpt-loss", src: c.loss_curve_url, alt: `loss curve at step ${c.step}` }));
+    fig.append(el("figcaption", {}, `step ${c.step}` + (c.latest ? " · latest" : "")), metricsList(c.metrics));
+    box.append(fig);
+  }
+  if (!list.items.length) box.append(el("p", { class: "muted" }, "No checkpoint stored yet."));
+  state.checkpointsShown = job.id;
+}
+
+async function showTraining(job) {
+  drawLoss(state.loss[job.id] ? state.loss[job.id].points : {});
+  await showCheckpoints(job, true);
   if (job.model_id && state.gridFor !== job.model_id) {
     const model = await api(`/v1/models/${encodeURIComponent(job.model_id)}`);
+    if (state.selected !== job.id) return;
     const urls = model.artifact_urls || {};
     const grid = urls["samples.png"];
     if (grid) {
@@ -224,10 +365,7 @@ async function showTraining(job) {
       $("grid-block").hidden = false;
     }
     const dl = $("model-metrics");
-    dl.replaceChildren();
-    for (const [k, v] of Object.entries(model.metrics || {})) {
-      if (typeof v === "number") dl.append(el("dt", {}, k), el("dd", {}, Number.isInteger(v) ? v : v.toPrecision(4)));
-    }
+    dl.replaceChildren(...metricsList(model.metrics).childNodes);
     state.gridFor = job.model_id;
   } else if (state.gridFor) {
     $("grid-block").hidden = false;
@@ -385,6 +523,7 @@ $("key-form").addEventListener("submit", (e) => {
   state.key = $("api-key").value.trim();
   localStorage.setItem(KEY_STORAGE, state.key);
   state.selected = null;
+  if (live.ctl) live.ctl.abort();
   $("detail").hidden = true;
   start();
 });
@@ -392,6 +531,8 @@ $("forget-key").addEventListener("click", () => {
   localStorage.removeItem(KEY_STORAGE);
   state.key = "";
   state.jobs = [];
+  state.selected = null;
+  if (live.ctl) live.ctl.abort();
   $("api-key").value = "";
   renderJobs();
   $("detail").hidden = true;

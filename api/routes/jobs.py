@@ -22,7 +22,7 @@ from api.schemas import (
     TrainRequest,
     WebhookDeliveryList,
 )
-from api.services import deletion
+from api.services import deletion, stream
 from api.services import jobs as svc
 from shared.catalog import PRIORITY_HELP, SCHEDULERS
 from shared.models import EVENT_TYPES
@@ -158,6 +158,31 @@ def list_events(job_id: str, session: SessionDep, tenant: TenantDep,
     items, next_after_id, has_more = svc.list_events(session, tenant, job_id, after_id=after_id, limit=limit,
                                                      types=svc.parse_event_types(types))
     return EventList(items=items, next_after_id=next_after_id, has_more=has_more)
+
+
+STREAM_DOC = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "description": "Server-sent events: `event: job` (the job now), then each event of the job "
+                                   "after Last-Event-ID (`id:` its id), then `event: end` once it has ended."},
+              429: {"model": ErrorBody}}
+
+
+@router.get("/{job_id}/stream", status_code=200, response_class=stream.EventStreamResponse,
+            responses={**ERRORS, **STREAM_DOC})
+def stream_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+               last_event_id: Annotated[str | None, Query(description="Resume after this event id (the "
+                                                                      "Last-Event-ID header wins).")] = None,
+               last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", description=(
+                   "Resume after this event id (what an EventSource sends when it reconnects)."))] = None,
+               ) -> stream.EventStreamResponse:
+    """A job's events as they happen (server-sent events); resumable with ``Last-Event-ID``."""
+    after_id = stream.last_event_id(last_event_id_header, last_event_id)
+    job = svc.get_job(session, tenant, job_id)
+    snapshot = svc.job_out(job).model_dump(mode="json")
+    slots: stream.StreamSlots = request.app.state.stream_slots
+    slots.acquire(tenant.id)
+    body = stream.job_stream(settings, tenant.id, job.id, after_id, snapshot, request.app.state.stream_stop)
+    return stream.EventStreamResponse(body,
+                                      on_close=lambda: slots.release(tenant.id))
 
 
 @router.get("/{job_id}/webhook-deliveries", response_model=WebhookDeliveryList, responses=ERRORS)

@@ -7,6 +7,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``train-speed`` (:mod:`ldmq.bench.train_speed`): U-Net training steps/s against a diffusers-style loop
 - ``gpu`` (:mod:`ldmq.bench.gpu`): an SD-1.5-sized U-Net on a CUDA device against diffusers' fp16 pipeline
 - ``ratelimit`` (:mod:`ldmq.bench.ratelimit`): the cost of a tenant's rate check, and one rate across two processes
+- ``stream`` (:mod:`ldmq.bench.stream`): what a job's event stream costs: a poll, idle streams, delivery latency
 
 :mod:`ldmq.bench.stack` starts ldmq's processes on loopback for the benches that need a running
 system. Benchmarks import the worker's public names (``worker.model``, ``worker.jobs``) and
@@ -27,6 +28,7 @@ BENCHES = {
     "api": "ldmq.bench.api",
     "gpu": "ldmq.bench.gpu",
     "ratelimit": "ldmq.bench.ratelimit",
+    "stream": "ldmq.bench.stream",
 }
 
 

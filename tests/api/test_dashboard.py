@@ -45,13 +45,10 @@ def drain_broker(broker_url: str) -> None:
             r.delete(k)
 
 
-def play_training(settings, tenant_id: str, job_id: str, model_id: str, grid_png: bytes) -> None:
-    """What a train worker writes, without training: loss reports of two stages, an evaluation
-    grid in storage named by the model's metrics, and success."""
+def play_progress(settings, job_id: str):
+    """What a train worker writes first, without training: loss reports of two stages."""
     from shared import jobstate
     from shared.db import session_scope
-    from shared.models import JobStatus, Model
-    from shared.storage import get_storage, job_prefix
 
     with session_scope(settings) as s:
         claim = jobstate.claim(s, job_id, "dashboard-test", 60)
@@ -59,8 +56,36 @@ def play_training(settings, tenant_id: str, job_id: str, model_id: str, grid_png
         stage = "autoencoder" if step <= 10 else "unet"
         loss = (0.9 if stage == "autoencoder" else 0.5) * (0.93 ** step) + 0.02
         with session_scope(settings) as s:
-            jobstate.set_progress(s, job_id, claim.attempt, step / 40,
-                                  {"stage": stage, "step": step, "total_steps": 40, "loss": loss, "eta_s": 40 - step})
+            jobstate.set_progress(s, job_id, claim.attempt, step / 50,
+                                  {"stage": stage, "step": step, "total_steps": 50, "loss": loss, "eta_s": 50 - step})
+    return claim
+
+
+def play_checkpoint(settings, tenant_id: str, job_id: str, claim, step: int, grid_png: bytes, curve_png: bytes) -> None:
+    """A checkpoint as the worker stores it: its evaluation files, then the pointer and its event."""
+    import json
+
+    from shared import jobstate
+    from shared.db import session_scope
+    from shared.storage import checkpoint_prefix, get_storage
+
+    storage = get_storage(settings)
+    prefix = f"{checkpoint_prefix(tenant_id, job_id, step)}-a{claim.attempt}"
+    metrics = {"step": step, "heldout_bits_per_dim": 1.5}
+    storage.put_bytes(f"{prefix}/samples.png", grid_png, content_type="image/png")
+    storage.put_bytes(f"{prefix}/loss_curve.png", curve_png, content_type="image/png")
+    storage.put_bytes(f"{prefix}/metrics.json", json.dumps(metrics).encode(), content_type="application/json")
+    with session_scope(settings) as s:
+        jobstate.set_checkpoint(s, job_id, claim.attempt, prefix, {"step": step, "metrics": metrics})
+
+
+def play_finish(settings, tenant_id: str, job_id: str, claim, model_id: str, grid_png: bytes) -> None:
+    """The end of the training: an evaluation grid in storage named by the model's metrics, and success."""
+    from shared import jobstate
+    from shared.db import session_scope
+    from shared.models import JobStatus, Model
+    from shared.storage import get_storage, job_prefix
+
     key = f"{job_prefix(tenant_id, job_id)}/eval/samples.png"
     get_storage(settings).put_bytes(key, grid_png, content_type="image/png")
     with session_scope(settings) as s:
@@ -99,7 +124,7 @@ def test_dashboard_in_a_real_browser(stack, settings, tiny_pipeline_dir, wait_un
     shots.mkdir(parents=True, exist_ok=True)
     drain_broker(stack.env["LDMQ_BROKER_URL"])
     stack.start_api()
-    stack.start_worker(queues="sample")  # train jobs are played by the test (see play_training)
+    stack.start_worker(queues="sample")  # train jobs are played by the test (play_progress, …)
     key = stack.cli("keys", "create", "--tenant", "dash").strip().splitlines()[-1]
     model_id = stack.cli("models", "import", str(tiny_pipeline_dir), "--tenant", "dash", "--name", "tiny").strip().splitlines()[-1]
     with session_scope(settings) as s:
@@ -118,7 +143,7 @@ def test_dashboard_in_a_real_browser(stack, settings, tiny_pipeline_dir, wait_un
     r = api.post("/v1/jobs/train", json={"dataset": "builtin:digits", "steps": 30})
     assert r.status_code == 202, r.text
     train_id = r.json()["id"]
-    play_training(settings, tenant_id, train_id, model_id, contact_sheet(pngs))
+    claim = play_progress(settings, train_id)  # running: the rest is written while the page shows it
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -153,12 +178,30 @@ def test_dashboard_in_a_real_browser(stack, settings, tiny_pipeline_dir, wait_un
             assert page.eval_on_selector_all("#thumbs img", "imgs => imgs.map(i => i.naturalWidth)") == [32] * 4
             page.screenshot(path=str(shots / "dashboard-sample.png"), full_page=True)
 
-            # The train job: a loss curve per stage from the progress events, and the validation grid.
+            # The running train job, live from its event stream: a loss curve per stage from the
+            # progress events; then a checkpoint stored while the page is open appears by itself
+            # (its sample grid and loss curve, step and metrics); then the job ends.
             page.locator(f'tr[data-job-id="{train_id}"]').click()
-            page.wait_for_function("() => document.querySelectorAll('#loss-chart polyline').length === 2", timeout=15_000)
-            lines = page.eval_on_selector_all(
-                "#loss-chart polyline", "ls => ls.map(l => [l.dataset.stage, l.getAttribute('points').split(' ').length])")
-            assert sorted(lines) == [["autoencoder", 5], ["unet", 15]]
+            page.wait_for_function("""() => [...document.querySelectorAll('#loss-chart polyline')]
+                .map(l => l.dataset.stage + ':' + l.getAttribute('points').split(' ').length).sort().join()
+                === 'autoencoder:5,unet:15'""", timeout=15_000)
+            expect(page.locator("#detail-facts")).to_contain_text("40/50 · loss")
+            expect(page.locator("#checkpoints")).to_contain_text("No checkpoint stored yet.")
+            play_checkpoint(settings, tenant_id, train_id, claim, 40, contact_sheet(pngs), contact_sheet(pngs[:2], scale=2))
+            page.wait_for_function("""() => {
+                const g = document.querySelector('#checkpoints figure[data-step="40"] img.ckpt-grid');
+                const c = document.querySelector('#checkpoints figure[data-step="40"] img.ckpt-loss');
+                return g && c && g.complete && g.naturalWidth > 0 && c.complete && c.naturalWidth > 0;
+            }""", timeout=15_000)
+            assert page.eval_on_selector("#checkpoints img.ckpt-grid", "g => g.naturalWidth") == 32 * 4 * 4
+            assert page.eval_on_selector("#checkpoints img.ckpt-loss", "g => g.naturalWidth") == 32 * 2 * 2
+            expect(page.locator("#checkpoints figcaption")).to_have_text("step 40 · latest")
+            expect(page.locator("#checkpoints")).to_contain_text("heldout_bits_per_dim")
+            expect(page.locator("#detail")).to_have_attribute("data-status", "running")
+            page.screenshot(path=str(shots / "dashboard-train-running.png"), full_page=True)
+
+            play_finish(settings, tenant_id, train_id, claim, model_id, contact_sheet(pngs))
+            expect(page.locator("#detail")).to_have_attribute("data-status", "succeeded", timeout=15_000)
             page.wait_for_function("() => { const g = document.getElementById('grid-img');"
                                    " return !document.getElementById('grid-block').hidden && g.complete && g.naturalWidth > 0; }",
                                    timeout=15_000)

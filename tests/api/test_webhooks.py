@@ -382,7 +382,7 @@ def test_ldmq_webhooks_process_delivers_a_real_jobs_events(stack, tiny_pipeline_
                        "--webhook-url", rx.url + "/e2e", "--webhook-events", "started,row_done,succeeded")
             assert sub.returncode == 0, sub.stderr
             job_id = sub.stdout.strip().splitlines()[-1]
-            fol = ldmq("jobs", "follow", job_id, "--interval", "0.2", "--follow-timeout", "180")
+            fol = ldmq("jobs", "follow", job_id, "--follow-timeout", "180")
             assert fol.returncode == 0, fol.stdout + fol.stderr
             assert json.loads(fol.stdout)["status"] == "succeeded" and "100.0% succeeded 2/2 images" in fol.stderr
 

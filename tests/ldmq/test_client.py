@@ -63,7 +63,7 @@ def test_submit_get_list_cancel_events(api, settings):
     assert [e.type for e in ev.items] == ["canceled"] and ev.next_after_id == ev.items[0].id and not ev.has_more
     assert api.events(job.id, after_id=ev.next_after_id).items == []
     # follow() on a final job yields it once and stops.
-    assert [j.status for j in api.follow(job.id, interval=0.01)] == ["canceled"]
+    assert [j.status for j in api.follow(job.id)] == ["canceled"]
     for j in (other, trained):  # no worker here: leave nothing for a later test's worker to run
         api.cancel(j.id)
 
@@ -152,7 +152,7 @@ def test_cli_jobs_commands(api, settings, tiny_model, tmp_path, monkeypatch, cap
     assert api.get(job_id).webhook["events"] == ["started", "succeeded"]
 
     finish_with_outputs(settings, tiny_model[0], job_id, rows=1)
-    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", job_id, "--interval", "0.01")
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", job_id)
     assert rc == 0 and json.loads(out)["status"] == "succeeded"
     assert "100.0% succeeded" in err and "1/2 images" in err
     rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "download", job_id, str(tmp_path / "dl"))
@@ -164,7 +164,7 @@ def test_cli_jobs_commands(api, settings, tiny_model, tmp_path, monkeypatch, cap
     # A failed job: follow exits 1; an API error exits 1 with the details on stderr.
     other = api.submit_csv(b"prompt\nz\n", model=api.model_id)
     api.cancel(other.id)
-    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", other.id, "--interval", "0.01")
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", other.id)
     assert rc == 1 and json.loads(out)["status"] == "canceled"
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"prompt,colour\na,red\n")
@@ -265,3 +265,103 @@ def test_reproduce_a_generated_png_makes_the_same_pixels(api, settings, tmp_path
     with pytest.raises(ValueError, match="not the one that made this image"):
         api.reproduce(tmp_path / "other.png")
     assert [j.id for j in api.list(max_items=1)] == [again.id]
+
+
+def play_training(settings, job_id):
+    """What a train worker writes: progress with step and loss, a checkpoint with its evaluation, success."""
+    with session_scope(settings) as s:
+        claim = jobstate.claim(s, job_id, "w", 30)
+    for step in (25, 50):
+        with session_scope(settings) as s:
+            jobstate.set_progress(s, job_id, claim.attempt, step / 100,
+                                  {"stage": "unet", "step": step, "total_steps": 100, "loss": 1 / step})
+    with session_scope(settings) as s:
+        jobstate.set_checkpoint(s, job_id, claim.attempt, "k/step-50-a1",
+                                {"step": 50, "metrics": {"step": 50, "heldout_bits_per_dim": 1.2345}})
+    with session_scope(settings) as s:
+        jobstate.finish(s, job_id, claim.attempt, JobStatus.succeeded)
+
+
+def test_stream_follow_and_cli_follow_of_a_train_job(api, settings, monkeypatch, capsys, keep_root_logging):
+    job = api.train("builtin:digits", steps=5)
+    play_training(settings, job.id)
+    evs = list(api.stream(job.id))
+    assert [e.type for e in evs] == ["job", "started", "progress", "progress", "checkpoint", "succeeded", "end"]
+    assert evs[0].job.id == job.id and evs[0].id is None and evs[-1].data == {"reason": "final", "status": "succeeded"}
+    listed = api.events(job.id).items
+    assert [e.id for e in evs[1:-1]] == [e.id for e in listed] and [e.data for e in evs[1:-1]] == [e.data for e in listed]
+    assert evs[4].data["metrics"]["heldout_bits_per_dim"] == 1.2345 and evs[2].created_at
+    # Resumed after the checkpoint: the final event, then end.
+    assert [e.type for e in api.stream(job.id, last_event_id=evs[4].id)] == ["job", "succeeded", "end"]
+    assert [j.status for j in api.follow(job.id)] == ["succeeded"]  # ended already: its final record only
+
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", job.id, "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and [x["event"] for x in lines] == [e.type for e in evs] and lines[-1]["data"]["status"] == "succeeded"
+    assert [x["id"] for x in lines] == [e.id for e in evs] and err == ""
+
+
+def test_follow_of_a_running_job_shows_steps_loss_and_checkpoints(api, settings, monkeypatch, capsys, keep_root_logging):
+    """The CLI's bar from the stream of a job followed from before it started: the server's own
+    events, behind the snapshot the stream opened with while the job was queued (the in-process
+    client reads a response whole, so a live stream is followed over HTTP in tests/api/test_webhooks.py)."""
+    from ldmq.client import Client, StreamEvent
+
+    job = api.train("builtin:digits", steps=5)
+    queued = api.get(job.id).raw
+    play_training(settings, job.id)
+    live = [StreamEvent("job", None, queued)] + list(api.stream(job.id))[1:]
+    monkeypatch.setattr(Client, "stream", lambda self, job_id, last_event_id=None, timeout=None: iter(live))
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", job.id)
+    assert rc == 0 and json.loads(out)["status"] == "succeeded"
+    lines = err.splitlines()
+    assert any(line.endswith("25.0% running step 25/100 loss 0.0400") for line in lines), lines
+    assert any(line.endswith("50.0% running step 50/100 loss 0.0200") for line in lines), lines
+    assert f"{job.id[:8]} checkpoint at step 50: heldout_bits_per_dim 1.234" in lines
+    assert lines[0].endswith("0.0% queued") and lines[-1].endswith("100.0% succeeded step 50/100 loss 0.0200")
+
+
+@pytest.mark.slow
+def test_client_stream_reconnects_across_an_api_restart_losing_and_repeating_nothing(stack, settings, make_tenant,
+                                                                                    wait_until):
+    import signal
+    import threading
+
+    stack.env.update(LDMQ_STREAM_POLL_S="0.2")
+    api_proc = stack.start_api()
+    _, key = make_tenant()
+    got, errors = [], []
+    with Client(stack.url, key, timeout=10) as c:
+        job = c.train("builtin:digits", steps=5)
+        with session_scope(settings) as s:
+            claim = jobstate.claim(s, job.id, "w", 60)
+
+        def progress(p):
+            with session_scope(settings) as s:
+                jobstate.set_progress(s, job.id, claim.attempt, p, {"step": int(p * 100), "total_steps": 100})
+
+        def read():
+            try:
+                got.extend(c.stream(job.id, timeout=120))
+            except Exception as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        progress(0.1)
+        wait_until(lambda: any(e.type == "progress" for e in got), 30, "the first progress event")
+        api_proc.signal(signal.SIGKILL)
+        api_proc.p.wait(10)
+        progress(0.2)  # while no API runs
+        stack.start_api()
+        progress(0.3)
+        wait_until(lambda: sum(e.type == "progress" for e in got) == 3, 60, "the client to reconnect and read on")
+        with session_scope(settings) as s:
+            jobstate.finish(s, job.id, claim.attempt, JobStatus.succeeded)
+        reader.join(60)
+        listed = c.events(job.id).items
+    assert not errors and not reader.is_alive(), errors
+    ids = [e.id for e in got if e.id is not None]
+    assert ids == [e.id for e in listed]  # every event once, in order, across the restart
+    assert [e.type for e in got if e.id is None] == ["job", "job", "end"]  # one snapshot per connection
+    assert got[-1].type == "end" and got[-1].data["status"] == "succeeded"

@@ -204,6 +204,7 @@ def test_transitions_append_events_in_the_same_transaction(settings, job_id):
     with session_scope(settings) as s:
         c = jobstate.claim(s, job_id, "w1", 30)
         jobstate.set_progress(s, job_id, c.attempt, 0.5, {"step": 1})
+        jobstate.set_progress(s, job_id, c.attempt, 0.6, {"step": 2}, event=False)  # the row only
         for i in range(2):
             jobstate.record_output(s, job_id, c.attempt, row=1, index=i, seed=1 + i, key=f"k{i}", width=8, height=8,
                                    sha256="0" * 64)
@@ -214,3 +215,19 @@ def test_transitions_append_events_in_the_same_transaction(settings, job_id):
     with session_scope(settings) as s:
         types = [e.type for e in s.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id)]
     assert types == ["started", "progress", "row_done", "succeeded"]
+
+
+def test_progress_events_at_most_one_a_interval_per_job_but_forced_ones_always():
+    now = [100.0]
+    events = jobstate.ProgressEvents(1.0, clock=lambda: now[0])
+    seen = []
+    for i in range(30):  # 0.1 s apart: 3 s of reports of two jobs
+        now[0] = 100.0 + i / 10
+        seen += [(job, i) for job in ("a", "b") if events.due(job, force=job == "b" and i == 29)]
+    assert [i for j, i in seen if j == "a"] == [0, 10, 20]
+    assert [i for j, i in seen if j == "b"] == [0, 10, 20, 29]  # the forced (last) report too
+    for k in range(300):  # many jobs over a writer's life: the state is pruned, the rule unchanged
+        now[0] += 2
+        assert events.due(f"j{k}")
+    assert len(events._last) <= 257 and not events.due("j299")
+    assert jobstate.ProgressEvents(0).due("x") and jobstate.ProgressEvents(0).due("x")

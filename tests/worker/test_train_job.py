@@ -19,15 +19,17 @@ class Run:
     def __init__(self, fail_at: int | None = None):
         self.job_id, self.attempt = "job1", 2
         self.pointers: list[str] = []
+        self.infos: list[dict] = []
         self.fail_at = fail_at
         self.gate = threading.Event()
         self.gate.set()
 
-    def set_checkpoint(self, prefix: str) -> None:
+    def set_checkpoint(self, prefix: str, info: dict | None = None) -> None:
         self.gate.wait(30)
         if self.fail_at is not None and len(self.pointers) + 1 == self.fail_at:
             raise LeaseLost(self.job_id)
         self.pointers.append(prefix)
+        self.infos.append(info)
 
 
 def checkpoint(root: Path, step: int) -> Path:
@@ -35,6 +37,10 @@ def checkpoint(root: Path, step: int) -> Path:
     d.mkdir(parents=True)
     (d / "state.json").write_text(f'{{"step": {step}}}')
     (d / "unet.safetensors").write_bytes(bytes([step]) * 100)
+    if step == 20:  # evaluated: its metrics travel in the checkpoint's event
+        (d / "metrics.json").write_text(f'{{"step": {step}, "heldout_bits_per_dim": 1.5}}')
+    if step == 30:  # not an object: left out, the checkpoint still counts
+        (d / "metrics.json").write_text("[1, 2]")
     return d
 
 
@@ -52,6 +58,8 @@ def test_uploads_in_order_keep_the_last_k_and_survive_local_pruning(tmp_path):
     up.wait()
     up.close()
     assert [p.rsplit("/", 1)[1] for p in run.pointers] == ["step-00000010-a2", "step-00000020-a2", "step-00000030-a2"]
+    assert run.infos == [{"step": 10, "metrics": {}}, {"step": 20, "metrics": {"step": 20, "heldout_bits_per_dim": 1.5}},
+                         {"step": 30, "metrics": {}}]
     kept = sorted({k.split("/")[-2] for k in storage.list("t1/")})
     assert kept == ["step-00000020-a2", "step-00000030-a2"]  # the oldest was deleted after the newest landed
     assert storage.get_bytes(run.pointers[-1] + "/unet.safetensors") == bytes([30]) * 100

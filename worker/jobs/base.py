@@ -42,9 +42,11 @@ class Run(Protocol):
     def check(self) -> None:
         """Raise if the run must stop now (canceled, lease lost, shutdown, time limit)."""
 
-    def progress(self, fraction: float, detail: dict[str, Any] | None = None) -> None: ...
+    def progress(self, fraction: float, detail: dict[str, Any] | None = None, *, force: bool = False) -> None:
+        """The job's progress; an event at a bounded rate, always with ``force`` or at 1.0."""
 
-    def set_checkpoint(self, key: str) -> None: ...
+    def set_checkpoint(self, key: str, info: dict[str, Any] | None = None) -> None:
+        """Move the job's checkpoint pointer; ``info`` (step, metrics) goes into its event."""
 
     # -- metrics
     def observe_step(self, seconds: float) -> None: ...

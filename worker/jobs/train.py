@@ -9,6 +9,7 @@ registered as a model, with its evaluation (metrics, loss curve, sample grid) be
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import shutil
 import tempfile
@@ -98,7 +99,8 @@ def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str 
     def progress(info: dict) -> None:
         # No run.check() here: should_stop() (next) stops the loop *after* a checkpoint.
         total = max(1, int(info.get("total_steps") or 1))
-        run.progress(min(1.0, float(info.get("step", 0)) / total), info)
+        stage_end = info.get("stage_step") is not None and info.get("stage_step") == info.get("stage_total_steps")
+        run.progress(min(1.0, float(info.get("step", 0)) / total), info, force=stage_end)
         run.device_memory(device)
 
     def should_stop() -> bool:
@@ -166,7 +168,8 @@ class CheckpointUploader:
         prefix = checkpoint_prefix(self.tenant_id, self.run.job_id, step) + f"-a{self.run.attempt}"
         clock = time.perf_counter()
         self.storage.upload_dir(staged, prefix)
-        self.run.set_checkpoint(prefix)  # fenced: a stale run cannot move the pointer
+        # fenced: a stale run cannot move the pointer
+        self.run.set_checkpoint(prefix, {"step": step, "metrics": checkpoint_metrics(staged)})
         shutil.rmtree(staged, ignore_errors=True)
         self.saved.append(prefix)
         while len(self.saved) > self.keep:
@@ -183,6 +186,23 @@ class CheckpointUploader:
     def close(self) -> None:
         """Finish what is in flight, drop what has not started (the job is ending)."""
         self.pool.shutdown(wait=True, cancel_futures=False)
+
+
+METRICS_EVENT_MAX_BYTES = 16 * 1024
+
+
+def checkpoint_metrics(ckpt: Path) -> dict:
+    """The evaluation stored with a checkpoint (``metrics.json``: a few numbers, ~300 bytes), for
+    its ``checkpoint`` event; {} when it was not evaluated, or when the file is not a small JSON
+    object (an event row stays small)."""
+    path = ckpt / "metrics.json"
+    try:
+        if path.stat().st_size > METRICS_EVENT_MAX_BYTES:
+            return {}
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # What a checkpoint may hold: tensors as safetensors, state as JSON, evaluation images as PNG.

@@ -86,8 +86,10 @@ class Batch:
 # The writer process
 # ================================================================================================
 
-def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch) -> None:
-    """Encode and upload the batch's PNGs, then record them and the job's progress in one transaction."""
+def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch,
+                progress_events: jobstate.ProgressEvents | None = None) -> None:
+    """Encode and upload the batch's PNGs, then record them and the job's progress in one
+    transaction (a ``progress`` event only when ``progress_events`` says so, and at the last batch)."""
     from shared.db import session_scope
     from shared.storage import get_storage
 
@@ -109,8 +111,9 @@ def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch) -> None:
     try:
         with session_scope(settings) as s:  # fenced by the attempt
             jobstate.record_outputs(s, b.job_id, b.attempt, records)
+            event = progress_events is None or progress_events.due(b.job_id, force=b.made >= b.total)
             jobstate.set_progress(s, b.job_id, b.attempt, b.made / b.total,
-                                  {"images_done": b.made, "images_total": b.total})
+                                  {"images_done": b.made, "images_total": b.total}, event=event)
     except jobstate.LeaseLost:
         if b.lead:
             raise  # the run's own job: the run stops
@@ -136,19 +139,20 @@ def _writer_main(batches, results, parent_pid: int) -> None:
 
     threading.Thread(target=read, name="outputs-reader", daemon=True).start()
     pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="ldmq-upload")
-    settings_by_json: dict[str, Settings] = {}
+    settings_by_json: dict[str, tuple[Settings, jobstate.ProgressEvents]] = {}
     while (msg := inbox.get()) is not None:
         seq, b = msg
-        settings = settings_by_json.get(b.settings_json)
+        found = settings_by_json.get(b.settings_json)
         error = None
         try:
-            if settings is None:
+            if found is None:
                 if len(settings_by_json) > 16:  # one per worker in practice; tests vary them
                     settings_by_json.clear()
-                settings = settings_by_json[b.settings_json] = Settings.model_validate_json(b.settings_json)
+                settings = Settings.model_validate_json(b.settings_json)
+                found = settings_by_json[b.settings_json] = (settings, jobstate.ProgressEvents(settings.progress_event_min_s))
                 tune_engine(settings)
             with job_context(b.job_id, b.tenant_id):
-                write_batch(settings, pool, b)
+                write_batch(found[0], pool, b, found[1])
         except Exception as exc:
             kind = error_kind(exc)
             if kind == "internal":

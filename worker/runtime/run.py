@@ -73,6 +73,7 @@ class JobRun:
         self._heartbeat = heartbeat
         self.last_renewed = time.monotonic()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}", daemon=True)
+        self._progress_events = jobstate.ProgressEvents(settings.progress_event_min_s)
 
     # -- heartbeat --------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,13 +153,15 @@ class JobRun:
         self.check()
 
     # -- fenced writes ----------------------------------------------------------------------------
-    def progress(self, fraction: float, detail: dict[str, Any] | None = None) -> None:
+    def progress(self, fraction: float, detail: dict[str, Any] | None = None, *, force: bool = False) -> None:
+        """The job row always; a ``progress`` event at a bounded rate (see ``jobstate.ProgressEvents``)."""
+        event = self._progress_events.due(self.job_id, force=force or fraction >= 1.0)
         with session_scope(self.settings) as s:
-            jobstate.set_progress(s, self.job_id, self.attempt, fraction, detail)
+            jobstate.set_progress(s, self.job_id, self.attempt, fraction, detail, event=event)
 
-    def set_checkpoint(self, key: str) -> None:
+    def set_checkpoint(self, key: str, info: dict[str, Any] | None = None) -> None:
         with session_scope(self.settings) as s:
-            jobstate.set_checkpoint(s, self.job_id, self.attempt, key)
+            jobstate.set_checkpoint(s, self.job_id, self.attempt, key, info)
 
     # -- metrics ----------------------------------------------------------------------------------
     def observe_step(self, seconds: float) -> None:
