@@ -191,3 +191,14 @@ def test_at_most_max_adapters_stay_loaded(tiny_pipeline_dir, tmp_path, monkeypat
     for name in ("x", "y", "x", "z"):  # x used again before z: y is the least recently used
         use_adapter(pipe, name, d)
     assert sorted(pipe.get_list_adapters()["unet"]) == ["x", "z"]
+
+
+def test_a_checkpoint_from_before_the_lora_fields_still_resumes():
+    """Its params lack method and the lora_* fields: they had their defaults (full fine-tuning)."""
+    from worker.model.checkpoint import check_resumable
+
+    now = TrainParams(dataset="builtin:digits", steps=5)
+    old = {k: v for k, v in now.model_dump(mode="json").items() if k != "method" and not k.startswith("lora_")}
+    check_resumable({"params": old}, now)
+    with pytest.raises(ValueError, match="method"):
+        check_resumable({"params": old}, lora_params())
