@@ -306,7 +306,8 @@ class Client:
     def train(self, dataset: str, *, webhook: dict[str, Any] | None = None, idempotency_key: str | None = None,
               **params: Any) -> Job:
         """A train job on ``dataset`` (a dataset id or "builtin:digits"); ``params``: steps,
-        batch_size, learning_rate, seed, base_model, ... (see the train schema)."""
+        batch_size, learning_rate, seed, base_model, method ("full" or "lora", with lora_rank,
+        lora_alpha, lora_target_modules), ... (see the train schema)."""
         body = {"dataset": dataset, **params}
         if webhook is not None:
             body["webhook"] = webhook

@@ -13,15 +13,36 @@ steps costs 2.2× less (the images are 8×8 digits upscaled) for about the same 
 Min-SNR-5 and the 2e-3 learning rate lift conditional accuracy at low guidance (0.935 → 0.98 at
 w = 2) against the notes' recipe (AdamW 1e-3, plain L_simple). Budgets are step counts, not wall
 time, so that a run is reproducible. Unknown fields are rejected (422).
+
+``method`` "lora" fine-tunes a ``base_model`` with low-rank adapters on its U-Net instead of every
+weight (Hu et al. 2021, as diffusers' ``train_text_to_image_lora.py``): ΔW = B A with rank r, scaled
+by α / r; the stored model is the adapter alone and names its base (docs/model.md "LoRA").
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.catalog import BUILTIN_DATASETS, DEFAULT_SCHEDULER, SchedulerName
+
+
+# How a train job changes the weights: "full" trains the U-Net (and, without a base model, the
+# autoencoder); "lora" trains low-rank adapters on a base model's U-Net only.
+TrainMethod = Literal["full", "lora"]
+TRAIN_METHODS: tuple[str, ...] = get_args(TrainMethod)
+# U-Net modules a LoRA adapter may wrap (peft matches a name as the module's full name or its last
+# parts): the attention projections, the transformer's feed-forward, the ResNet convolutions and
+# time-embedding projections. Each round-trips through diffusers' save_lora_weights /
+# load_lora_weights to the same U-Net output (tests/worker/test_lora.py); proj_in/proj_out do not
+# in diffusers 0.42 (their 1×1-conv LoRA loads with other weights), so they are not offered.
+LORA_TARGET_MODULES: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+)
+# The U-Net attention projections, as diffusers' train_text_to_image_lora.py targets.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_target_modules")
 
 
 class TrainParams(BaseModel):
@@ -40,6 +61,19 @@ class TrainParams(BaseModel):
     batch_size: int = Field(default=64, ge=1, le=4096)
     learning_rate: float = Field(default=2e-3, gt=0, le=1.0, description="Peak U-Net learning rate (AdamW).")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    # ---- method: full fine-tuning or LoRA adapters on a base model -------------------------
+    method: TrainMethod = Field(
+        default="full", description='"full": train every U-Net weight; "lora": low-rank adapters on base_model\'s U-Net.'
+    )
+    lora_rank: int = Field(default=4, ge=1, le=256, description="r: the rank of each adapter's ΔW = B A (method lora).")
+    lora_alpha: float | None = Field(
+        default=None, gt=0, le=4096, description="α: ΔW is scaled by α / r; default: α = r (method lora)."
+    )
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1, max_length=len(LORA_TARGET_MODULES),
+        description="U-Net modules that get adapters (method lora); default: the attention projections.",
+    )
 
     # ---- autoencoder stage (not used with base_model) --------------------------------------
     autoencoder_steps: int = Field(default=200, ge=1, le=1_000_000)
@@ -131,6 +165,33 @@ class TrainParams(BaseModel):
         if v is not None and (not v or any(not p.strip() or len(p) > 1000 for p in v)):
             raise ValueError("validation_prompts must be 1..32 non-empty prompts of at most 1000 characters")
         return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _lora_targets(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in LORA_TARGET_MODULES]
+        if unknown:
+            raise ValueError(f"unknown lora_target_modules {', '.join(map(repr, unknown))}; "
+                             f"valid: {', '.join(LORA_TARGET_MODULES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("lora_target_modules lists a module twice")
+        return v
+
+    @model_validator(mode="after")
+    def _method(self) -> "TrainParams":
+        """LoRA needs a base model and states its α (default r); the LoRA fields mean nothing to
+        full fine-tuning, so there they must keep their defaults (a set one would be ignored)."""
+        if self.method == "lora":
+            if self.base_model is None:
+                raise ValueError("method 'lora' trains adapters on a base_model; give base_model (a model id)")
+            if self.lora_alpha is None:
+                self.lora_alpha = float(self.lora_rank)
+            return self
+        fields = type(self).model_fields
+        changed = [f for f in LORA_FIELDS if getattr(self, f) != fields[f].get_default(call_default_factory=True)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} apply only to method 'lora' (method is {self.method!r})")
+        return self
 
     @model_validator(mode="after")
     def _shapes(self) -> "TrainParams":

@@ -38,6 +38,7 @@ from api.schemas import (
     WebhookSpec,
 )
 from shared import jobstate, usage
+from shared.adapters import base_of
 from shared.catalog import BUILTIN_DATASETS
 from shared.db import after_commit
 from shared.models import (
@@ -378,7 +379,11 @@ def create_train_job(session: Session, settings: Settings, tenant: TenantRef, re
                            f"builtin datasets: {', '.join(BUILTIN_DATASETS)}")
         dataset_id = ds.id
     if params.base_model is not None:
-        get_model(session, tenant, params.base_model, lock=True)
+        base = get_model(session, tenant, params.base_model, lock=True)
+        if base_of(base.config) is not None:
+            raise ApiError(422, "invalid_request", f"base_model {base.id!r} is a LoRA adapter of "
+                           f"{base_of(base.config)!r}; fine-tune a pipeline model (its base)",
+                           [{"field": "base_model", "message": "a LoRA model cannot be a base model"}])
     body = params.model_dump(mode="json")
     # The webhook is part of the request (so a key reused with another webhook is refused) but not
     # of the params the worker reads.

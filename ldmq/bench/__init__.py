@@ -5,6 +5,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``api`` (:mod:`ldmq.bench.api`): submit latency under load, and dispatch latency
 - ``train`` (:mod:`ldmq.bench.train`): training quality on builtin:digits
 - ``train-speed`` (:mod:`ldmq.bench.train_speed`): U-Net training steps/s against a diffusers-style loop
+- ``lora`` (:mod:`ldmq.bench.lora`): LoRA against full fine-tuning of one base (parameters, step time, memory)
 - ``gpu`` (:mod:`ldmq.bench.gpu`): an SD-1.5-sized U-Net on a CUDA device against diffusers' fp16 pipeline
 - ``ratelimit`` (:mod:`ldmq.bench.ratelimit`): the cost of a tenant's rate check, and one rate across two processes
 - ``stream`` (:mod:`ldmq.bench.stream`): what a job's event stream costs: a poll, idle streams, delivery latency
@@ -24,6 +25,7 @@ import importlib
 BENCHES = {
     "train": "ldmq.bench.train",
     "train-speed": "ldmq.bench.train_speed",
+    "lora": "ldmq.bench.lora",
     "sample": "ldmq.bench.sample",
     "api": "ldmq.bench.api",
     "gpu": "ldmq.bench.gpu",

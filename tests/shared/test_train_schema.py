@@ -59,3 +59,35 @@ def test_invalid_values(fields, message):
 def test_round_trips_through_json():
     p = TrainParams(dataset="builtin:digits", seed=3, min_snr_gamma=5.0)
     assert TrainParams.model_validate_json(p.model_dump_json()) == p
+
+
+def test_method_defaults_to_full_and_lora_needs_a_base_model():
+    assert TrainParams(dataset="builtin:digits").method == "full"
+    with pytest.raises(ValidationError, match="give base_model"):
+        TrainParams(dataset="builtin:digits", method="lora")
+    with pytest.raises(ValidationError, match="'full' or 'lora'"):
+        TrainParams(dataset="builtin:digits", base_model="m_1", method="dreambooth")
+
+
+def test_lora_alpha_defaults_to_the_rank_and_round_trips():
+    p = TrainParams(dataset="ds_1", base_model="m_1", method="lora", lora_rank=8)
+    assert p.lora_alpha == 8.0 and p.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    again = TrainParams.model_validate(p.model_dump(mode="json"))
+    assert again == p
+    assert TrainParams(dataset="ds_1", base_model="m_1", method="lora", lora_rank=8, lora_alpha=16).lora_alpha == 16
+
+
+def test_unknown_lora_target_modules_list_the_valid_ones():
+    from shared.train_schema import LORA_TARGET_MODULES
+
+    with pytest.raises(ValidationError) as exc:
+        TrainParams(dataset="ds_1", base_model="m_1", method="lora", lora_target_modules=["to_q", "attn9"])
+    msg = str(exc.value)
+    assert "'attn9'" in msg and all(m in msg for m in LORA_TARGET_MODULES)
+    with pytest.raises(ValidationError, match="twice"):
+        TrainParams(dataset="ds_1", base_model="m_1", method="lora", lora_target_modules=["to_q", "to_q"])
+
+
+def test_lora_fields_are_refused_with_full_fine_tuning():
+    with pytest.raises(ValidationError, match="lora_rank, lora_alpha apply only to method 'lora'"):
+        TrainParams(dataset="ds_1", base_model="m_1", lora_rank=8, lora_alpha=2)

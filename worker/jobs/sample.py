@@ -36,9 +36,11 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 
+from shared.adapters import ADAPTER_WEIGHTS, base_of
 from shared.catalog import DEFAULT_SCHEDULER
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model
+from shared.pipelines import PipelineRejected
 from shared.settings import Settings
 from shared.storage import get_storage
 from worker.jobs.base import JobError, Run
@@ -97,12 +99,40 @@ def pipeline_cache(settings: Settings) -> PipelineCache:
 
 
 def load_pipeline(settings: Settings, model: Model, device: str):
-    """The model's pipeline on ``device``, from the cache or fetched from storage."""
+    """The model's pipeline on ``device``, from the cache or fetched from storage. A LoRA model is
+    its base's cached pipeline with the model's adapter made the active one (``use_adapter``): many
+    LoRA models over one base load the base once; a pipeline model gets its adapters disabled."""
+    from worker.model.lora import use_adapter
+
     storage = get_storage(settings)
-    return pipeline_cache(settings).get(
-        model.id, lambda local: storage.download_dir(model.key, local), device,
+    base = _base_model(settings, model)
+    pipe = pipeline_cache(settings).get(
+        base.id, lambda local: storage.download_dir(base.key, local), device,
         dtype=settings.worker_dtype, channels_last=settings.worker_channels_last, compile_unet=settings.worker_compile,
     )
+    if base is model:
+        use_adapter(pipe, None)
+    else:
+        local = settings.var_dir / "cache" / "adapters" / model.id
+        if not (local / ADAPTER_WEIGHTS).exists():
+            storage.download_dir(model.key, local)
+        try:
+            use_adapter(pipe, model.id, local)
+        except PipelineRejected as exc:  # not the one safetensors file: never loaded
+            raise JobError("unsafe_model", f"the LoRA adapter was refused: {exc}") from None
+    return pipe
+
+
+def _base_model(settings: Settings, model: Model) -> Model:
+    """The pipeline model to load: ``model`` itself, or the base a LoRA model names."""
+    base_id = base_of(model.config)
+    if base_id is None:
+        return model
+    with session_scope(settings) as s:
+        base = s.get(Model, base_id)
+        if base is None:  # deletion refuses this while the LoRA model exists
+            raise JobError("model_not_found", f"base model {base_id!r} of LoRA model {model.id!r} no longer exists")
+    return base
 
 
 @dataclass

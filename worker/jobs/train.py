@@ -3,7 +3,8 @@
 Checkpoints go to storage under the job's prefix, one folder per step; the pointer to the latest
 lives in the database (``jobs.checkpoint_key``), and only the last K are kept. A job that is
 restarted downloads its latest checkpoint and resumes from it. At the end the pipeline is
-registered as a model, with its evaluation (metrics, loss curve, sample grid) beside it.
+registered as a model, with its evaluation (metrics, loss curve, sample grid) beside it; a LoRA
+job's model is its adapter alone, whose config names the base model (``shared.adapters``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from shared.adapters import base_of, lora_config
 from shared.db import session_scope
 from shared.jobstate import LeaseLost
 from shared.models import Dataset, Job, Model
 from shared.pipelines import PipelineRejected
-from shared.registry import register_pipeline_dir
+from shared.registry import register_adapter_dir, register_pipeline_dir
 from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
 from shared.train_schema import TrainParams
@@ -49,6 +51,9 @@ def run_train(settings: Settings, run: Run) -> dict:
         tenant_id, checkpoint_key = job.tenant_id, job.checkpoint_key
     if params.base_model and base is None:
         raise JobError("model_not_found", f"base model {params.base_model!r} no longer exists")
+    if base is not None and base_of(base.config):  # the API refuses it; a job stored before is failed here
+        raise JobError("invalid_base_model", f"base model {base.id!r} is a LoRA adapter of {base_of(base.config)!r}; "
+                                             "fine-tune a pipeline model")
 
     workdir = Path(tempfile.mkdtemp(prefix=f"train-{run.job_id}-", dir=_scratch(settings)))
     try:
@@ -123,11 +128,17 @@ def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str 
 
 def _register(settings: Settings, storage, run: Run, tenant_id: str, params: TrainParams, result) -> str:
     """Store the trained pipeline as the tenant's model, its evaluation artifacts beside the job."""
+    name, extra = f"train-{run.job_id[:8]}", {"train_params": params.model_dump(mode="json")}
     with session_scope(settings) as s:
-        model = register_pipeline_dir(
-            s, storage, tenant_id, result.pipeline_dir, name=f"train-{run.job_id[:8]}", job_id=run.job_id,
-            metrics=result.metrics, extra_config={"train_params": params.model_dump(mode="json")},
-        )
+        if params.method == "lora":
+            model = register_adapter_dir(
+                s, storage, tenant_id, result.pipeline_dir, base_model=params.base_model, name=name, job_id=run.job_id,
+                lora=lora_config(params.lora_rank, params.lora_alpha, params.lora_target_modules),
+                metrics=result.metrics, extra_config=extra,
+            )
+        else:
+            model = register_pipeline_dir(s, storage, tenant_id, result.pipeline_dir, name=name, job_id=run.job_id,
+                                          metrics=result.metrics, extra_config=extra)
         eval_prefix = f"{job_prefix(tenant_id, run.job_id)}/eval"
         artifacts = {}
         for name, path in result.artifacts.items():

@@ -12,10 +12,12 @@ keep resuming only while they stay as they are):
   ``train_cpu_seconds``, (U-Net stage) ``scaling_factor``, then ``format``, ``optimizer``
   (AdamW's param_groups: lr, betas, eps, weight decay, …), (with EMA) ``ema`` (its scalars: decay,
   optimization_step, …) and ``batch_pos``;
-- ``<module>.safetensors`` — one per trained module's ``state_dict`` (``vae``, ``unet``);
+- ``<module>.safetensors`` — one per trained module's ``state_dict`` (``vae``, ``unet``; with
+  ``method`` "lora" ``unet_lora``: the adapter's weights alone, peft's names, not the frozen base);
 - ``optimizer.safetensors`` — AdamW's per-parameter tensors, keyed ``state.<param index>.<name>``
   (``step``, ``exp_avg``, ``exp_avg_sq``);
-- ``ema_unet.safetensors`` — the EMA shadow parameters, keyed by their index ``"0"``, ``"1"``, …;
+- ``ema_unet.safetensors`` — the EMA shadow parameters (of the trained ones: all the U-Net's, or the
+  adapter's), keyed by their index ``"0"``, ``"1"``, …;
 - ``rng.safetensors`` — ``generator`` (the training generator's state), ``torch_cpu`` (torch's
   global CPU generator) and ``batch_perm`` (the current epoch's permutation).
 
@@ -97,7 +99,10 @@ def check_resumable(state: dict, params: TrainParams) -> None:
     differ only in :data:`NON_TRAINING_FIELDS`)."""
     saved = state["params"]
     now = params.model_dump(mode="json")
-    diff = sorted(k for k in now if k not in NON_TRAINING_FIELDS and saved.get(k) != now[k])
+    # A field added after the checkpoint was written (``method``, say) had its default then.
+    fields = TrainParams.model_fields
+    was = {k: saved[k] if k in saved else fields[k].get_default(call_default_factory=True) for k in now}
+    diff = sorted(k for k in now if k not in NON_TRAINING_FIELDS and was[k] != now[k])
     if diff:
         raise ValueError(f"cannot resume: the checkpoint was trained with other values of {', '.join(diff)}")
 

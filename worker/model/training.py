@@ -22,7 +22,9 @@
    evaluation's artifacts and metrics.
 
 With ``base_model`` (a local diffusers StableDiffusionPipeline directory) stage 2 is skipped, and
-stage 4 trains that model's U-Net, with its own autoencoder, text encoder and noise schedule.
+stage 4 trains that model's U-Net, with its own autoencoder, text encoder and noise schedule. With
+``method`` "lora" stage 4 trains only low-rank adapters on that U-Net (:mod:`worker.model.lora`),
+checkpoints hold the adapter's weights, and stage 5 exports the adapter alone.
 
 Both training stages run through one runner, :meth:`_Run.run_stage`, which owns the step
 bookkeeping: learning-rate schedule, step timing, progress reports, stop requests, checkpoints
@@ -60,6 +62,7 @@ from shared.train_schema import TrainParams
 from worker.model.checkpoint import check_resumable, load_module_weights, restore_training_state, read_checkpoint_state, write_checkpoint
 from worker.model.data import BatchOrder, ImageCaptionDataset
 from worker.model.diffusion import GaussianDiffusion, mean_flat
+from worker.model.lora import AdapterWeights, add_lora, save_adapter, trained_parameters
 from worker.model.parts import assemble_pipeline, encode_captions, encode_posteriors, make_autoencoder, make_unet
 from worker.model.pipelines import load_pipeline_dir
 from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
@@ -93,7 +96,7 @@ class TrainHooks:
 
 @dataclass
 class TrainResult:
-    pipeline_dir: Path
+    pipeline_dir: Path  # a StableDiffusionPipeline folder, or (method lora) a diffusers LoRA adapter folder
     metrics: dict
     artifacts: dict[str, Path] = field(default_factory=dict)
 
@@ -231,6 +234,8 @@ def build(params: TrainParams, base_model_dir: Path | None, dev: torch.device) -
     if unet is None:
         unet = make_unet(params, in_channels=vae.config.latent_channels, sample_size=_latent_side(params, vae),
                          cross_attention_dim=text_encoder.config.hidden_size)
+    if params.method == "lora":
+        add_lora(unet, params)  # its A drawn from the global generator seeded by train(): keep this order
     unet.to(dev)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -420,19 +425,20 @@ class UNetStage(_Stage):
         self.run, self.parts, self.latents, self.data = run, parts, latents, data
         self.steps, self.warmup, self.peak_lr = p.steps, p.warmup_steps, p.learning_rate
         self.first_step = 0 if parts.pretrained else p.autoencoder_steps
-        unet = parts.unet
-        unet.train().requires_grad_(True)
+        unet = parts.unet.train()
+        # Every U-Net weight, or only the adapter's (method lora): what the optimiser and EMA hold.
+        self.trained_names, self.trained = trained_parameters(unet, p)
         # Fused AdamW and a foreach EMA update: one kernel over all parameters instead of a loop of
         # small ops (~10 % of a U-Net step on the 2-core CPU, interleaved runs: docs/benchmarks.md).
-        self.optimizer = torch.optim.AdamW(unet.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(self.trained, lr=p.learning_rate, weight_decay=p.weight_decay, fused=True)
         if p.ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(unet.parameters(), decay=p.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+            self.ema = EMAModel(self.trained, decay=p.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
                                 power=p.ema_power, foreach=True)
         self.batches = BatchOrder(len(data.train), p.batch_size, run.generator)
         if resume is not None and resume.stage == "unet":
-            self._resume(run, resume, {"unet": unet})  # the autoencoder came back in stage 2
+            self._resume(run, resume, self._unet_modules())  # the autoencoder came back in stage 2
         self.evaluator = UNetEvaluator(p, run.device, parts.frozen(), data.train, data.heldout, parts.diffusion)
 
     def train_step(self) -> torch.Tensor:
@@ -453,7 +459,7 @@ class UNetStage(_Stage):
         loss = per_example.mean()
         _optimise(loss, self.optimizer, unet.parameters(), p.grad_clip)
         if self.ema is not None:
-            self.ema.step(unet.parameters())
+            self.ema.step(self.trained)
         return loss
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -471,27 +477,35 @@ class UNetStage(_Stage):
         z0 = (mean + std * self.run.randn(mean.shape)) * lat.scaling
         return idx, z0, lat.caption_embeds[lat.caption_index[idx]]
 
+    def _unet_modules(self) -> dict:
+        """What a checkpoint holds of the U-Net: its weights, or (method lora) the adapter's only."""
+        if self.run.params.method == "lora":
+            return {"unet_lora": AdapterWeights(self.parts.unet, self.trained_names)}
+        return {"unet": self.parts.unet}
+
     def modules(self) -> dict[str, torch.nn.Module]:
         if self.parts.pretrained:
-            return {"unet": self.parts.unet}
-        return {"unet": self.parts.unet, "vae": self.parts.vae}
+            return self._unet_modules()
+        return {**self._unet_modules(), "vae": self.parts.vae}
 
     def state(self) -> dict:
         return {"scaling_factor": self.latents.scaling}
 
     def averaged(self):
         """The U-Net to evaluate and export: a copy with the EMA weights, in eval mode."""
-        return _ema_copy(self.parts.unet, self.ema)
+        return _ema_copy(self.parts.unet, self.ema, self.trained_names)
 
     def evaluate(self, ckpt: Path, global_step: int) -> dict:
         return self.evaluator.evaluate(self.averaged(), ckpt, global_step, self.run.loss_history)
 
 
-def _ema_copy(unet, ema):
-    """A copy of the U-Net holding the EMA weights (or the raw weights without EMA), in eval mode."""
+def _ema_copy(unet, ema, names: list[str]):
+    """A copy of the U-Net holding the EMA weights of its trained parameters ``names`` (or the raw
+    weights without EMA), in eval mode."""
     model = copy.deepcopy(unet).eval().requires_grad_(False)
     if ema is not None:
-        ema.copy_to(model.parameters())
+        params = dict(model.named_parameters())
+        ema.copy_to([params[n] for n in names])
     if hasattr(model, "disable_gradient_checkpointing"):
         model.disable_gradient_checkpointing()
     return model
@@ -503,13 +517,17 @@ def _ema_copy(unet, ema):
 
 
 def export(run: _Run, parts: _Parts, unet: UNetStage, final_metrics: dict) -> TrainResult:
-    """Save the pipeline (EMA U-Net) to ``workdir/pipeline``, copy the final checkpoint's evaluation
-    and the loss history to ``workdir/eval``, and add the run's figures to the final metrics."""
-    pipe = assemble_pipeline(unet.averaged(), **parts.frozen())
-    pipeline_dir = run.workdir / "pipeline"
+    """Save the pipeline (EMA U-Net) to ``workdir/pipeline`` (method lora: the EMA adapter alone, in
+    diffusers' LoRA format, to ``workdir/adapter``), copy the final checkpoint's evaluation and the
+    loss history to ``workdir/eval``, and add the run's figures to the final metrics."""
+    lora = run.params.method == "lora"
+    pipeline_dir = run.workdir / ("adapter" if lora else "pipeline")
     if pipeline_dir.exists():
         shutil.rmtree(pipeline_dir)
-    pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    if lora:
+        save_adapter(unet.averaged(), pipeline_dir)
+    else:
+        assemble_pipeline(unet.averaged(), **parts.frozen()).save_pretrained(str(pipeline_dir), safe_serialization=True)
 
     eval_dir = run.workdir / "eval"
     eval_dir.mkdir(exist_ok=True)
@@ -530,6 +548,7 @@ def export(run: _Run, parts: _Parts, unet: UNetStage, final_metrics: dict) -> Tr
             "eval_wall_s": round(run.eval_seconds, 2),
             "scaling_factor": unet.latents.scaling,
             "unet_params": sum(p.numel() for p in parts.unet.parameters()),
+            "trained_params": sum(p.numel() for p in unet.trained),
             "autoencoder_params": sum(p.numel() for p in parts.vae.parameters()),
         }
     )
