@@ -14,7 +14,7 @@
   Generated R×R images are averaged to gray, block-averaged to 8×8 and rescaled to 0..16 (the exact
   inverse of :func:`worker.model.data.load_digits`).
 - :func:`generate` — images from a :class:`diffusers.StableDiffusionPipeline` (the same code path a
-  user of the saved model runs) with DDPM, DDIM or DPM-Solver++.
+  user of the saved model runs) with any of ``shared.catalog.SCHEDULERS``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from worker.model.diffusion import GaussianDiffusion
+from worker.model.sampling import STEP_TENSORS, step_callback
 from worker.model.schedulers import make_scheduler
 
 
@@ -61,6 +62,8 @@ def generate(
                 guidance_scale=guidance_scale,
                 generator=gen,
                 output_type="pt",
+                callback_on_step_end=step_callback(gen),
+                callback_on_step_end_tensor_inputs=STEP_TENSORS,
             )
             out.append(res.images.float().cpu())
     finally:
