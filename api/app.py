@@ -14,7 +14,7 @@ from api import metrics
 from api.auth import AuthFirst, FailureThrottle, KeyCache
 from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
-from api.routes import dashboard, datasets, jobs, models, ops, webhooks
+from api.routes import dashboard, datasets, jobs, models, ops, schedulers, webhooks
 from api.services.jobs import default_seconds_per_step
 from shared.settings import Settings, get_settings
 
@@ -119,7 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     install_error_handlers(app)
-    for r in (jobs.router, models.router, datasets.router, webhooks.router, ops.router, dashboard.router):
+    for r in (jobs.router, models.router, datasets.router, webhooks.router, schedulers.router, ops.router,
+              dashboard.router):
         app.include_router(r)
 
     app.add_middleware(AuthFirst, cache=app.state.key_cache,

@@ -28,9 +28,9 @@ SCHEDULER_DESCRIPTIONS: dict[str, str] = {
     "ddim": "DDIM (Song et al. 2021), deterministic; 1 network evaluation a step, good at 20-50 steps.",
     "dpm-solver++": "DPM-Solver++ (Lu et al. 2022), 2nd-order multistep; 1 network evaluation a step, "
                     "good at 10-25 steps (the default).",
-    "langevin-pc": f"Predictor-corrector (Song et al. 2021): a DDIM step, then {LANGEVIN_CORRECTOR_STEPS} Langevin "
-                   f"corrector step(s) on the score -eps/sqrt(1-alpha_bar); steps counts predictor steps, each "
-                   f"costing {1 + LANGEVIN_CORRECTOR_STEPS} network evaluations (the last one 1).",
+    "langevin-pc": f"Predictor-corrector (Song et al. 2021): DDIM steps, each followed by {LANGEVIN_CORRECTOR_STEPS} "
+                   f"Langevin step(s) on the score; a step costs {1 + LANGEVIN_CORRECTOR_STEPS} network evaluations "
+                   f"(the last 1).",
 }
 if set(SCHEDULER_DESCRIPTIONS) != set(SCHEDULERS):  # each name has its line; checked on import
     raise RuntimeError("SCHEDULER_DESCRIPTIONS must describe exactly the SCHEDULERS")

@@ -42,15 +42,17 @@ def generate(
     pipe,
     prompts: list[str],
     *,
-    scheduler: str = "dpm-solver++",
+    scheduler="dpm-solver++",
     steps: int = 20,
     guidance_scale: float = 5.0,
     seed: int = 0,
     batch_size: int = 100,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for ``prompts`` (one image each), seeded, in batches."""
+    """Images (N, 3, H, W) in [0, 1] for ``prompts`` (one image each), seeded, in batches.
+    ``scheduler``: a name of ``shared.catalog.SCHEDULERS``, or a scheduler built on the model's
+    config (a benchmark's variant of one)."""
     base_scheduler = pipe.scheduler
-    pipe.scheduler = make_scheduler(scheduler, base_scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, base_scheduler.config) if isinstance(scheduler, str) else scheduler
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -306,7 +308,7 @@ def evaluate_digits(
     judge: DigitsJudge,
     *,
     num_samples: int,
-    scheduler: str,
+    scheduler,
     steps: int,
     guidance_scale: float,
     seed: int = 0,
