@@ -308,7 +308,7 @@ def evaluate_digits(
     judge: DigitsJudge,
     *,
     num_samples: int,
-    scheduler,
+    scheduler: str,
     steps: int,
     guidance_scale: float,
     seed: int = 0,
