@@ -18,7 +18,8 @@ DEFAULT_SCHEDULER: SchedulerName = "dpm-solver++"
 
 # Langevin corrector steps M after each predictor step of "langevin-pc" but the last (which lands on
 # clean data, where there is no score to follow): a job of `steps` costs steps + M·(steps − 1)
-# network evaluations (see network_evaluations). M = 1: docs/benchmarks.md, "Langevin corrector".
+# network evaluations (see network_evaluations). M = 1, the cheapest corrector (docs/benchmarks.md,
+# "Langevin corrector", measures it; larger M was not).
 LANGEVIN_CORRECTOR_STEPS = 1
 
 # One line for each accepted name (GET /v1/schedulers lists them).
