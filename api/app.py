@@ -16,7 +16,7 @@ from api.auth import AuthFirst, FailureThrottle, KeyCache, TenantRate
 from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
 from api.ratelimit import make_buckets
-from api.routes import dashboard, datasets, jobs, models, ops, usage, webhooks
+from api.routes import dashboard, datasets, jobs, models, ops, schedulers, usage, webhooks
 from api.services.jobs import default_seconds_per_step
 from api.services.stream import StreamSlots, close_streams_on_exit_signals
 from shared.settings import Settings, get_settings
@@ -125,7 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stream_slots = StreamSlots(settings.stream_max_per_tenant)
     app.state.stream_stop = threading.Event()  # set when the process is asked to exit
     install_error_handlers(app)
-    for r in (jobs.router, models.router, datasets.router, webhooks.router, usage.router, ops.router, dashboard.router):
+    for r in (jobs.router, models.router, datasets.router, webhooks.router, schedulers.router, usage.router, ops.router,
+              dashboard.router):
         app.include_router(r)
 
     buckets = make_buckets(settings.effective_ratelimit_redis_url)  # shared by every API process

@@ -121,9 +121,11 @@ class SampleEstimate(BaseModel):
     rows: int
     images: int
     denoising_steps: int = Field(description="Sum over images of their sampling steps.")
+    network_evaluations: int = Field(description="Sum over images of the U-Net evaluations their steps cost: "
+                                                 "one a step, more with langevin-pc (see GET /v1/schedulers).")
     seconds_per_step: float
     seconds_per_step_source: str = Field(description="'model' (the model's config) or 'default' (a setting).")
-    estimated_gpu_seconds: float = Field(description="A rough estimate: denoising_steps × seconds_per_step.")
+    estimated_gpu_seconds: float = Field(description="A rough estimate: network_evaluations × seconds_per_step.")
     scheduler: str
     steps: int
     guidance_scale: float
@@ -294,3 +296,12 @@ class ErrorInfo(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorInfo
+
+
+class SchedulerOut(BaseModel):
+    name: str
+    description: str
+
+
+class SchedulerList(BaseModel):
+    items: list[SchedulerOut]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ldmq.bench import BENCHES
+from shared.catalog import SCHEDULERS
 
 
 def _settings():
@@ -375,7 +376,7 @@ def _add_jobs_parser(sub) -> None:
     sample = argparse.ArgumentParser(add_help=False)
     sample.add_argument("csv", help="CSV of prompts (header row; prompt required)")
     sample.add_argument("--model", required=True, help="model id")
-    sample.add_argument("--scheduler", help="ddpm, ddim or dpm-solver++")
+    sample.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)} (GET /v1/schedulers)")
     sample.add_argument("--steps", type=int)
     sample.add_argument("--guidance-scale", type=float)
 

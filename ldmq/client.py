@@ -337,6 +337,10 @@ class Client:
         ``gpu_seconds_24h`` (``GET /v1/usage``)."""
         return self._request("GET", "/v1/usage")
 
+    def schedulers(self) -> list[dict[str, str]]:
+        """Every sampler name a sample job accepts, each with a one-line description."""
+        return self._request("GET", "/v1/schedulers")["items"]
+
     def model(self, model_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/models/{model_id}")
 

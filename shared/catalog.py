@@ -10,10 +10,40 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 # Samplers of a latent diffusion model: DDPM is the seed's Algorithm 2 (ancestral sampling, 1000
-# steps by default); DDIM and DPM-Solver++ reach the same quality in 20-50 steps.
-SchedulerName = Literal["ddpm", "ddim", "dpm-solver++"]
+# steps by default); DDIM and DPM-Solver++ reach the same quality in 20-50 steps; langevin-pc adds
+# Langevin corrector steps (Song et al. 2021) after each predictor step.
+SchedulerName = Literal["ddpm", "ddim", "dpm-solver++", "langevin-pc"]
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 DEFAULT_SCHEDULER: SchedulerName = "dpm-solver++"
+
+# Langevin corrector steps M after each predictor step of "langevin-pc" but the last (which lands on
+# clean data, where there is no score to follow): a job of `steps` costs steps + M·(steps − 1)
+# network evaluations (see network_evaluations). M = 1, the cheapest corrector (docs/benchmarks.md,
+# "Langevin corrector", measures it; larger M was not).
+LANGEVIN_CORRECTOR_STEPS = 1
+
+# One line for each accepted name (GET /v1/schedulers lists them).
+SCHEDULER_DESCRIPTIONS: dict[str, str] = {
+    "ddpm": "DDPM ancestral sampling (Ho et al. 2020, Algorithm 2); 1 network evaluation a step, "
+            "best at hundreds of steps (1000 is the paper's).",
+    "ddim": "DDIM (Song et al. 2021), deterministic; 1 network evaluation a step, good at 20-50 steps.",
+    "dpm-solver++": "DPM-Solver++ (Lu et al. 2022), 2nd-order multistep; 1 network evaluation a step, "
+                    "good at 10-25 steps (the default).",
+    "langevin-pc": f"Predictor-corrector (Song et al. 2021): DDIM steps, each followed by {LANGEVIN_CORRECTOR_STEPS} "
+                   f"Langevin step(s) on the score; a step costs {1 + LANGEVIN_CORRECTOR_STEPS} network evaluations "
+                   f"(the last 1).",
+}
+if set(SCHEDULER_DESCRIPTIONS) != set(SCHEDULERS):  # each name has its line; checked on import
+    raise RuntimeError("SCHEDULER_DESCRIPTIONS must describe exactly the SCHEDULERS")
+
+
+def network_evaluations(scheduler: str, steps: int) -> int:
+    """The U-Net passes (of the guided batch) that ``steps`` steps of ``scheduler`` cost: ``steps``,
+    and for langevin-pc ``steps`` predictor evaluations plus M corrector evaluations after every
+    predictor step but the last."""
+    if scheduler == "langevin-pc":
+        return steps + LANGEVIN_CORRECTOR_STEPS * max(steps - 1, 0)
+    return steps
 
 # Datasets that ship with the worker (no upload): scikit-learn's 1,797 handwritten 8×8 digits.
 BUILTIN_DATASETS: tuple[str, ...] = ("builtin:digits",)

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     prompt_max_chars: int = Field(default=1000, ge=1)
     max_images_per_row: int = Field(default=16, ge=1)
     max_images_per_job: int = Field(default=50_000, ge=1)
-    max_steps: int = Field(default=1000, ge=1)
+    max_steps: int = Field(default=1000, ge=1, description=(
+        "The most network evaluations one image may cost: its steps, or more with langevin-pc's corrector."))
     max_image_size: int = Field(default=1024, ge=8)
     model_import_sources: str = Field(default="", description=(
         "Comma-separated s3://bucket/prefix/ locations a tenant may import pipelines from, besides its "

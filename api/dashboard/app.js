@@ -427,6 +427,18 @@ async function loadModels() {
   } catch (_) { /* the status line says why */ }
 }
 
+async function loadSchedulers() {
+  // The names and their one-line descriptions come from the API (shared/catalog.py), not this file.
+  const select = $("scheduler");
+  try {
+    const schedulers = await api("/v1/schedulers");
+    const current = select.value;
+    select.replaceChildren(el("option", { value: "" }, "default"));
+    for (const s of schedulers.items) select.append(el("option", { value: s.name, title: s.description }, s.name));
+    if (current) select.value = current;
+  } catch (_) { /* the status line says why */ }
+}
+
 function uploadForm(dryRun) {
   const file = $("csv-file").files[0];
   if (!file) throw new ApiError(422, { error: { message: "choose a CSV file first" } });
@@ -448,7 +460,8 @@ async function submitUpload(dryRun) {
     const body = await api(req.path, { method: req.method, body: req.body });
     if (dryRun) {
       out.append(el("div", { class: "ok" },
-        `Valid: ${body.rows} row(s), ${body.images} image(s), ${body.denoising_steps} steps; ` +
+        `Valid: ${body.rows} row(s), ${body.images} image(s), ${body.denoising_steps} steps` +
+        (body.network_evaluations !== body.denoising_steps ? ` (${body.network_evaluations} network evaluations)` : "") + "; " +
         `about ${body.estimated_gpu_seconds.toFixed(1)} GPU-seconds (rough estimate).`));
     } else {
       out.dataset.jobId = body.id;
@@ -513,6 +526,7 @@ function start() {
   }
   setStatus("connecting…");
   loadModels();
+  loadSchedulers();
   refreshJobs();
   state.timer = setInterval(refreshJobs, REFRESH_MS);
 }

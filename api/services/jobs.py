@@ -39,7 +39,7 @@ from api.schemas import (
 )
 from shared import jobstate, usage
 from shared.adapters import base_of
-from shared.catalog import BUILTIN_DATASETS
+from shared.catalog import BUILTIN_DATASETS, network_evaluations
 from shared.db import after_commit
 from shared.models import (
     EVENT_TYPES,
@@ -205,10 +205,10 @@ def _sample_problems(settings: Settings, req: SampleRequest) -> list[dict[str, A
             problems.append({"row": i, "column": "negative_prompt", "message": f"negative_prompt is longer than {settings.prompt_max_chars} characters"})
         if p.num_images > settings.max_images_per_row:
             problems.append({"row": i, "column": "num_images", "message": f"num_images {p.num_images} is over the limit {settings.max_images_per_row}"})
-        if p.steps is not None and p.steps > settings.max_steps:
-            problems.append({"row": i, "column": "steps", "message": f"steps {p.steps} is over the limit {settings.max_steps}"})
-    if req.steps > settings.max_steps:
-        problems.append({"field": "steps", "message": f"steps {req.steps} is over the limit {settings.max_steps}"})
+        if p.steps is not None and (over := _over_max_steps(settings, req.scheduler, p.steps)):
+            problems.append({"row": i, "column": "steps", "message": over})
+    if over := _over_max_steps(settings, req.scheduler, req.steps):
+        problems.append({"field": "steps", "message": over})
     for dim in ("width", "height"):
         v = getattr(req, dim)
         if v is not None and (v % 8 or v > settings.max_image_size):
@@ -220,6 +220,16 @@ def _sample_problems(settings: Settings, req: SampleRequest) -> list[dict[str, A
         problems.append({"field": "max_attempts", "message": f"max_attempts is {req.max_attempts}; this deployment "
                                                             f"allows at most {settings.max_attempts_limit}"})
     return problems
+
+
+def _over_max_steps(settings: Settings, scheduler: str, steps: int) -> str | None:
+    """``max_steps`` bounds an image's network evaluations: a langevin-pc step costs more than one."""
+    nfe = network_evaluations(scheduler, steps)
+    if nfe <= settings.max_steps:
+        return None
+    if nfe == steps:
+        return f"steps {steps} is over the limit {settings.max_steps}"
+    return f"steps {steps} of {scheduler} cost {nfe} network evaluations; the limit is {settings.max_steps}"
 
 
 def _check_sample(settings: Settings, req: SampleRequest) -> None:
@@ -321,18 +331,21 @@ def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req
     storing and enqueueing nothing; ``quota`` says whether the tenant's queued-images quota would
     refuse it now (a submit checks again: the queue moves).
 
-    The estimate is rough: images × their steps × a per-model seconds-per-step constant. It
-    ignores batching, guidance (which doubles the U-Net work when > 1), image size, the scheduler,
-    the device and the time to load the pipeline.
+    The estimate is rough: images × the network evaluations of their steps (one a step, and
+    langevin-pc's corrector evaluations on top) × a per-model seconds-per-step constant. It ignores
+    batching, guidance (which doubles the U-Net work when > 1), image size, the device and the time
+    to load the pipeline.
     """
     model = get_model(session, tenant, req.model)
     _check_sample(settings, req)
     images = sum(p.num_images for p in req.prompts)
-    steps = sum(p.num_images * (p.steps if p.steps is not None else req.steps) for p in req.prompts)
+    row_steps = [(p.num_images, p.steps if p.steps is not None else req.steps) for p in req.prompts]
+    steps = sum(n * k for n, k in row_steps)
+    nfe = sum(n * network_evaluations(req.scheduler, k) for n, k in row_steps)
     sps, source = model_seconds_per_step(model)
     return SampleEstimate(model_id=model.id, rows=len(req.prompts), images=images, denoising_steps=steps,
-                          seconds_per_step=sps, seconds_per_step_source=source,
-                          estimated_gpu_seconds=round(steps * sps, 3), scheduler=req.scheduler,
+                          network_evaluations=nfe, seconds_per_step=sps, seconds_per_step_source=source,
+                          estimated_gpu_seconds=round(nfe * sps, 3), scheduler=req.scheduler,
                           steps=req.steps, guidance_scale=req.guidance_scale,
                           quota=quotas.queued_images_verdict(session, tenant, images))
 

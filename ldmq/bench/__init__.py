@@ -4,6 +4,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``sample`` (:mod:`ldmq.bench.sample`): sampling throughput, in-process and end to end
 - ``api`` (:mod:`ldmq.bench.api`): submit latency under load, and dispatch latency
 - ``train`` (:mod:`ldmq.bench.train`): training quality on builtin:digits
+- ``samplers`` (:mod:`ldmq.bench.samplers`): one digits model's samplers (langevin-pc among them) at equal network evaluations
 - ``train-speed`` (:mod:`ldmq.bench.train_speed`): U-Net training steps/s against a diffusers-style loop
 - ``lora`` (:mod:`ldmq.bench.lora`): LoRA against full fine-tuning of one base (parameters, step time, memory)
 - ``gpu`` (:mod:`ldmq.bench.gpu`): an SD-1.5-sized U-Net on a CUDA device against diffusers' fp16 pipeline
@@ -24,6 +25,7 @@ import importlib
 #: ``ldmq bench`` names and the module whose ``main(argv)`` runs each.
 BENCHES = {
     "train": "ldmq.bench.train",
+    "samplers": "ldmq.bench.samplers",
     "train-speed": "ldmq.bench.train_speed",
     "lora": "ldmq.bench.lora",
     "sample": "ldmq.bench.sample",

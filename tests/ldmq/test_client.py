@@ -12,6 +12,7 @@ import pytest
 from ldmq import cli
 from ldmq.client import ApiError, Client, Job
 from shared import jobstate
+from shared.catalog import SCHEDULERS
 from shared.db import session_scope
 from shared.models import JobStatus
 from shared.storage import get_storage, manifest_key, output_key
@@ -72,6 +73,8 @@ def test_estimate_and_errors(api):
     est = api.estimate_csv(b"prompt,num_images\na,2\n", model=api.model_id, steps=5)
     assert est["valid"] and est["images"] == 2 and est["denoising_steps"] == 10
     assert api.estimate_sample(api.model_id, ["a", "b"], steps=3)["denoising_steps"] == 6
+    assert api.estimate_sample(api.model_id, ["a", "b"], steps=3, scheduler="langevin-pc")["network_evaluations"] == 10
+    assert [s["name"] for s in api.schedulers()] == list(SCHEDULERS)
     with pytest.raises(ApiError) as e:
         api.submit_csv(b"prompt,seed\n,x\n", model=api.model_id)
     assert e.value.status == 422 and e.value.code == "invalid_csv"

@@ -30,7 +30,7 @@ def test_unknown_builtin_lists_the_valid_ones():
 
 
 def test_choices_list_their_valid_values():
-    with pytest.raises(ValidationError, match="'ddpm', 'ddim' or 'dpm-solver\\+\\+'"):
+    with pytest.raises(ValidationError, match="'ddpm', 'ddim', 'dpm-solver\\+\\+' or 'langevin-pc'"):
         TrainParams(dataset="builtin:digits", eval_scheduler="euler")
     with pytest.raises(ValidationError, match="'auto', 'no' or 'bf16'"):
         TrainParams(dataset="builtin:digits", mixed_precision="fp16")

@@ -5,6 +5,7 @@ import io
 import pytest
 from PIL import Image
 
+from shared.catalog import SCHEDULERS
 from shared.db import session_scope
 from shared.models import Job, JobOutput
 from shared.storage import get_storage
@@ -124,22 +125,28 @@ def test_cancel_requested_stops_between_steps(client, settings, tiny_model):
         assert s.get(Job, job_id).status == "canceled"
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_each_scheduler_runs(client, settings, tiny_model, scheduler):
     _, key, model_id = tiny_model
     job_id = submit(client, key, model_id, [{"prompt": "p", "seed": 1}], scheduler=scheduler)
     assert run(settings, job_id) == "succeeded"
+    [(_, _, _, key_, _)] = outputs(settings, job_id)
+    assert Image.open(io.BytesIO(get_storage(settings).get_bytes(key_))).size == (32, 32)
+    with session_scope(settings) as s:
+        assert s.get(Job, job_id).params["scheduler"] == scheduler
 
 
-def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
-    """Padding every batch to one fixed size makes an image independent of its batch-mates."""
+@pytest.mark.parametrize("scheduler", ["dpm-solver++", "langevin-pc"])
+def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir, scheduler):
+    """Padding every batch to one fixed size makes an image independent of its batch-mates (the
+    corrector's step size and noise are per image too)."""
     from worker.model.pipelines import load_pipeline_dir
     from worker.model.schedulers import make_scheduler
     from worker.runtime.outputs import png_bytes, to_uint8
     from worker.model.sampling import EmbeddingCache, Item, generate
 
     pipe = load_pipeline_dir(tiny_pipeline_dir)
-    pipe.scheduler = make_scheduler("dpm-solver++", pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     emb = EmbeddingCache(pipe, "cpu")
     items = [Item(r, 0, 1000 + r, f"prompt {r % 3}", "", 4.0, 3) for r in range(6)]
     batched = generate(pipe, items, batch_size=8, width=32, height=32, device="cpu", embeddings=emb)

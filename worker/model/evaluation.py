@@ -14,7 +14,7 @@
   Generated R×R images are averaged to gray, block-averaged to 8×8 and rescaled to 0..16 (the exact
   inverse of :func:`worker.model.data.load_digits`).
 - :func:`generate` — images from a :class:`diffusers.StableDiffusionPipeline` (the same code path a
-  user of the saved model runs) with DDPM, DDIM or DPM-Solver++.
+  user of the saved model runs) with any of ``shared.catalog.SCHEDULERS``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from worker.model.diffusion import GaussianDiffusion
+from worker.model.sampling import STEP_TENSORS, step_callback
 from worker.model.schedulers import make_scheduler
 
 
@@ -41,15 +42,17 @@ def generate(
     pipe,
     prompts: list[str],
     *,
-    scheduler: str = "dpm-solver++",
+    scheduler="dpm-solver++",
     steps: int = 20,
     guidance_scale: float = 5.0,
     seed: int = 0,
     batch_size: int = 100,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for ``prompts`` (one image each), seeded, in batches."""
+    """Images (N, 3, H, W) in [0, 1] for ``prompts`` (one image each), seeded, in batches.
+    ``scheduler``: a name of ``shared.catalog.SCHEDULERS``, or a scheduler built on the model's
+    config (a benchmark's variant of one)."""
     base_scheduler = pipe.scheduler
-    pipe.scheduler = make_scheduler(scheduler, base_scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, base_scheduler.config) if isinstance(scheduler, str) else scheduler
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -61,6 +64,8 @@ def generate(
                 guidance_scale=guidance_scale,
                 generator=gen,
                 output_type="pt",
+                callback_on_step_end=step_callback(gen),
+                callback_on_step_end_tensor_inputs=STEP_TENSORS,
             )
             out.append(res.images.float().cpu())
     finally:

@@ -98,11 +98,6 @@ def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: in
     prompt_embeds = embeddings.get_many([it.prompt for it in padded])
     negative = embeddings.get_many([it.negative_prompt for it in padded]) if cfg else None
 
-    def _callback(_pipe, step, _t, kwargs):
-        if on_step is not None:
-            on_step(step)
-        return kwargs
-
     with torch.inference_mode():
         out = pipe(
             prompt_embeds=prompt_embeds,
@@ -113,9 +108,63 @@ def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: in
             width=width,
             height=height,
             output_type="np",
-            callback_on_step_end=_callback,
+            callback_on_step_end=step_callback(generators, on_step),
+            callback_on_step_end_tensor_inputs=STEP_TENSORS,
         )
     return out.images[: len(batch)]
+
+
+# What the pipeline hands the step callback: the latents, and the (negative + positive, with
+# guidance) prompt embeddings a corrector's network evaluation needs.
+STEP_TENSORS = ["latents", "prompt_embeds"]
+
+
+def step_callback(generator, on_step=None):
+    """The pipeline's ``callback_on_step_end``: after each predictor step, the scheduler's corrector
+    steps when it has them (its ``corrector_steps``; langevin-pc), then ``on_step(step)``.
+
+    The corrector needs network evaluations of its own, and diffusers' pipeline loop has one per
+    step; so they are made here, in the hook the pipeline calls after its step, with the same
+    U-Net inputs and classifier-free guidance as the pipeline's own. ``generator`` is the
+    pipeline's (one per image when a list): the corrector's noise is drawn from it, so an image
+    stays a function of its seed. Use with ``callback_on_step_end_tensor_inputs=STEP_TENSORS``.
+    """
+
+    def callback(pipe, step, t, kwargs):
+        scheduler = pipe.scheduler
+        level = scheduler.corrector_timestep(t) if getattr(scheduler, "corrector_steps", 0) else None
+        if level is not None:
+            latents = kwargs["latents"]
+            for _ in range(scheduler.corrector_steps):
+                eps = guided_eps(pipe, latents, level, kwargs["prompt_embeds"])
+                latents = scheduler.correct(eps, level, latents, generator=generator)
+            kwargs["latents"] = latents
+        if on_step is not None:
+            on_step(step)
+        return kwargs
+
+    return callback
+
+
+def guided_eps(pipe, latents, t: int, prompt_embeds):
+    """ε_θ(latents, t) with the pipeline's classifier-free guidance, computed as its denoising loop
+    computes it (diffusers' StableDiffusionPipeline.__call__)."""
+    import torch
+
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise ValueError("a corrector cannot drive a U-Net with a guidance embedding (time_cond_proj_dim)")
+    cfg = pipe.do_classifier_free_guidance
+    model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+    eps = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
+                    cross_attention_kwargs=pipe.cross_attention_kwargs, return_dict=False)[0]
+    if cfg:
+        uncond, text = eps.chunk(2)
+        eps = uncond + pipe.guidance_scale * (text - uncond)
+        if pipe.guidance_rescale > 0.0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            eps = rescale_noise_cfg(eps, text, guidance_rescale=pipe.guidance_rescale)
+    return eps
 
 
 class StreamStopped(Exception):

@@ -3,12 +3,13 @@ from it. Sampling jobs, evaluation, benchmarks and the tiny test pipeline all co
 what evaluation measures is what a job samples.
 
 diffusers' schedulers are the math (``set_timesteps`` / ``step`` / ``add_noise``); these functions
-only choose their configuration.
+only choose their configuration. The one exception is langevin-pc's corrector, which diffusers
+lacks for DDPM models (:mod:`worker.model.langevin`, written by hand around diffusers' DDIM).
 """
 
 from __future__ import annotations
 
-from shared.catalog import SCHEDULERS
+from shared.catalog import LANGEVIN_CORRECTOR_STEPS, SCHEDULERS
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -54,7 +55,8 @@ def make_scheduler(name: str, base_config):
     built from a DDPM config inherits ``clip_sample=True``, and clipping the predicted latent x_0 to
     [−1, 1] wrecks guided latent samples (pixel-space digits: accuracy 0.96 → 0.16, measured).
     DDIM's last step lands on ᾱ_0 (``set_alpha_to_one=False``, as Stable Diffusion ships it), not on
-    ᾱ = 1.
+    ᾱ = 1. langevin-pc is DDIM with ``LANGEVIN_CORRECTOR_STEPS`` Langevin corrector steps after
+    each predictor step (its network evaluations are made by the sampling loop).
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
@@ -64,4 +66,8 @@ def make_scheduler(name: str, base_config):
         return DDIMScheduler.from_config(base_config, clip_sample=False, set_alpha_to_one=False)
     if name == "dpm-solver++":
         return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "langevin-pc":
+        from worker.model.langevin import LangevinPCScheduler
+
+        return LangevinPCScheduler.from_config(base_config, corrector_steps=LANGEVIN_CORRECTOR_STEPS)
     raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
