@@ -17,3 +17,9 @@ DEFAULT_SCHEDULER: SchedulerName = "dpm-solver++"
 
 # Datasets that ship with the worker (no upload): scikit-learn's 1,797 handwritten 8×8 digits.
 BUILTIN_DATASETS: tuple[str, ...] = ("builtin:digits",)
+
+# What a sample job writes: a PNG per image, or WebDataset tar shards (``<key>.png`` + ``<key>.json``
+# per image, a fixed number of images a shard: ``LDMQ_WDS_SHARD_IMAGES``), for dataset builders.
+OutputFormat = Literal["png", "webdataset"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+DEFAULT_OUTPUT_FORMAT: OutputFormat = "png"
