@@ -149,7 +149,8 @@ def job_archive(job_id: str, session: SessionDep, settings: SettingsDep, tenant:
     """Every output of a sample job (PNGs, or WebDataset shards, and the manifest once it has
     succeeded) as one tar, streamed from storage: ``<job id>/rows/…``, ``<job id>/shards/…``,
     ``<job id>/manifest.json``, ``<job id>/manifest.csv``. A train job: 409."""
-    stream = archive.tar_stream(get_storage(settings), archive.archive_entries(session, tenant, job_id))
+    storage = get_storage(settings)
+    stream = archive.tar_stream(storage, archive.archive_entries(session, storage, tenant, job_id))
     first = next(stream)  # the first object opened here: storage down is a 503, not a cut stream
     return StreamingResponse(itertools.chain([first], stream), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{job_id}.tar"'})

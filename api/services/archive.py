@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024  # per read from storage: ~100 µs of a 10 Gb/s link, few enough yields per object
 
 
-def archive_entries(session: Session, tenant: TenantRef, job_id: str) -> list[tuple[str, str]]:
-    """(member name, storage key) of every object the job's archive holds, in order."""
+def archive_entries(session: Session, storage: Storage, tenant: TenantRef, job_id: str) -> list[tuple[str, str]]:
+    """(member name, storage key) of every object the job's archive holds, in order. The manifests
+    go in if they are stored (a job from before ``manifest.csv`` existed has only the JSON)."""
     job = get_job(session, tenant, job_id)
     if job.type != JobType.sample.value:
         raise ApiError(409, "not_a_sample_job", f"job {job_id} is a {job.type} job: only a sample job has outputs "
@@ -44,7 +45,7 @@ def archive_entries(session: Session, tenant: TenantRef, job_id: str) -> list[tu
         keys = list(dict.fromkeys(o.key for o, _ in jobstate.outputs_with_rows(session, job.id)))
     if job.status == JobStatus.succeeded.value:
         manifest = manifest_key(tenant.id, job.id)
-        keys += [manifest, manifest.removesuffix(".json") + ".csv"]
+        keys += [k for k in (manifest, manifest.removesuffix(".json") + ".csv") if storage.exists(k)]
     # Only objects under the tenant's own prefix (the keys come from our records; belt and braces).
     return [(f"{job.id}/{k[len(prefix):]}", k) for k in keys if k.startswith(prefix)]
 
