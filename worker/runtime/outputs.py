@@ -97,7 +97,7 @@ class Forget:
 # The writer process
 # ================================================================================================
 
-def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch, spools: ShardSpools | None = None) -> None:
+def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch, spools: ShardSpools) -> None:
     """Encode and upload the batch's PNGs, then record them and the job's progress in one transaction
     (webdataset: append them to their shards, and store and record the shards they complete)."""
     from shared.db import session_scope
@@ -105,8 +105,7 @@ def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch, spools: 
 
     storage = get_storage(settings)
     if b.shards is not None:
-        complete = add_images(spools if spools is not None else ShardSpools(), pool, b,
-                              lambda i: png_bytes(b.pixels[i], b.text[i] if b.text else None))
+        complete = add_images(spools, pool, b, lambda i: png_bytes(b.pixels[i], b.text[i] if b.text else None))
         _fenced(b, lambda: write_shards(settings, storage, session_scope, complete, b))
         return
 
