@@ -8,7 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.catalog import DEFAULT_SCHEDULER, PRIORITY_HELP, PRIORITY_MAX, PRIORITY_MIN, SchedulerName
+from shared.catalog import (
+    DEFAULT_OUTPUT_FORMAT, DEFAULT_SCHEDULER, OUTPUT_FORMATS, PRIORITY_HELP, PRIORITY_MAX, PRIORITY_MIN, OutputFormat,
+    SchedulerName,
+)
 from shared.models import JobStatus, JobType
 from shared.train_schema import TrainParams
 from shared.webhooks import DEFAULT_WEBHOOK_EVENTS, SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_EVENTS, check_url
@@ -90,6 +93,9 @@ class SampleRequest(Strict):
     max_attempts: int | None = Field(default=None, ge=1, le=10)
     priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description=PRIORITY_HELP)
     webhook: WebhookSpec | None = None
+    output_format: OutputFormat = Field(default=DEFAULT_OUTPUT_FORMAT, description=(
+        f"One of {', '.join(OUTPUT_FORMATS)}: a PNG per image, or WebDataset tar shards (<row>-<index>.png and "
+        ".json per image, LDMQ_WDS_SHARD_IMAGES images a shard)."))
 
 
 class TrainRequest(TrainParams):
@@ -193,15 +199,27 @@ class OutputOut(BaseModel):
     prompt: str
     seed: int
     index: int
-    key: str
-    url: str
+    key: str = Field(description="The PNG's key; for webdataset, the key of the shard that holds it.")
+    url: str = Field(description="Presigned URL of that object.")
     width: int
     height: int
+    member: str | None = Field(default=None, description="webdataset: the PNG's name inside its shard.")
+
+
+class ShardOut(BaseModel):
+    shard: int
+    key: str
+    url: str = Field(description="Presigned URL of the tar.")
+    sha256: str
+    bytes: int
+    images: int
 
 
 class OutputList(BaseModel):
     items: list[OutputOut]
     manifest_url: str | None
+    output_format: str = DEFAULT_OUTPUT_FORMAT
+    shards: list[ShardOut] = Field(default_factory=list, description="webdataset: the stored shards, in order.")
 
 
 class CheckpointOut(BaseModel):

@@ -244,7 +244,7 @@ def _jobs_submit(c, args) -> int:
     events = [e for e in (args.webhook_events or "").split(",") if e.strip()] or None
     job = c.submit_csv(args.csv, model=args.model, scheduler=args.scheduler, steps=args.steps,
                        guidance_scale=args.guidance_scale, webhook_url=args.webhook_url, webhook_events=events,
-                       idempotency_key=args.idempotency_key)
+                       idempotency_key=args.idempotency_key, output_format=args.output_format)
     return _submitted(c, job, args)
 
 
@@ -326,6 +326,22 @@ def _jobs_download(c, args) -> int:
     return 0
 
 
+def _jobs_archive(c, args) -> int:
+    path = c.download_archive(args.job_id, args.output)
+    print(f"{path.stat().st_size} bytes in {path.resolve()}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+ARCHIVE_HELP = (
+    "Streams GET /v1/jobs/{id}/archive to FILE: a tar of every output of the job (its PNGs, or its\n"
+    "WebDataset shards) and, once it has succeeded, manifest.json and manifest.csv, all under a\n"
+    "folder named after the job. Written to FILE.part first and renamed once the tar is whole.\n\n"
+    "examples:\n"
+    "  ldmq jobs archive 3f2a... -o job.tar\n"
+    "  tar -tf job.tar             # 3f2a.../rows/000001/000.png ... 3f2a.../manifest.json")
+
+
 def _delete(kind: str):
     def run(c, args) -> int:
         {"job": c.delete, "model": c.delete_model, "dataset": c.delete_dataset}[kind](args.id)
@@ -367,6 +383,8 @@ def _conn_parser() -> argparse.ArgumentParser:
 
 
 def _add_jobs_parser(sub) -> None:
+    from shared.catalog import OUTPUT_FORMATS
+
     conn = _conn_parser()
     follow = argparse.ArgumentParser(add_help=False)
     follow.add_argument("--follow-timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
@@ -387,6 +405,8 @@ def _add_jobs_parser(sub) -> None:
     p.add_argument("--webhook-events", help="comma-separated: started,progress,row_done,checkpoint,succeeded,failed,canceled")
     p.add_argument("--idempotency-key")
     p.add_argument("--follow", action="store_true", help="then follow the job to its end")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS,
+                   help="png (default): a PNG per image; webdataset: tar shards of <key>.png + <key>.json")
     p.set_defaults(jobs_fn=_jobs_submit)
     p = jsub.add_parser("reproduce", parents=[conn, follow],
                         help="submit again the image a PNG made by ldmq records (its model, prompts, seed, steps, "
@@ -418,6 +438,12 @@ def _add_jobs_parser(sub) -> None:
     p.add_argument("dir")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(jobs_fn=_jobs_download)
+    p = jsub.add_parser("archive", parents=[conn], help="download every output of a job as one tar (streamed)",
+                        description="Download every output of a job as one tar (streamed).", epilog=ARCHIVE_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the tar")
+    p.set_defaults(jobs_fn=_jobs_archive)
     _add_delete_parser(jsub, "job", conn)
     j.set_defaults(fn=cmd_jobs)
 

@@ -9,6 +9,7 @@
         for ev in c.stream(job.id):                          # or the events themselves (resumes by itself)
             print(ev.type, ev.data)
         c.download(job.id, "out/")                           # PNGs + manifest, checksums verified
+        c.download_archive(job.id, "job.tar")                # or everything as one tar, streamed
         c.reproduce("out/000001-000.png")                    # the same image again, as a new job
 
 Errors from the API raise :class:`ApiError` (status, code, message, details: the error envelope).
@@ -106,6 +107,8 @@ class Output:
 class Outputs:
     items: list[Output]
     manifest_url: str | None
+    output_format: str = "png"
+    shards: list[dict[str, Any]] = field(default_factory=list)  # webdataset: key, url, sha256, bytes, images
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,20 @@ def _form(**values: Any) -> dict[str, str]:
     return out
 
 
+def _raise_for(r: httpx.Response) -> None:
+    """ApiError from a 4xx/5xx answer's error envelope (its body must have been read)."""
+    if r.status_code < 400:
+        return
+    retry = r.headers.get("retry-after", "")
+    retry_after = float(retry) if retry.isdigit() else None
+    try:
+        err = r.json()["error"]
+        raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"),
+                       retry_after)
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase, None, retry_after) from None
+
+
 class Client:
     """One API endpoint and key. ``http``: an httpx.Client to use instead of a new one (tests pass
     FastAPI's TestClient); the key is sent on every request to the API, never to storage URLs."""
@@ -245,22 +262,10 @@ class Client:
     # -- plumbing -----------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw) -> Any:
         r = self.http.request(method, path, headers={**self._auth, **(headers or {})}, **kw)
-        if r.status_code >= 400:
-            self._raise(r)
+        _raise_for(r)
         if r.status_code == 204:
             return None
         return r.json()
-
-    @staticmethod
-    def _raise(r: httpx.Response) -> None:
-        retry = r.headers.get("retry-after", "")
-        retry_after = float(retry) if retry.isdigit() else None
-        try:
-            err = r.json()["error"]
-            raise ApiError(r.status_code, err.get("code", "error"), err.get("message", r.text), err.get("details"),
-                           retry_after)
-        except (ValueError, KeyError, TypeError):
-            raise ApiError(r.status_code, "http_error", r.text[:500] or r.reason_phrase, None, retry_after) from None
 
     @staticmethod
     def _idem(key: str | None) -> dict[str, str]:
@@ -269,11 +274,14 @@ class Client:
     # -- submit -------------------------------------------------------------------------------
     def submit_csv(self, csv: str | os.PathLike | bytes, *, model: str, scheduler: str | None = None,
                    steps: int | None = None, guidance_scale: float | None = None, webhook_url: str | None = None,
-                   webhook_events: Iterable[str] | None = None, idempotency_key: str | None = None) -> Job:
-        """Upload a CSV of prompts (a path or the bytes) as a sample job."""
+                   webhook_events: Iterable[str] | None = None, idempotency_key: str | None = None,
+                   output_format: str | None = None) -> Job:
+        """Upload a CSV of prompts (a path or the bytes) as a sample job; ``output_format``: "png"
+        (the default) or "webdataset" (tar shards)."""
         name, data = _csv_bytes(csv)
         form = _form(model=model, scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
-                     webhook_url=webhook_url, webhook_events=list(webhook_events) if webhook_events else None)
+                     webhook_url=webhook_url, webhook_events=list(webhook_events) if webhook_events else None,
+                     output_format=output_format)
         return Job.from_json(self._request("POST", "/v1/jobs/sample/csv", headers=self._idem(idempotency_key),
                                            files={"file": (name, data, "text/csv")}, data=form))
 
@@ -288,7 +296,7 @@ class Client:
     def submit_sample(self, model: str, prompts: list[dict[str, Any] | str], *, webhook: dict[str, Any] | None = None,
                       idempotency_key: str | None = None, **options: Any) -> Job:
         """A sample job from prompts (strings or ``{"prompt", "seed", "num_images", ...}``);
-        ``options``: scheduler, steps, guidance_scale, width, height, max_attempts."""
+        ``options``: scheduler, steps, guidance_scale, width, height, max_attempts, output_format."""
         body = self._sample_body(model, prompts, webhook, options)
         return Job.from_json(self._request("POST", "/v1/jobs/sample", json=body, headers=self._idem(idempotency_key)))
 
@@ -388,7 +396,8 @@ class Client:
 
     def outputs(self, job_id: str) -> Outputs:
         body = self._request("GET", f"/v1/jobs/{job_id}/outputs")
-        return Outputs([Output.from_json(o) for o in body["items"]], body.get("manifest_url"))
+        return Outputs([Output.from_json(o) for o in body["items"]], body.get("manifest_url"),
+                       body.get("output_format", "png"), body.get("shards") or [])
 
     def events(self, job_id: str, *, after_id: int = 0, types: Iterable[str] | None = None, limit: int = 100) -> Events:
         params = _form(after_id=after_id, limit=limit, types=list(types) if types else None)
@@ -437,7 +446,7 @@ class Client:
         with self.http.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as r:
             if r.status_code >= 400:
                 r.read()
-                self._raise(r)
+                _raise_for(r)
             for kind, fields in parse_sse(r.iter_lines()):
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id}: no end of its stream after the timeout")
@@ -481,9 +490,11 @@ class Client:
 
     # -- download -------------------------------------------------------------------------------
     def download(self, job_id: str, dest: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
-        """Write the job's images to ``dest`` as ``<row:06>-<index:03>.png`` (and ``manifest.json``
-        once the job succeeded). With a manifest every image is checked against its SHA-256; files
-        already there with the right checksum are kept (a re-run resumes). Returns the image paths."""
+        """Write the job's images to ``dest`` as ``<row:06>-<index:03>.png`` (a webdataset job: its
+        shards, as ``<shard:06>.tar``), and ``manifest.json`` once the job succeeded. With a
+        manifest every image is checked against its SHA-256 (a shard always is, against its own);
+        files already there with the right checksum are kept (a re-run resumes). Returns the paths
+        of the images (or shards)."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         outs = self.outputs(job_id)
@@ -492,21 +503,50 @@ class Client:
         if outs.manifest_url:
             manifest_bytes = self._fetch(outs.manifest_url)
             expected = {e["key"]: e["sha256"] for e in json.loads(manifest_bytes)["outputs"]}
+        if outs.output_format == "webdataset":
+            expected = {s["key"]: s["sha256"] for s in outs.shards}
+            files = [(s["key"], s["url"], dest / s["key"].rsplit("/", 1)[1]) for s in outs.shards]
+        else:
+            files = [(o.key, o.url, dest / f"{o.row:06d}-{o.index:03d}.png") for o in outs.items]
         paths = []
-        for o in outs.items:
-            path = dest / f"{o.row:06d}-{o.index:03d}.png"
-            want = expected.get(o.key)
+        for key, url, path in files:
+            want = expected.get(key)
             if path.exists() and not overwrite and want and hashlib.sha256(path.read_bytes()).hexdigest() == want:
                 paths.append(path)
                 continue
-            data = self._fetch(o.url)
+            data = self._fetch(url)
             if want and hashlib.sha256(data).hexdigest() != want:
-                raise ApiError(502, "checksum_mismatch", f"{o.key}: the downloaded bytes do not match the manifest")
+                raise ApiError(502, "checksum_mismatch", f"{key}: the downloaded bytes do not match the manifest")
             _write_atomic(path, data)
             paths.append(path)
         if manifest_bytes is not None:
             _write_atomic(dest / "manifest.json", manifest_bytes)
         return paths
+
+    def download_archive(self, job_id: str, path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> Path:
+        """Stream ``GET /v1/jobs/{id}/archive`` (every output of the job and its manifest, one tar)
+        to ``path``, a chunk at a time (never the whole archive in memory), through a ``.part``
+        file renamed into place once the tar has ended: a cut stream leaves no file that looks
+        whole (ApiError ``archive_truncated``). Returns the path."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.part")
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/archive", headers=self._auth) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_for(r)
+            tail = b""
+            try:
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes(chunk_bytes):
+                        f.write(chunk)
+                        tail = (tail + chunk[-1024:])[-1024:]
+                if tail != b"\0" * 1024:  # a tar ends with two zero blocks
+                    raise ApiError(502, "archive_truncated", f"the archive of job {job_id} ended early")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, path)
+        return path
 
     def _fetch(self, url: str) -> bytes:
         """GET a presigned (or file://) URL, without the API key."""

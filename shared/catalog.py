@@ -51,3 +51,9 @@ BUILTIN_DATASETS: tuple[str, ...] = ("builtin:digits",)
 # Job priority (spec 1.1 "Scheduling"): within one tenant higher runs first, FIFO among equals.
 PRIORITY_MIN, PRIORITY_MAX = -10, 10
 PRIORITY_HELP = f"{PRIORITY_MIN}..{PRIORITY_MAX}: within the tenant, higher runs first (FIFO among equals)"
+
+# What a sample job writes: a PNG per image, or WebDataset tar shards (``<key>.png`` + ``<key>.json``
+# per image, a fixed number of images a shard: ``LDMQ_WDS_SHARD_IMAGES``), for dataset builders.
+OutputFormat = Literal["png", "webdataset"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+DEFAULT_OUTPUT_FORMAT: OutputFormat = "png"

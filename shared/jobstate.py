@@ -23,7 +23,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import insert_for
-from shared.models import FINAL_STATUSES, Job, JobEvent, JobOutput, JobRow, JobStatus, utcnow
+from shared.models import FINAL_STATUSES, Job, JobEvent, JobOutput, JobRow, JobShard, JobStatus, utcnow
 
 _FINAL = [s.value for s in FINAL_STATUSES]
 
@@ -358,6 +358,29 @@ def record_outputs(session: Session, job_id: str, attempt: int, records: list[di
         if wanted.get(row) is not None and have.get(row) == wanted[row]:
             emit(session, job_id, "row_done", {"row": row})
     return inserted
+
+
+def record_shard(session: Session, job_id: str, attempt: int, *, shard: int, key: str, sha256: str, size: int,
+                 records: list[dict[str, Any]]) -> bool:
+    """Record a WebDataset shard and the images in it (``records``, as :func:`record_outputs`
+    takes them, each with the shard's ``key``), once, in one fenced step: the images and their
+    shard are recorded together or not at all, so a retry's ``done`` set holds whole shards only
+    and it rebuilds exactly the shards not recorded. Returns True if this call recorded the shard."""
+    record_outputs(session, job_id, attempt, records)  # locks the job's row and checks the fence
+    insert_fn = insert_for(session)
+    stmt = (
+        insert_fn(JobShard)
+        .values(job_id=job_id, shard=shard, key=key, sha256=sha256, bytes=size, images=len(records),
+                attempt=attempt, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["job_id", "shard"])
+        .returning(JobShard.shard)
+    )
+    return session.execute(stmt).first() is not None
+
+
+def shards_of(session: Session, job_id: str) -> list[JobShard]:
+    """A job's recorded WebDataset shards, in shard order."""
+    return list(session.scalars(select(JobShard).where(JobShard.job_id == job_id).order_by(JobShard.shard)))
 
 
 def outputs_with_rows(session: Session, job_id: str) -> list[tuple[JobOutput, JobRow]]:

@@ -146,6 +146,10 @@ class Settings(BaseSettings):
         "split across them; tiny model on 2 cores: 70 vs 48 images/s)"))
     worker_threads: int = Field(default=0, ge=0, description=(
         "torch threads (per sample stream); 0 = torch's default, or the CPU's cores / sample streams"))
+    wds_shard_images: int = Field(default=1000, ge=1, le=100_000, description=(
+        "Images per WebDataset tar shard of a sample job with output_format webdataset (the last shard holds the "
+        "rest). Fixed in the job's params when it is submitted, so a retry rebuilds the same shards. A shard is "
+        "spooled on the worker's disk until its last image is made, then uploaded in one PUT."))
     worker_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto: float16 on CUDA, float32 on CPU")
     worker_channels_last: bool = Field(default=False, description="channels_last U-Net/VAE (often faster on GPU)")

@@ -318,6 +318,14 @@ async function showThumbs(job) {
   if (state.selected !== job.id) return;
   const box = $("thumbs");
   box.replaceChildren();
+  if (outs.output_format === "webdataset") {   // tar shards: links, not images
+    for (const s of outs.shards || []) {
+      box.append(el("p", {}, el("a", { href: s.url }, `shard ${s.shard}`), ` ${s.images} images, ${s.bytes} bytes`));
+    }
+    if (!(outs.shards || []).length) box.append(el("p", { class: "muted" }, "No shards yet."));
+    state.shownOutputs = token;
+    return;
+  }
   for (const o of outs.items) {
     const img = el("img", { src: o.url, alt: o.prompt, title: `${o.prompt} (seed ${o.seed})`, loading: "lazy",
       width: o.width, height: o.height });

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any
 
 from fastapi import File, Form, Header, Query, Request, Response, UploadFile
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api import routing
@@ -22,9 +24,9 @@ from api.schemas import (
     TrainRequest,
     WebhookDeliveryList,
 )
-from api.services import deletion, stream
+from api.services import archive, deletion, stream
 from api.services import jobs as svc
-from shared.catalog import PRIORITY_HELP, SCHEDULERS
+from shared.catalog import OUTPUT_FORMATS, PRIORITY_HELP, SCHEDULERS
 from shared.models import EVENT_TYPES
 from shared.storage import get_storage
 from shared.webhooks import WEBHOOK_EVENTS
@@ -80,11 +82,13 @@ async def create_sample_job_csv(
     priority: Annotated[str | None, Form(description=PRIORITY_HELP)] = None,
     webhook_url: Annotated[str | None, Form(description="POST the job's events here (signed; see GET /v1/webhooks/secret)")] = None,
     webhook_events: Annotated[str | None, Form(description=f"comma-separated subset of {', '.join(WEBHOOK_EVENTS)}")] = None,
+    output_format: Annotated[str | None, Form(description=f"one of {', '.join(OUTPUT_FORMATS)}")] = None,
     idempotency_key: IdemKey = None,
     dry_run: DryRun = False,
 ) -> JobOut | SampleEstimate:
     form = {"model": model, "scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale,
-            "priority": priority, "webhook_url": webhook_url, "webhook_events": webhook_events}
+            "priority": priority, "webhook_url": webhook_url, "webhook_events": webhook_events,
+            "output_format": output_format}
     # FastAPI drops form fields it has no parameter for; a typo (``prority=…``, ``step=…``) must
     # not be silently ignored, as unknown JSON fields are not.
     unknown = sorted(set((await request.form()).keys()) - set(form) - {"file"})
@@ -138,8 +142,20 @@ def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: 
 
 @router.get("/{job_id}/outputs", response_model=OutputList, responses=ERRORS)
 def list_outputs(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> OutputList:
-    items, manifest = svc.list_outputs(session, settings, get_storage(settings), tenant, job_id)
-    return OutputList(items=items, manifest_url=manifest)
+    return svc.list_outputs(session, settings, get_storage(settings), tenant, job_id)
+
+
+@router.get("/{job_id}/archive", response_class=StreamingResponse, responses={
+    **ERRORS, 409: {"model": ErrorBody}, 200: {"content": {"application/x-tar": {}}, "description": "a tar"}})
+def job_archive(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> StreamingResponse:
+    """Every output of a sample job (PNGs, or WebDataset shards, and the manifest once it has
+    succeeded) as one tar, streamed from storage: ``<job id>/rows/…``, ``<job id>/shards/…``,
+    ``<job id>/manifest.json``, ``<job id>/manifest.csv``. A train job: 409."""
+    storage = get_storage(settings)
+    stream = archive.tar_stream(storage, archive.archive_entries(session, storage, tenant, job_id))
+    first = next(stream)  # the first object opened here: storage down is a 503, not a cut stream
+    return StreamingResponse(itertools.chain([first], stream), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{job_id}.tar"'})
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)

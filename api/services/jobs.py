@@ -29,8 +29,10 @@ from api.schemas import (
     CheckpointOut,
     EventOut,
     JobOut,
+    OutputList,
     OutputOut,
     SampleEstimate,
+    ShardOut,
     SamplePrompt,
     SampleRequest,
     TrainRequest,
@@ -57,7 +59,15 @@ from shared.models import (
 from shared.queue import enqueue
 from shared.security import TenantRef
 from shared.settings import Settings
-from shared.storage import ObjectNotFound, ObjectTooLarge, Storage, checkpoint_prefix, job_prefix, manifest_key
+from shared.storage import (
+    ObjectNotFound,
+    ObjectTooLarge,
+    Storage,
+    checkpoint_prefix,
+    job_prefix,
+    manifest_key,
+    sample_key,
+)
 from shared.train_schema import TrainParams
 
 
@@ -244,11 +254,15 @@ def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, r
     _check_sample(settings, req)
     total = sum(p.num_images for p in req.prompts)
 
-    digest = digest or request_hash("sample", req.model_dump(mode="json"))
+    # A PNG request hashes as it did before output_format existed (an Idempotency-Key stays valid).
+    digest = digest or request_hash("sample", req.model_dump(
+        mode="json", exclude={"output_format"} if req.output_format == "png" else None))
 
     def build() -> Job:
         params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook", "priority"})
         params["num_rows"] = len(req.prompts)
+        if req.output_format == "webdataset":  # fixed now, so every attempt plans the same shards
+            params["shard_images"] = settings.wds_shard_images
         job = Job(type=JobType.sample.value, status=JobStatus.queued.value, params=params, model_id=model.id,
                   total_items=total, max_attempts=req.max_attempts, priority=req.priority)
         job.rows = [_row(i, p) for i, p in enumerate(req.prompts, start=1)]
@@ -273,7 +287,7 @@ def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str
         raise ApiError(422, "invalid_csv", exc.message, cap_details(exc.details)) from None
     model = form.get("model")
     body: dict[str, Any] = {"model": model, "prompts": [p.model_dump(exclude_none=True) for p in prompts]}
-    for name in ("scheduler", "steps", "guidance_scale", "priority"):
+    for name in ("scheduler", "steps", "guidance_scale", "priority", "output_format"):
         if form.get(name) not in (None, ""):
             body[name] = form[name]
     url, events = (form.get("webhook_url") or "").strip(), (form.get("webhook_events") or "").strip()
@@ -452,21 +466,35 @@ def cancel_job(session: Session, tenant: TenantRef, job_id: str) -> Job:
     return job
 
 
+def output_format(job: Job) -> str:
+    return (job.params or {}).get("output_format", "png")
+
+
 def list_outputs(session: Session, settings: Settings, storage: Storage, tenant: TenantRef, job_id: str
-                 ) -> tuple[list[OutputOut], str | None]:
+                 ) -> OutputList:
     job = get_job(session, tenant, job_id)
     prefix = f"{tenant.id}/"
+    webdataset = output_format(job) == "webdataset"
+    urls: dict[str, str] = {}  # one presigned URL per object (a shard holds many images)
+
+    def url(key: str) -> str:
+        if key not in urls:
+            urls[key] = storage.presigned_url(key, settings.presign_expiry_s)
+        return urls[key]
+
     items = []
     for out, row in jobstate.outputs_with_rows(session, job.id):
         if not out.key.startswith(prefix):  # presigned URLs only under the tenant's own prefix
             continue
         items.append(OutputOut(row=out.row, prompt=row.prompt, seed=out.seed, index=out.index, key=out.key,
-                               url=storage.presigned_url(out.key, settings.presign_expiry_s),
-                               width=out.width, height=out.height))
+                               url=url(out.key), width=out.width, height=out.height,
+                               member=f"{sample_key(out.row, out.index)}.png" if webdataset else None))
+    shards = [ShardOut(shard=sh.shard, key=sh.key, url=url(sh.key), sha256=sh.sha256, bytes=sh.bytes, images=sh.images)
+              for sh in jobstate.shards_of(session, job.id) if sh.key.startswith(prefix)]
     manifest = None
     if job.type == JobType.sample.value and job.status == JobStatus.succeeded.value:
         manifest = storage.presigned_url(manifest_key(tenant.id, job.id), settings.presign_expiry_s)
-    return items, manifest
+    return OutputList(items=items, manifest_url=manifest, output_format=output_format(job), shards=shards)
 
 
 CHECKPOINT_DIR = re.compile(r"/checkpoints/step-(\d+)-a(\d+)/([^/]+)$")

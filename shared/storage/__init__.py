@@ -25,13 +25,22 @@ from shared.storage.base import (
     sha256_hex,
 )
 from shared.storage.file import FileStorage
-from shared.storage.keys import checkpoint_prefix, dataset_key, job_prefix, manifest_key, model_prefix, output_key
+from shared.storage.keys import (
+    checkpoint_prefix,
+    dataset_key,
+    job_prefix,
+    manifest_key,
+    model_prefix,
+    output_key,
+    sample_key,
+    shard_key,
+)
 from shared.storage.s3 import S3Storage
 
 __all__ = [
     "ChecksumMismatch", "FileStorage", "ObjectExists", "ObjectNotFound", "ObjectTooLarge", "S3Storage", "Storage", "StorageError",
     "StorageUnavailable", "UnsafeKey", "checkpoint_prefix", "content_sha256", "dataset_key", "get_storage", "job_prefix", "manifest_key",
-    "model_prefix", "output_key", "sha256_hex", "storage_from_url",
+    "model_prefix", "output_key", "sample_key", "sha256_hex", "shard_key", "storage_from_url",
 ]
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 from shared.paths import UnsafePath, path_within, plain_relative_path
@@ -137,10 +138,27 @@ class Storage(ABC):
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
         return self.put_bytes(key, Path(path).read_bytes(), content_type=content_type)
 
-    def put_fileobj(self, key: str, f, content_type: str = "application/octet-stream") -> str:
-        """Store what the seekable binary file ``f`` holds from its start; return its sha256."""
+    def put_fileobj(self, key: str, f, content_type: str = "application/octet-stream", *,
+                    if_none_match: bool = False) -> str:
+        """Store what the seekable binary file ``f`` holds from its start; return its sha256.
+        ``if_none_match`` never overwrites (ObjectExists)."""
         f.seek(0)
-        return self.put_bytes(key, f.read(), content_type=content_type)
+        return self.put_bytes(key, f.read(), content_type=content_type, if_none_match=if_none_match)
+
+    def put_fileobj_once(self, key: str, f, *, content_type: str = "application/octet-stream") -> tuple[str, bool]:
+        """:meth:`put_bytes_once` for a file (streamed by the backends: a WebDataset shard)."""
+        try:
+            return self.put_fileobj(key, f, content_type, if_none_match=True), True
+        except ObjectExists:
+            return self.checksum(key) or sha256_hex(self.get_bytes(key, verify=False)), False
+
+    def open_stream(self, key: str, chunk_size: int = 1 << 20) -> tuple[int, Iterator[bytes]]:
+        """(size in bytes, the object's bytes in chunks of at most ``chunk_size``) for a reader that
+        must not hold a whole object (``GET /v1/jobs/{id}/archive``). The backends stream; the
+        chunks are checked against the stored SHA-256 as they pass, and a mismatch (or a size that
+        differs) raises at the end of the object, before anything after it is read."""
+        data = self.get_bytes(key)
+        return len(data), (data[i:i + chunk_size] for i in range(0, len(data), chunk_size))
 
     def read_into(self, key: str, out, *, max_bytes: int | None = None) -> int:
         """Write the object's bytes to the binary file ``out`` and return how many there were;

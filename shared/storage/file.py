@@ -41,6 +41,27 @@ class FileStorage(Storage):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         Path(tmp + ".sha256").write_text(digest)
+        self._place(key, tmp, path, if_none_match)
+        return digest
+
+    def put_fileobj(self, key, f, content_type="application/octet-stream", *, if_none_match=False):
+        """Copied in 1 MiB chunks to a temporary file beside the target, hashed on the way, then
+        renamed (or, create-only, hard-linked) into place."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        f.seek(0)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        Path(tmp + ".sha256").write_text(h.hexdigest())
+        self._place(key, tmp, path, if_none_match)
+        return h.hexdigest()
+
+    def _place(self, key: str, tmp: str, path: Path, if_none_match: bool) -> None:
+        """Move the written temporary file (and its checksum beside it) to ``path``."""
         if if_none_match:
             try:
                 os.link(tmp, path)  # atomic create-if-absent
@@ -52,24 +73,6 @@ class FileStorage(Storage):
         else:
             os.replace(tmp, path)
         os.replace(tmp + ".sha256", self._sidecar(path))
-        return digest
-
-    def put_fileobj(self, key, f, content_type="application/octet-stream"):
-        """Copied in 1 MiB chunks to a temporary file beside the target, hashed on the way, then
-        renamed into place."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        f.seek(0)
-        with os.fdopen(fd, "wb") as out:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-                out.write(chunk)
-        Path(tmp + ".sha256").write_text(h.hexdigest())
-        os.replace(tmp, path)
-        os.replace(tmp + ".sha256", self._sidecar(path))
-        return h.hexdigest()
 
     def put_file(self, key, path, content_type="application/octet-stream"):
         with open(path, "rb") as f:
@@ -103,6 +106,30 @@ class FileStorage(Storage):
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
         return n
+
+    def open_stream(self, key, chunk_size=1 << 20):
+        path = self._path(key)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        size = os.fstat(f.fileno()).st_size
+        side = self._sidecar(path)
+        expected = side.read_text().strip() if side.exists() else None
+
+        def chunks():
+            h, n = hashlib.sha256(), 0
+            with f:
+                for chunk in iter(lambda: f.read(chunk_size), b""):
+                    n += len(chunk)
+                    h.update(chunk)
+                    yield chunk
+            if n != size:
+                raise StorageError(f"{key!r}: {n} bytes read, {size} when opened")
+            if expected and expected != h.hexdigest():
+                raise ChecksumMismatch(key)
+
+        return size, chunks()
 
     def exists(self, key):
         return self._path(key).is_file()

@@ -11,6 +11,17 @@ def output_key(tenant_id: str, job_id: str, row: int, index: int) -> str:
     return f"{job_prefix(tenant_id, job_id)}/rows/{row:06d}/{index:03d}.png"
 
 
+def shard_key(tenant_id: str, job_id: str, shard: int) -> str:
+    """A WebDataset tar shard of a sample job (``output_format: webdataset``)."""
+    return f"{job_prefix(tenant_id, job_id)}/shards/{shard:06d}.tar"
+
+
+def sample_key(row: int, index: int) -> str:
+    """An image's WebDataset sample key inside its shard (its members are ``<key>.png`` and
+    ``<key>.json``); no dot, as WebDataset splits a member name at its first dot."""
+    return f"{row:06d}-{index:03d}"
+
+
 def manifest_key(tenant_id: str, job_id: str) -> str:
     return f"{job_prefix(tenant_id, job_id)}/manifest.json"
 

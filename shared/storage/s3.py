@@ -141,7 +141,7 @@ class S3Storage(Storage):
         with open(path, "rb") as f:
             return self.put_fileobj(key, f, content_type)
 
-    def put_fileobj(self, key, f, content_type="application/octet-stream"):
+    def put_fileobj(self, key, f, content_type="application/octet-stream", *, if_none_match=False):
         """Streamed from the file (one PUT; S3 takes up to 5 GiB in one): a first pass hashes it,
         the second sends it with its SHA-256 for the server to check."""
         h = hashlib.sha256()
@@ -151,11 +151,13 @@ class S3Storage(Storage):
         raw = h.digest()
         size = f.tell()
 
+        extra = {"IfNoneMatch": "*"} if if_none_match else {}
+
         def put():
             f.seek(0)
             return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f, ContentLength=size,
                                           ContentType=content_type, Metadata={CHECKSUM_META: raw.hex()},
-                                          ChecksumSHA256=base64.b64encode(raw).decode())
+                                          ChecksumSHA256=base64.b64encode(raw).decode(), **extra)
 
         self._call("put", key, put)
         return raw.hex()
@@ -177,6 +179,32 @@ class S3Storage(Storage):
             return n
 
         return self._call("get", key, get)
+
+    def open_stream(self, key, chunk_size=1 << 20):
+        """One GET (retried until the body starts); its body read ``chunk_size`` at a time, hashed as
+        it passes and checked against the object's SHA-256 at its end."""
+        obj = self._call("get", key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
+        size, expected, body = int(obj["ContentLength"]), obj.get("Metadata", {}).get(CHECKSUM_META), obj["Body"]
+
+        def chunks():
+            h, n = hashlib.sha256(), 0
+            try:
+                for chunk in body.iter_chunks(chunk_size):
+                    n += len(chunk)
+                    h.update(chunk)
+                    yield chunk
+            except StorageError:
+                raise
+            except Exception as exc:  # the connection broke mid-body: not retried (bytes went out)
+                raise self._wrap(exc, key) from exc
+            finally:
+                body.close()
+            if n != size:
+                raise StorageError(f"S3 GET {key!r}: {n} bytes read, {size} announced")
+            if expected and expected != h.hexdigest():
+                raise ChecksumMismatch(key)
+
+        return size, chunks()
 
     def full_key(self, key: str) -> str:
         """``key`` as the bucket names it (with this storage's prefix)."""

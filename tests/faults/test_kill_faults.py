@@ -145,3 +145,54 @@ def test_6b_an_executor_that_dies_every_time_spends_the_attempts(fstack):
     assert w.alive()
     nxt = fstack.submit_sample(2, steps=2)
     _j = fstack.wait_final(nxt, 90); assert _j.status == "succeeded", _j.error
+
+
+def test_sigkill_mid_webdataset_job_every_image_in_exactly_one_shard(fstack):
+    """As test 3, with WebDataset shards of 4 images: the retry rebuilds only the shards the killed
+    run had not recorded; every image is in exactly one shard, and what is stored is what is recorded."""
+    import hashlib
+    import io
+    import tarfile
+
+    from shared.db import session_scope
+    from shared.models import JobShard
+    from shared.storage import get_storage, sample_key
+
+    shard_env = {"LDMQ_WDS_SHARD_IMAGES": "4"}
+    fstack.start_api(shard_env)
+    fstack.start_sweeper()
+    fstack.start_worker("w1", ready=False)
+    fstack.start_worker("w2", ready=False)
+    job_id = fstack.submit_sample(40, steps=8, output_format="webdataset")
+    fstack.wait_status(job_id, lambda j: 8 <= j.outputs_count < 36, 120, "some of the shards")
+    victim = fstack.owner_of(job_id)
+    victim.signal(signal.SIGKILL)
+    victim.wait_exit(10)
+    before = fstack.job(job_id)
+    assert before.status == "running" and before.outputs_count % 4 == 0  # whole shards only
+    job = fstack.wait_final(job_id, 120)
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 2
+    outs = fstack.outputs(job_id)
+    pairs = [(o.row, o.index) for o in outs]
+    assert len(pairs) == len(set(pairs)) == 40 and fstack.job(job_id).outputs_count == 40
+    with session_scope(fstack.settings) as s:
+        shards = [(sh.shard, sh.key, sh.sha256, sh.images, sh.attempt)
+                  for sh in s.query(JobShard).filter_by(job_id=job_id).order_by(JobShard.shard)]
+    assert [n for n, *_ in shards] == list(range(10)) and all(n == 4 for *_, n, _ in shards)
+    assert sum(a == 1 for *_, a in shards) >= before.outputs_count // 4  # what attempt 1 recorded stayed
+    st = get_storage(fstack.settings)
+    assert st.list(f"{job.tenant_id}/jobs/{job_id}/shards/") == [k for _, k, *_ in shards]
+    assert st.list(f"{job.tenant_id}/jobs/{job_id}/rows/") == []
+    by_key = {}
+    for o in outs:
+        by_key.setdefault(o.key, {})[f"{sample_key(o.row, o.index)}.png"] = o.sha256
+    for _, k, sha, _, _ in shards:
+        data = st.get_bytes(k)
+        assert hashlib.sha256(data).hexdigest() == sha
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            pngs = {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+                    for m in tar if m.name.endswith(".png")}
+        assert pngs == by_key[k]  # the shard holds exactly the images recorded in it, byte for byte
+    row_done = [d["row"] for t, d in fstack.events(job_id) if t == "row_done"]
+    assert sorted(row_done) == list(range(1, 41))

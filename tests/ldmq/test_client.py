@@ -368,3 +368,65 @@ def test_client_stream_reconnects_across_an_api_restart_losing_and_repeating_not
     assert ids == [e.id for e in listed]  # every event once, in order, across the restart
     assert [e.type for e in got if e.id is None] == ["job", "job", "end"]  # one snapshot per connection
     assert got[-1].type == "end" and got[-1].data["status"] == "succeeded"
+
+
+def test_download_archive_and_cli_archive(api, settings, tiny_model, tmp_path, monkeypatch, capsys, keep_root_logging):
+    import tarfile
+
+    tid = tiny_model[0]
+    job = api.submit_csv(b"prompt\na\nb\n", model=api.model_id)
+    entries = finish_with_outputs(settings, tid, job.id, rows=2)
+    path = api.download_archive(job.id, tmp_path / "job.tar")
+    with tarfile.open(path) as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar}
+    assert got[f"{job.id}/rows/000001/000.png"] == b"image 1" and got[f"{job.id}/rows/000002/000.png"] == b"image 2"
+    assert json.loads(got[f"{job.id}/manifest.json"])["outputs"] == entries
+    assert not list(tmp_path.glob(".*.part"))
+    with pytest.raises(ApiError) as err:
+        api.download_archive("0" * 32, tmp_path / "none.tar")
+    assert err.value.status == 404 and not (tmp_path / "none.tar").exists()
+    assert not list(tmp_path.glob(".*.part"))
+
+    # An object lost midway cuts the stream: no file is left that looks like a whole archive.
+    get_storage(settings).delete(entries[1]["key"])
+    with pytest.raises(Exception):
+        api.download_archive(job.id, tmp_path / "cut.tar")
+    assert not (tmp_path / "cut.tar").exists() and not list(tmp_path.glob(".*.part"))
+    get_storage(settings).put_bytes(entries[1]["key"], b"image 2")
+
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "archive", job.id, "-o", str(tmp_path / "cli.tar"))
+    assert rc == 0 and out.strip() == str(tmp_path / "cli.tar")
+    assert (tmp_path / "cli.tar").read_bytes() == path.read_bytes()
+    with pytest.raises(SystemExit):
+        cli.main(["jobs", "archive", "--help"])
+    help_text = capsys.readouterr().out
+    assert "examples:" in help_text and "ldmq jobs archive 3f2a... -o job.tar" in help_text
+
+
+def test_cli_submits_webdataset_and_download_fetches_its_shards(api, settings, tiny_model, tmp_path, monkeypatch,
+                                                                 capsys, keep_root_logging):
+    from shared.storage import shard_key
+
+    tid = tiny_model[0]
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_bytes(b"prompt\na\n")
+    rc, out, _ = run_cli(monkeypatch, capsys, api, "jobs", "submit", str(csv_path), "--model", api.model_id,
+                         "--output-format", "webdataset")
+    assert rc == 0
+    job_id = out.strip().splitlines()[-1]
+    assert api.get(job_id).params["output_format"] == "webdataset"
+    storage = get_storage(settings)
+    key, data = shard_key(tid, job_id, 0), b"a tar"
+    digest = storage.put_bytes(key, data)
+    with session_scope(settings) as s:
+        claim = jobstate.claim(s, job_id, "w", 30)
+        jobstate.record_shard(s, job_id, claim.attempt, shard=0, key=key, sha256=digest, size=len(data),
+                              records=[dict(row=1, index=0, seed=1, key=key, width=8, height=8, sha256="0" * 64)])
+    paths = api.download(job_id, tmp_path / "dl")
+    assert [p.name for p in paths] == ["000000.tar"] and paths[0].read_bytes() == data
+    outs = api.outputs(job_id)
+    assert outs.output_format == "webdataset" and outs.items[0].raw["member"] == "000001-000.png"
+    storage.delete(key)
+    storage.put_bytes(key, b"tampered")
+    with pytest.raises(ApiError, match="do not match"):
+        api.download(job_id, tmp_path / "dl2")

@@ -377,3 +377,26 @@ def test_a_skewed_clock_is_not_retried_and_says_so():
     assert not _retryable(exc)
     err = S3Storage("b", endpoint_url="http://127.0.0.1:9")._wrap(exc, "k")
     assert not isinstance(err, StorageUnavailable) and "clock" in str(err)
+
+
+def test_put_fileobj_once_and_open_stream(storage, tmp_path):
+    """A file stored create-only (a WebDataset shard) keeps the first writer's bytes; a stream
+    hands an object over in chunks and refuses bytes that do not match the stored checksum."""
+    import hashlib
+    import io
+
+    from shared.storage import ChecksumMismatch
+
+    first = io.BytesIO(b"x" * 300_000)
+    digest, created = storage.put_fileobj_once("s/shard.tar", first)
+    assert created and digest == hashlib.sha256(b"x" * 300_000).hexdigest()
+    assert storage.put_fileobj_once("s/shard.tar", io.BytesIO(b"other")) == (digest, False)
+    size, chunks = storage.open_stream("s/shard.tar", chunk_size=65536)
+    parts = list(chunks)
+    assert size == 300_000 and b"".join(parts) == b"x" * 300_000 and max(map(len, parts)) <= 65536
+    with pytest.raises(ObjectNotFound):
+        storage.open_stream("s/missing.tar")
+    if storage.scheme == "file":  # bytes changed behind the checksum's back
+        (storage.root / "s" / "shard.tar").write_bytes(b"y" * 300_000)
+        with pytest.raises(ChecksumMismatch):
+            list(storage.open_stream("s/shard.tar")[1])

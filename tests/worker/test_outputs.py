@@ -175,3 +175,54 @@ def test_text_chunks_only_add_to_the_png():
     assert img.text == text
     assert (np.asarray(img) == pixels).all()
     assert without_text_chunks(data) == png_bytes(pixels) and data != png_bytes(pixels)
+
+
+def test_webdataset_batches_fill_shards_and_an_abandoned_shard_is_rebuilt_whole(client, settings, tiny_model):
+    """Images go to their shard across batches; a shard is stored and recorded when its last image
+    arrives. A run that stops mid-shard leaves nothing stored or recorded for it, and the next
+    attempt's shard holds exactly its own images (nothing of the abandoned one)."""
+    import hashlib
+    import tarfile
+    from datetime import timedelta
+
+    from shared.models import JobShard, utcnow
+    from shared.storage import shard_key
+
+    job_id, attempt, tenant_id = claimed_job(client, settings, tiny_model, n=3)
+    st = get_storage(settings)
+    writer = OutputWriter(settings)
+    arrays = images(3)
+    meta = [(r, 0, 100 + r) for r in (1, 2, 3)]
+    writer.submit(job_id=job_id, attempt=attempt, tenant_id=tenant_id, lead=True, made=2, total=3,
+                  meta=meta[:2], arrays=arrays[:2], shards=[(0, 3), (0, 3)])
+    writer.drain()
+    writer.close()  # the run stops with shard 0 two images short
+    assert st.list(f"{tenant_id}/jobs/{job_id}/shards/") == []
+    with session_scope(settings) as s:
+        assert s.query(JobOutput).filter_by(job_id=job_id).count() == 0
+        s.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=5)
+    with session_scope(settings) as s:
+        attempt2 = jobstate.claim(s, job_id, "test-owner-2", 60).attempt
+    writer = OutputWriter(settings)
+    writer.submit(job_id=job_id, attempt=attempt2, tenant_id=tenant_id, lead=True, made=1, total=3,
+                  meta=meta[:1], arrays=arrays[:1], shards=[(0, 3)])
+    writer.submit(job_id=job_id, attempt=attempt2, tenant_id=tenant_id, lead=True, made=3, total=3,
+                  meta=meta[1:], arrays=arrays[1:], shards=[(0, 3), (0, 3)])
+    writer.drain()
+    writer.close()
+    key = shard_key(tenant_id, job_id, 0)
+    with tarfile.open(fileobj=io.BytesIO(st.get_bytes(key))) as tar:
+        names = tar.getnames()
+        pngs = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".png")}
+    assert names == ["000001-000.png", "000001-000.json", "000002-000.png", "000002-000.json",
+                     "000003-000.png", "000003-000.json"]
+    pixels = to_uint8(arrays)
+    for k, (name, data) in enumerate(sorted(pngs.items())):
+        assert (np.asarray(Image.open(io.BytesIO(data))) == pixels[k]).all()
+    with session_scope(settings) as s:
+        outs = s.query(JobOutput).filter_by(job_id=job_id).order_by(JobOutput.row).all()
+        assert [(o.row, o.key, o.attempt) for o in outs] == [(r, key, attempt2) for r in (1, 2, 3)]
+        assert [o.sha256 for o in outs] == [hashlib.sha256(pngs[n]).hexdigest() for n in sorted(pngs)]
+        shard = s.query(JobShard).filter_by(job_id=job_id).one()
+        assert (shard.images, shard.sha256, shard.attempt) == (3, hashlib.sha256(st.get_bytes(key)).hexdigest(), attempt2)
+        assert s.get(Job, job_id).outputs_count == 3

@@ -1,7 +1,11 @@
 """A sample job's manifest: every output with its prompt, seed and checksum and how to make it
 again (model id and content hash, sampler, steps, guidance, size, dtype, device, versions), as JSON
 and CSV. The run-wide fields (``provenance.run_params``) are those of the run that writes the
-manifest; each PNG's own ``ldmq`` text chunk records those of the run that made it."""
+manifest; each PNG's own ``ldmq`` text chunk records those of the run that made it.
+
+A WebDataset job (``output_format: webdataset``) lists the same images, each with ``key`` = its
+shard's key and ``member`` = its PNG's name in the shard, and (JSON) ``shards``: every shard's key,
+SHA-256, size and number of images."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from shared import jobstate
 from shared.db import session_scope
 from shared.models import Job
 from shared.settings import Settings
-from shared.storage import get_storage, manifest_key
+from shared.storage import get_storage, manifest_key, sample_key
 from worker.jobs.provenance import row_steps_guidance
 
 FIELDS = ["row", "index", "seed", "prompt", "negative_prompt", "key", "width", "height", "sha256",
@@ -39,6 +43,9 @@ def write_manifest(settings: Settings, tenant_id: str, job_id: str, run: dict[st
     storage = get_storage(settings)
     with session_scope(settings) as s:
         params = s.get(Job, job_id).params
+        webdataset = params.get("output_format") == "webdataset"
+        shards = [{"shard": sh.shard, "key": sh.key, "sha256": sh.sha256, "bytes": sh.bytes, "images": sh.images}
+                  for sh in jobstate.shards_of(s, job_id)] if webdataset else []
         entries = []
         for o, r in jobstate.outputs_with_rows(s, job_id):
             steps, guidance = row_steps_guidance(params, r)
@@ -47,12 +54,16 @@ def write_manifest(settings: Settings, tenant_id: str, job_id: str, run: dict[st
                             "sha256": o.sha256, "model_id": run["model_id"], "model_sha256": run["model_sha256"],
                             "scheduler": run["scheduler"], "steps": steps, "guidance_scale": guidance,
                             "dtype": run["dtype"], "device": run["device"], "versions": run["versions"]})
-    storage.put_bytes(manifest_key(tenant_id, job_id),
-                      json.dumps({"job_id": job_id, "outputs": entries}, indent=1).encode(),
+            if webdataset:
+                entries[-1]["member"] = f"{sample_key(o.row, o.index)}.png"
+    body = {"job_id": job_id, "output_format": params.get("output_format", "png"), "outputs": entries}
+    if webdataset:
+        body["shards"] = shards
+    storage.put_bytes(manifest_key(tenant_id, job_id), json.dumps(body, indent=1).encode(),
                       content_type="application/json")
     buf = io.StringIO()
     version_fields = [f"{name}_version" for name in sorted(run["versions"])]
-    w = csv.DictWriter(buf, fieldnames=FIELDS[:-1] + version_fields)
+    w = csv.DictWriter(buf, fieldnames=FIELDS[:-1] + version_fields + (["member"] if webdataset else []))
     w.writeheader()
     for e in entries:
         w.writerow(_csv_row(e))

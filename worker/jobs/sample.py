@@ -21,6 +21,9 @@ to the output writer.
   skipped, so a retry never writes an output twice. Each PNG carries how to make it again (model
   id and content hash, sampler, steps, guidance, prompts, seed, size, dtype, device, versions) in
   text chunks (``worker.jobs.provenance``); the manifest lists the same.
+- ``output_format: webdataset``: the same images go into WebDataset tar shards instead
+  (``worker.jobs.shards`` says which image goes into which; ``worker.runtime.shards`` writes them
+  create-only under deterministic keys and records each with its images once).
 - Cross-job micro-batching: a run also claims other queued jobs of the same model, size and
   scheduler (each with its own claim, fencing token and heartbeat) while the images of the run
   stay under ``cobatch_max_items``, and packs their rows into the same model batches. Their own
@@ -46,6 +49,7 @@ from shared.storage import get_storage
 from worker.jobs.base import JobError, Run
 from worker.jobs.manifest import write_manifest
 from worker.jobs.provenance import image_params, png_text, row_steps_guidance, run_params
+from worker.jobs.shards import ShardPlan, plan_shards
 from worker.model.pipelines import PipelineCache, pipeline_view, resolve_device
 from worker.model.sampling import (
     CPU_AUTO_BATCH,
@@ -145,6 +149,11 @@ class JobWork:
     items: list[Item]
     made: int
     total: int
+    shards: ShardPlan | None = None  # output_format webdataset: each image's shard
+
+
+def is_webdataset(job: Job) -> bool:
+    return job.params.get("output_format") == "webdataset"
 
 
 def load_work(settings: Settings, run: Run, index: int = 0) -> tuple[JobWork, Model | None]:
@@ -154,7 +163,8 @@ def load_work(settings: Settings, run: Run, index: int = 0) -> tuple[JobWork, Mo
         model = s.get(Model, job.model_id) if job.model_id else None
         done = {(o.row, o.index) for o in s.scalars(select(JobOutput).where(JobOutput.job_id == job.id))}
     items = plan_items(job, rows, done, index)
-    return JobWork(run, job, job.tenant_id, items, len(done), job.total_items or 1), model
+    shards = plan_shards(job.params, rows) if is_webdataset(job) else None
+    return JobWork(run, job, job.tenant_id, items, len(done), job.total_items or 1, shards), model
 
 
 def batch_size_for(settings: Settings, model: Model) -> int:
@@ -325,7 +335,9 @@ def _make_images(run: Run, works: list[JobWork], setup: _Setup, stopped: set[int
                                   made=w.made, total=w.total, arrays=arrays[mine],
                                   meta=[(batch[k].row, batch[k].index, batch[k].seed) for k in mine],
                                   text=[png_text(image_params(setup.common, w.job.id, batch[k], setup.width,
-                                                              setup.height)) for k in mine])
+                                                              setup.height)) for k in mine],
+                                  shards=None if w.shards is None else
+                                  [w.shards[(batch[k].row, batch[k].index)] for k in mine])
         writer.drain()
     except BaseException:
         streams.close()  # first: batches still computing stop at their next step

@@ -17,6 +17,8 @@ writer thread, 40.4 and 32.7 with this process (interleaved runs, 256 images eac
   of error (a lost lease, storage unreachable, the database unreachable), so the job ends as it
   would have with the work done in-process. A writer that dies takes the attempt with it
   (``WorkerProcessDied``: the job is requeued while it has attempts left).
+- ``output_format: webdataset``: the same PNGs go into tar shards (``worker.runtime.shards``),
+  each stored once complete and recorded with its images in one fenced transaction.
 - One writer per executor, kept across jobs (spawned once: ~1 s of imports). It exits when its
   parent goes, even by SIGKILL, so a killed executor leaves no writer behind; the writes it had
   under way are create-only and fenced, so a late one can neither clobber nor double-record.
@@ -39,6 +41,7 @@ from shared.settings import Settings
 from shared.storage import output_key
 from worker.runtime.child import start_child, tune_engine
 from worker.runtime.errors import WorkerProcessDied, error_kind, raise_kind
+from worker.runtime.shards import ShardSpools, add_images, write_shards
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 2
@@ -80,20 +83,34 @@ class Batch:
     meta: list[tuple[int, int, int]]  # (row, index, seed) per image
     pixels: object  # uint8 (N, H, W, 3)
     text: list[dict[str, str]] | None = None  # PNG text chunks per image (how to make it again)
+    shards: list[tuple[int, int]] | None = None  # webdataset: (shard, images in that shard) per image
+
+
+@dataclass(frozen=True)
+class Forget:
+    """A run is over: drop the unfinished shards of these jobs (a run that stopped mid-shard)."""
+
+    job_ids: tuple[str, ...]
 
 
 # ================================================================================================
 # The writer process
 # ================================================================================================
 
-def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch,
+def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch, spools: ShardSpools,
                 progress_events: jobstate.ProgressEvents | None = None) -> None:
-    """Encode and upload the batch's PNGs, then record them and the job's progress in one
-    transaction (a ``progress`` event only when ``progress_events`` says so, and at the last batch)."""
+    """Encode and upload the batch's PNGs, then record them and the job's progress in one transaction
+    (webdataset: append them to their shards, and store and record the shards they complete); a
+    ``progress`` event only when ``progress_events`` says so, and at the last batch."""
     from shared.db import session_scope
     from shared.storage import get_storage
 
     storage = get_storage(settings)
+    if b.shards is not None:
+        complete = add_images(spools, pool, b, lambda i: png_bytes(b.pixels[i], b.text[i] if b.text else None))
+        event = progress_events is None or progress_events.due(b.job_id, force=b.made >= b.total)
+        _fenced(b, lambda: write_shards(settings, storage, session_scope, complete, b, event=event))
+        return
 
     def put(i: int) -> dict:
         row, index, seed = b.meta[i]
@@ -108,12 +125,21 @@ def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch,
                     sha256=digest)
 
     records = list(pool.map(put, range(len(b.meta))))
-    try:
+
+    def record():
         with session_scope(settings) as s:  # fenced by the attempt
             jobstate.record_outputs(s, b.job_id, b.attempt, records)
             event = progress_events is None or progress_events.due(b.job_id, force=b.made >= b.total)
             jobstate.set_progress(s, b.job_id, b.attempt, b.made / b.total,
                                   {"images_done": b.made, "images_total": b.total}, event=event)
+
+    _fenced(b, record)
+
+
+def _fenced(b: Batch, record) -> None:
+    """``record()``; a fenced-off run raises for the run's own job, and is logged for a packed one."""
+    try:
+        record()
     except jobstate.LeaseLost:
         if b.lead:
             raise  # the run's own job: the run stops
@@ -140,8 +166,13 @@ def _writer_main(batches, results, parent_pid: int) -> None:
     threading.Thread(target=read, name="outputs-reader", daemon=True).start()
     pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="ldmq-upload")
     settings_by_json: dict[str, tuple[Settings, jobstate.ProgressEvents]] = {}
+    spools = ShardSpools()
     while (msg := inbox.get()) is not None:
         seq, b = msg
+        if isinstance(b, Forget):
+            for job_id in b.job_ids:
+                spools.drop(job_id)
+            continue  # nobody waits for its answer
         found = settings_by_json.get(b.settings_json)
         error = None
         try:
@@ -152,7 +183,7 @@ def _writer_main(batches, results, parent_pid: int) -> None:
                 found = settings_by_json[b.settings_json] = (settings, jobstate.ProgressEvents(settings.progress_event_min_s))
                 tune_engine(settings)
             with job_context(b.job_id, b.tenant_id):
-                write_batch(found[0], pool, b, found[1])
+                write_batch(found[0], pool, b, spools, found[1])
         except Exception as exc:
             kind = error_kind(exc)
             if kind == "internal":
@@ -265,10 +296,15 @@ class OutputWriter:
         self.settings_json = settings.model_dump_json()
         self.process = _writer_process()
         self.pending: deque[tuple[int, str]] = deque()
+        self.sharded: set[str] = set()  # jobs whose images went to shards
 
     def submit(self, *, job_id: str, attempt: int, tenant_id: str, lead: bool, made: int, total: int,
-               meta: list[tuple[int, int, int]], arrays, text: list[dict[str, str]] | None = None) -> None:
-        batch = Batch(self.settings_json, job_id, attempt, tenant_id, lead, made, total, meta, to_uint8(arrays), text)
+               meta: list[tuple[int, int, int]], arrays, text: list[dict[str, str]] | None = None,
+               shards: list[tuple[int, int]] | None = None) -> None:
+        batch = Batch(self.settings_json, job_id, attempt, tenant_id, lead, made, total, meta, to_uint8(arrays), text,
+                      shards)
+        if shards is not None:
+            self.sharded.add(job_id)
         self.pending.append((self.process.send(batch), job_id))
         while len(self.pending) > MAX_PENDING:
             self._wait_oldest()
@@ -286,3 +322,9 @@ class OutputWriter:
     def close(self) -> None:
         self.process.forget(seq for seq, _ in self.pending)
         self.pending.clear()
+        if self.sharded:  # after the batches still queued: shards a stopped run left unfinished go
+            try:
+                self.process.send(Forget(tuple(sorted(self.sharded))))
+            except WorkerProcessDied:
+                pass  # and its spools with it
+            self.sharded.clear()
