@@ -131,7 +131,8 @@ def test_each_scheduler_runs(client, settings, tiny_model, scheduler):
     assert run(settings, job_id) == "succeeded"
 
 
-def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
+@pytest.mark.parametrize("scheduler", ["dpm-solver++", "ddpm"])  # ddpm: Algorithm 2's own loop, its noise per image
+def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir, scheduler):
     """Padding every batch to one fixed size makes an image independent of its batch-mates."""
     from worker.model.pipelines import load_pipeline_dir
     from worker.model.schedulers import make_scheduler
@@ -139,7 +140,7 @@ def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir):
     from worker.model.sampling import EmbeddingCache, Item, generate
 
     pipe = load_pipeline_dir(tiny_pipeline_dir)
-    pipe.scheduler = make_scheduler("dpm-solver++", pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     emb = EmbeddingCache(pipe, "cpu")
     items = [Item(r, 0, 1000 + r, f"prompt {r % 3}", "", 4.0, 3) for r in range(6)]
     batched = generate(pipe, items, batch_size=8, width=32, height=32, device="cpu", embeddings=emb)

@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from shared.train_schema import TrainParams
 from worker.model.checkpoint import check_resumable, load_module_weights, restore_training_state, read_checkpoint_state, write_checkpoint
 from worker.model.data import BatchOrder, ImageCaptionDataset
-from worker.model.diffusion import GaussianDiffusion, mean_flat
+from worker.model.diffusion import GaussianDiffusion
+from worker.model.diffusion import train_step as diffusion_train_step
 from worker.model.parts import assemble_pipeline, encode_captions, encode_posteriors, make_autoencoder, make_unet
 from worker.model.pipelines import load_pipeline_dir
 from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
@@ -436,22 +437,22 @@ class UNetStage(_Stage):
         self.evaluator = UNetEvaluator(p, run.device, parts.frozen(), data.train, data.heldout, parts.diffusion)
 
     def train_step(self) -> torch.Tensor:
-        run, p, unet, diffusion = self.run, self.run.params, self.parts.unet, self.parts.diffusion
+        """Algorithm 1 (:func:`worker.model.diffusion.train_step`) on the next batch; the draws after
+        the batch's are t, ε, then the caption dropout (their order is part of a checkpoint's
+        reproducibility), then the EMA update."""
+        run, p, unet = self.run, self.run.params, self.parts.unet
         idx, z0, context = self._batch()
-        # the draws after the batch's: t, then ε (their order is part of a checkpoint's reproducibility)
-        t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=run.generator).to(run.device)  # (B,)
-        noise = run.randn(z0.shape)  # ε, (B, C, h, w)
-        drop = (torch.rand(len(idx), generator=run.generator) < p.caption_dropout).to(run.device)
-        context = torch.where(drop[:, None, None], self.latents.empty_embed, context)  # (B, L, D)
-        z_t = diffusion.q_sample(z0, t, noise)
-        with run.autocast():
-            eps = unet(z_t, t, encoder_hidden_states=context).sample
-        per_example = mean_flat((eps.float() - noise) ** 2)  # L_simple
-        if p.min_snr_gamma is not None:  # Min-SNR-γ (Hang et al. 2023), ε-prediction form
-            snr = diffusion.snr(t)
-            per_example = per_example * snr.clamp(max=p.min_snr_gamma) / snr
-        loss = per_example.mean()
-        _optimise(loss, self.optimizer, unet.parameters(), p.grad_clip)
+
+        def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            drop = (torch.rand(len(idx), generator=run.generator) < p.caption_dropout).to(run.device)
+            cond = torch.where(drop[:, None, None], self.latents.empty_embed, context)  # (B, L, D)
+            with run.autocast():
+                return unet(z_t, t, encoder_hidden_states=cond).sample
+
+        loss = diffusion_train_step(
+            self.parts.diffusion, eps_fn, z0, generator=run.generator, min_snr_gamma=p.min_snr_gamma,
+            gradient_step=lambda loss: _optimise(loss, self.optimizer, unet.parameters(), p.grad_clip),
+        )
         if self.ema is not None:
             self.ema.step(unet.parameters())
         return loss
