@@ -130,6 +130,21 @@ def test_final_metrics_and_artifacts(full_run):
         assert result.artifacts[name].exists()
 
 
+def test_the_final_evaluation_chooses_the_sampling_defaults(full_run):
+    from worker.model.train_eval import choose_guidance
+
+    _, result = full_run
+    m, params = result.metrics, tiny_params()
+    sweep = {r["guidance_scale"]: r for r in m["guidance_sweep"]}
+    assert sorted(sweep) == params.eval_guidance_candidates == [1.0, 1.5, 2.0, 3.0, 5.0]
+    assert result.sampling_defaults == {"scheduler": params.eval_scheduler, "steps": params.eval_steps,
+                                        "guidance_scale": choose_guidance(sweep)}
+    chosen = sweep[result.sampling_defaults["guidance_scale"]]
+    # the stored quality is the quality at the chosen guidance, what a bare request samples with
+    assert (m["accuracy"], m["frechet"], m["guidance_scale"]) == (chosen["accuracy"], chosen["frechet"],
+                                                                    chosen["guidance_scale"])
+
+
 def test_pipeline_loads_in_plain_diffusers_and_samples(full_run):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 

@@ -21,6 +21,7 @@ from shared.db import session_scope
 from shared.jobstate import LeaseLost
 from shared.models import Dataset, Job, Model
 from shared.pipelines import PipelineRejected
+from shared import sampling_defaults
 from shared.registry import register_pipeline_dir
 from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
@@ -124,7 +125,8 @@ def _register(settings: Settings, storage, run: Run, tenant_id: str, params: Tra
     with session_scope(settings) as s:
         model = register_pipeline_dir(
             s, storage, tenant_id, result.pipeline_dir, name=f"train-{run.job_id[:8]}", job_id=run.job_id,
-            metrics=result.metrics, extra_config={"train_params": params.model_dump(mode="json")},
+            metrics=result.metrics, extra_config={"train_params": params.model_dump(mode="json"),
+                                                   **sampling_defaults.config_entry(result.sampling_defaults)},
         )
         eval_prefix = f"{job_prefix(tenant_id, run.job_id)}/eval"
         artifacts = {}

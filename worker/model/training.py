@@ -19,7 +19,8 @@
 5. **export** a StableDiffusionPipeline-format directory (unet = EMA weights, vae, text_encoder,
    tokenizer, scheduler = DDPMScheduler with linear β 1e-4..0.02, T = 1000, clip_sample=False) that
    ``diffusers.StableDiffusionPipeline.from_pretrained(dir)`` loads with no ldmq code, plus the final
-   evaluation's artifacts and metrics.
+   evaluation's artifacts and metrics, and the sampling defaults (scheduler, steps, guidance) that
+   evaluation chose (:func:`worker.model.train_eval.choose_guidance`).
 
 With ``base_model`` (a local diffusers StableDiffusionPipeline directory) stage 2 is skipped, and
 stage 4 trains that model's U-Net, with its own autoencoder, text encoder and noise schedule.
@@ -97,6 +98,11 @@ class TrainResult:
     pipeline_dir: Path
     metrics: dict
     artifacts: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def sampling_defaults(self) -> dict | None:
+        """{scheduler, steps, guidance_scale} the final evaluation chose (None if it did not run)."""
+        return self.metrics.get("sampling_defaults")
 
 
 def train(
@@ -485,7 +491,8 @@ class UNetStage(_Stage):
         return _ema_copy(self.parts.unet, self.ema)
 
     def evaluate(self, ckpt: Path, global_step: int) -> dict:
-        return self.evaluator.evaluate(self.averaged(), ckpt, global_step, self.run.loss_history)
+        final = global_step == self.first_step + self.steps  # the model's sampling defaults are chosen here
+        return self.evaluator.evaluate(self.averaged(), ckpt, global_step, self.run.loss_history, final=final)
 
 
 def _ema_copy(unet, ema):
