@@ -130,6 +130,24 @@ def test_final_metrics_and_artifacts(full_run):
         assert result.artifacts[name].exists()
 
 
+def test_the_saved_model_holds_the_ema_weights_not_the_raw_ones(full_run):
+    """EMA is on by default: the exported U-Net must be the EMA shadow of the final checkpoint, which
+    differs from the raw weights the optimiser left (saved beside it as unet.safetensors)."""
+    from diffusers import UNet2DConditionModel
+
+    rec, result = full_run
+    final = rec.saved[-1][1]
+    raw, shadow = load_file(final / "unet.safetensors"), load_file(final / "ema_unet.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(result.pipeline_dir / "unet")
+    saved = dict(unet.named_parameters())
+    names = [n for n, _ in unet.named_parameters()]  # the EMA keeps one shadow per parameter, in this order
+    assert len(names) == len(shadow)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(saved[name].detach(), shadow[str(i)], rtol=0, atol=0, msg=name)
+    differ = sum(not torch.equal(saved[n].detach(), raw[n]) for n in names if saved[n].numel() > 1)
+    assert differ > 0.9 * len(names)  # the raw weights are not what was saved
+
+
 def test_the_final_evaluation_chooses_the_sampling_defaults(full_run):
     from worker.model.train_eval import choose_guidance
 
