@@ -16,17 +16,17 @@ from tests.worker.test_training import tiny_params
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _parts(**overrides):
+def _parts(device="cpu", **overrides):
     params = tiny_params(**overrides)
     torch.manual_seed(params.seed)  # as train() does: the same initial weights for every variant
-    return params, build(params, None, torch.device("cpu"))
+    return params, build(params, None, torch.device(device))
 
 
-def _batch(parts, params, n=4):
+def _batch(parts, params, n=4, device="cpu"):
     g = torch.Generator().manual_seed(1)
     side = params.resolution // 4  # the tiny autoencoder's three blocks halve the side twice
-    z0 = torch.randn(n, parts.vae.config.latent_channels, side, side, generator=g)
-    context = encode_captions(parts.tokenizer, parts.text_encoder, ["a handwritten digit one"] * n)
+    z0 = torch.randn(n, parts.vae.config.latent_channels, side, side, generator=g).to(device)
+    context = encode_captions(parts.tokenizer, parts.text_encoder, ["a handwritten digit one"] * n, torch.device(device))
     return z0, context
 
 
@@ -67,12 +67,23 @@ def _cpu_bf16_autocast() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _cpu_bf16_autocast(), reason="this torch build has no bf16 autocast on the CPU")
-def test_a_bf16_train_step_runs_under_autocast_and_is_finite(tmp_path):
-    params, parts = _parts(mixed_precision="bf16")
-    run = _Run(params, tmp_path, TrainHooks(), "cpu", 10)  # the option as training reads it
+def _bf16_skip(device: str) -> str | None:
+    """Why a bf16 step cannot run on ``device`` here, or None."""
+    if device == "cpu":
+        return None if _cpu_bf16_autocast() else "this torch build has no bf16 autocast on the CPU"
+    if not torch.cuda.is_available():
+        return "no CUDA device here"
+    return None if torch.cuda.is_bf16_supported() else "this CUDA device has no bf16"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_bf16_train_step_runs_under_autocast_and_is_finite(tmp_path, device):
+    if _bf16_skip(device):
+        pytest.skip(_bf16_skip(device))
+    params, parts = _parts(device, mixed_precision="bf16")
+    run = _Run(params, tmp_path, TrainHooks(), device, 10)  # the option as training reads it
     unet = parts.unet.train()
-    z0, context = _batch(parts, params)
+    z0, context = _batch(parts, params, device=device)
     seen = []
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in unet.parameters()]
