@@ -160,11 +160,11 @@ def choose_guidance(sweep: dict[float, dict]) -> float:
     """The guidance a model samples with by default, from its evaluation at each candidate
     (``{w: {"accuracy", "frechet_ratio", …}}``): :data:`GUIDANCE_RULE`.
 
-    Why: guidance trades spread for accuracy (defaults, 200 samples, DPM-Solver++ 20: w = 2 → 0.98
-    and 1.5× the floor, w = 3 → 0.99 and 2.4×, w = 5 → 0.995 and 4.5×; docs/benchmarks.md). The
-    Fréchet bar bounds how much spread may be given up; within it, the digit asked for is what a
-    user wants first. Lowest-Fréchet-first would pick guidance near 1, whose accuracy sits at the
-    edge of the bar (0.93 at w = 1.5 on the 2026-11-28 recipe).
+    Why: guidance trades spread for accuracy (defaults, 200 samples, DPM-Solver++ 20, 2026-12-03:
+    w = 1 → 0.91 and 1.09× the floor, 1.5 → 0.965 and 1.10×, 2 → 0.975 and 1.50×, 3 → 0.985 and
+    2.50×, 5 → 0.99 and 4.47×; docs/benchmarks.md). The Fréchet bar bounds how much spread may be
+    given up; within it, the digit asked for is what a user wants first. Lowest-Fréchet-first
+    would pick 1.5, below the accuracy bar.
     """
     within = [w for w, r in sweep.items() if r["frechet_ratio"] <= FRECHET_BAR]
     if not within:
