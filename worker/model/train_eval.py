@@ -161,8 +161,9 @@ def choose_guidance(sweep: dict[float, dict]) -> float:
     (``{w: {"accuracy", "frechet_ratio", …}}``): :data:`GUIDANCE_RULE`.
 
     Why: guidance trades spread for accuracy (defaults, 200 samples, DPM-Solver++ 20, 2026-12-03:
-    w = 1 → 0.91 and 1.09× the floor, 1.5 → 0.965 and 1.10×, 2 → 0.975 and 1.50×, 3 → 0.985 and
-    2.50×, 5 → 0.99 and 4.47×; docs/benchmarks.md). The Fréchet bar bounds how much spread may be
+    w = 1 → 0.90 and 1.10× the floor, 1.5 → 0.965 and 1.11×, 2 → 0.975 and 1.51×, 3 → 0.98 and
+    2.54×, 5 → 0.99 and 4.52×; a bare request at the chosen w = 2, fresh noise: 0.975, 1.59×;
+    docs/benchmarks.md). The Fréchet bar bounds how much spread may be
     given up; within it, the digit asked for is what a user wants first. Lowest-Fréchet-first
     would pick 1.5, below the accuracy bar.
     """
