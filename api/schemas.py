@@ -9,10 +9,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.catalog import (
-    DEFAULT_OUTPUT_FORMAT, DEFAULT_SCHEDULER, OUTPUT_FORMATS, PRIORITY_HELP, PRIORITY_MAX, PRIORITY_MIN, OutputFormat,
-    SchedulerName,
+    DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, PRIORITY_HELP, PRIORITY_MAX, PRIORITY_MIN, OutputFormat, SchedulerName,
 )
 from shared.models import JobStatus, JobType
+from shared.sampling_defaults import GLOBAL_DEFAULTS, GUIDANCE_MAX, SamplingDefaults
 from shared.train_schema import TrainParams
 from shared.webhooks import DEFAULT_WEBHOOK_EVENTS, SIGNATURE_HEADER, TIMESTAMP_HEADER, WEBHOOK_EVENTS, check_url
 
@@ -82,12 +82,21 @@ class WebhookSpec(Strict):
         return list(dict.fromkeys(v))  # de-duplicated, order kept
 
 
+_UNSET = " Left out (null): the model's sampling_defaults, else {}."
+
+
 class SampleRequest(Strict):
+    """A sample job. ``scheduler``, ``steps`` and ``guidance_scale`` left out (null) take the model's
+    ``sampling_defaults``, else the global defaults (``shared.sampling_defaults``); the job's
+    ``params`` hold the values used."""
+
     model: str = Field(min_length=1, description="A model id.")
     prompts: list[SamplePrompt] = Field(min_length=1)
-    scheduler: SchedulerName = DEFAULT_SCHEDULER
-    steps: int = Field(default=20, ge=1)
-    guidance_scale: float = Field(default=5.0, ge=0, le=50)
+    scheduler: SchedulerName | None = Field(default=None, description="Sampler." + _UNSET.format(
+        GLOBAL_DEFAULTS["scheduler"]))
+    steps: int | None = Field(default=None, ge=1, description="Denoising steps." + _UNSET.format(GLOBAL_DEFAULTS["steps"]))
+    guidance_scale: float | None = Field(default=None, ge=0, le=GUIDANCE_MAX, description="Classifier-free guidance."
+                                         + _UNSET.format(GLOBAL_DEFAULTS["guidance_scale"]))
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     max_attempts: int | None = Field(default=None, ge=1, le=10)
@@ -168,6 +177,9 @@ class UsageOut(BaseModel):
 class ImportModelRequest(Strict):
     source: str = Field(description="s3://bucket/prefix of a diffusers-format pipeline directory")
     name: str | None = None
+    sampling_defaults: SamplingDefaults | None = Field(
+        default=None, description="What sample jobs of this model use when they leave scheduler, steps or "
+                                  "guidance_scale out (steps within the deployment's max_steps).")
 
 
 class JobOut(BaseModel):
@@ -244,6 +256,9 @@ class ModelOut(BaseModel):
     job_id: str | None
     config: dict[str, Any]
     metrics: dict[str, Any]
+    sampling_defaults: SamplingDefaults | None = Field(
+        default=None, description="What a sample job of this model uses for scheduler, steps and guidance_scale "
+                                  "it leaves out: chosen by the training job's evaluation, or stated at import.")
     artifact_urls: dict[str, str] = Field(
         default_factory=dict, description="Presigned links to metrics['artifacts'] (loss curve, sample grid...).")
 

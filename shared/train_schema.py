@@ -139,6 +139,11 @@ class TrainParams(BaseModel):
     eval_guidance_scale: float = Field(
         default=2.0, ge=0, le=50, description="2: where accuracy and Fréchet bars both hold on digits (5 narrows the samples)."
     )
+    eval_guidance_candidates: list[float] = Field(
+        default=[1.0, 1.5, 2.0, 3.0, 5.0], min_length=1, max_length=8,
+        description="Guidance scales evaluated at the final checkpoint (digits); the model's default guidance is "
+        "chosen among them (worker/model/train_eval.py: choose_guidance).",
+    )
     eval_num_samples: int = Field(default=200, ge=10, le=10_000, description="Generated images for accuracy / Fréchet.")
     vlb_timesteps: int = Field(
         default=50, ge=2, le=1000, description="VLB terms evaluated (L_0, plus a stratified estimate of the rest); 1000 = exact."
@@ -158,6 +163,13 @@ class TrainParams(BaseModel):
         if any(c < 8 or c > 1024 or c % 8 for c in v):
             raise ValueError("every channel count must be a multiple of 8 between 8 and 1024")
         return v
+
+    @field_validator("eval_guidance_candidates")
+    @classmethod
+    def _guidance_candidates(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= w <= 50 for w in v):
+            raise ValueError("every guidance candidate must be in 0..50")
+        return sorted(set(v))
 
     @field_validator("validation_prompts")
     @classmethod

@@ -28,7 +28,7 @@ def get_model_route(model_id: str, session: SessionDep, settings: SettingsDep, t
 @router.post("", status_code=201, response_model=ModelOut, responses=ERRORS)
 def import_model(req: ImportModelRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
     storage = get_storage(settings)
-    model = svc.import_model(session, settings, storage, tenant, req.source, req.name)
+    model = svc.import_model(session, settings, storage, tenant, req.source, req.name, req.sampling_defaults)
     return svc.model_out(model, storage, settings)
 
 

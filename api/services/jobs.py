@@ -39,7 +39,7 @@ from api.schemas import (
     WebhookDeliveryOut,
     WebhookSpec,
 )
-from shared import jobstate, usage
+from shared import jobstate, sampling_defaults, usage
 from shared.adapters import base_of
 from shared.catalog import BUILTIN_DATASETS, network_evaluations
 from shared.db import after_commit
@@ -203,8 +203,10 @@ def _add_webhook(session: Session, job: Job, webhook: WebhookSpec | None) -> Job
     return hook
 
 
-def _sample_problems(settings: Settings, req: SampleRequest) -> list[dict[str, Any]]:
-    """Checks that depend on settings (the schema checks the rest); every problem, not the first."""
+def _sample_problems(settings: Settings, req: SampleRequest, used: dict[str, Any], sources: dict[str, str]
+                     ) -> list[dict[str, Any]]:
+    """Checks that depend on settings (the schema checks the rest); every problem, not the first.
+    ``used``/``sources``: the scheduler, steps and guidance the job would use and where each came from."""
     problems = []
     if len(req.prompts) > settings.csv_max_rows:
         problems.append({"field": "prompts", "message": f"{len(req.prompts)} rows; the limit is {settings.csv_max_rows}"})
@@ -215,10 +217,11 @@ def _sample_problems(settings: Settings, req: SampleRequest) -> list[dict[str, A
             problems.append({"row": i, "column": "negative_prompt", "message": f"negative_prompt is longer than {settings.prompt_max_chars} characters"})
         if p.num_images > settings.max_images_per_row:
             problems.append({"row": i, "column": "num_images", "message": f"num_images {p.num_images} is over the limit {settings.max_images_per_row}"})
-        if p.steps is not None and (over := _over_max_steps(settings, req.scheduler, p.steps)):
+        if p.steps is not None and (over := _over_max_steps(settings, used["scheduler"], p.steps)):
             problems.append({"row": i, "column": "steps", "message": over})
-    if over := _over_max_steps(settings, req.scheduler, req.steps):
-        problems.append({"field": "steps", "message": over})
+    if over := _over_max_steps(settings, used["scheduler"], used["steps"]):
+        whose = "" if sources["steps"] == "request" else f" (the {sources['steps']} default: pass steps)"
+        problems.append({"field": "steps", "message": over + whose})
     for dim in ("width", "height"):
         v = getattr(req, dim)
         if v is not None and (v % 8 or v > settings.max_image_size):
@@ -242,24 +245,35 @@ def _over_max_steps(settings: Settings, scheduler: str, steps: int) -> str | Non
     return f"steps {steps} of {scheduler} cost {nfe} network evaluations; the limit is {settings.max_steps}"
 
 
-def _check_sample(settings: Settings, req: SampleRequest) -> None:
-    problems = _sample_problems(settings, req)
+def _check_sample(settings: Settings, req: SampleRequest, model: Model) -> dict[str, Any]:
+    """The request checked against the settings, with the scheduler, steps and guidance it leaves out
+    taken from the model's sampling defaults (else the global ones); returns the body as the job
+    records it (its ``params`` and request hash are built from it)."""
+    used, sources = sampling_defaults.resolve(
+        {f: getattr(req, f) for f in sampling_defaults.FIELDS}, model.config)
+    problems = _sample_problems(settings, req, used, sources)
     if problems:
         raise ApiError(422, "invalid_request", "the sample request is invalid", cap_details(problems))
+    return {**req.model_dump(mode="json"), **used}
 
 
 def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest, *,
                       idempotency_key: str | None = None, digest: str | None = None) -> Submitted:
+    """A sample job. Its ``params`` hold the scheduler, steps and guidance it uses (the request's,
+    else the model's defaults, else the global ones); a JSON request is hashed with those values, so
+    a body that leaves them out and one that states the same values are the same request (and a key
+    used before models had defaults still matches). A CSV upload is hashed as sent (``digest``)."""
     model = get_model(session, tenant, req.model)
-    _check_sample(settings, req)
+    body = _check_sample(settings, req, model)
     total = sum(p.num_images for p in req.prompts)
 
-    # A PNG request hashes as it did before output_format existed (an Idempotency-Key stays valid).
-    digest = digest or request_hash("sample", req.model_dump(
-        mode="json", exclude={"output_format"} if req.output_format == "png" else None))
+    # A PNG request at priority 0 hashes as it did before output_format and priority existed (an
+    # Idempotency-Key stays valid).
+    digest = digest or request_hash("sample", {k: v for k, v in body.items()
+                                               if (k, v) not in (("output_format", "png"), ("priority", 0))})
 
     def build() -> Job:
-        params = req.model_dump(mode="json", exclude={"prompts", "max_attempts", "webhook", "priority"})
+        params = {k: v for k, v in body.items() if k not in ("prompts", "max_attempts", "webhook", "priority")}
         params["num_rows"] = len(req.prompts)
         if req.output_format == "webdataset":  # fixed now, so every attempt plans the same shards
             params["shard_images"] = settings.wds_shard_images
@@ -351,16 +365,16 @@ def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req
     to load the pipeline.
     """
     model = get_model(session, tenant, req.model)
-    _check_sample(settings, req)
+    body = _check_sample(settings, req, model)
     images = sum(p.num_images for p in req.prompts)
-    row_steps = [(p.num_images, p.steps if p.steps is not None else req.steps) for p in req.prompts]
+    row_steps = [(p.num_images, p.steps if p.steps is not None else body["steps"]) for p in req.prompts]
     steps = sum(n * k for n, k in row_steps)
-    nfe = sum(n * network_evaluations(req.scheduler, k) for n, k in row_steps)
+    nfe = sum(n * network_evaluations(body["scheduler"], k) for n, k in row_steps)
     sps, source = model_seconds_per_step(model)
     return SampleEstimate(model_id=model.id, rows=len(req.prompts), images=images, denoising_steps=steps,
                           network_evaluations=nfe, seconds_per_step=sps, seconds_per_step_source=source,
-                          estimated_gpu_seconds=round(nfe * sps, 3), scheduler=req.scheduler,
-                          steps=req.steps, guidance_scale=req.guidance_scale,
+                          estimated_gpu_seconds=round(nfe * sps, 3), scheduler=body["scheduler"],
+                          steps=body["steps"], guidance_scale=body["guidance_scale"],
                           quota=quotas.queued_images_verdict(session, tenant, images))
 
 

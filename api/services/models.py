@@ -15,6 +15,7 @@ from shared.models import Model, new_id
 from shared.security import TenantRef
 from shared.pipelines import PipelineRejected, check_pipeline_files
 from shared.registry import CONFIG_SHA256
+from shared.sampling_defaults import CONFIG_KEY, SamplingDefaults, model_defaults
 from shared.settings import Settings
 from shared.storage import ObjectTooLarge, S3Storage, Storage, model_prefix
 
@@ -33,7 +34,8 @@ def artifact_urls(m: Model, storage: Storage, expires_s: int) -> dict[str, str]:
 def model_out(m: Model, storage: Storage | None = None, settings: Settings | None = None) -> ModelOut:
     urls = artifact_urls(m, storage, settings.presign_expiry_s) if storage is not None and settings is not None else {}
     return ModelOut(id=m.id, name=m.name, uri=m.uri, created_at=m.created_at, job_id=m.job_id,
-                    config=m.config or {}, metrics=m.metrics or {}, artifact_urls=urls)
+                    config=m.config or {}, metrics=m.metrics or {}, artifact_urls=urls,
+                    sampling_defaults=model_defaults(m.config))
 
 
 def list_models(session: Session, tenant: TenantRef) -> list[Model]:
@@ -60,16 +62,21 @@ def _may_import(settings: Settings, storage: Storage, tenant: TenantRef, bucket:
 
 
 def import_model(session: Session, settings: Settings, storage: Storage, tenant: TenantRef, source: str,
-                 name: str | None) -> Model:
+                 name: str | None, defaults: SamplingDefaults | None = None) -> Model:
     """Copy a diffusers pipeline folder into the tenant's models, after checking it whole.
 
-    Refused, with the same 404 whether the location is empty or full: anything outside the tenant's
+    ``defaults``: the model's sampling defaults, if the importer states them (422 when their steps
+    are over ``max_steps``; checked before anything is read). Refused, with the same 404 whether the location is empty or full: anything outside the tenant's
     own prefix and the operator's import sources (so a tenant learns nothing of another's files).
     Refused with 422: more than ``model_import_max_files`` files, any file that fails the pipeline
     check (paths, pickles, code, classes; ``shared.pipelines``), or more than
     ``model_import_max_bytes`` bytes (counted while copying; what was copied is removed). Objects are
     copied one at a time through a temporary file, never whole in the API's memory.
     """
+    if defaults is not None and defaults.steps is not None and defaults.steps > settings.max_steps:
+        raise ApiError(422, "invalid_request", "sampling_defaults are invalid",
+                       [{"field": "sampling_defaults.steps",
+                         "message": f"steps {defaults.steps} is over this deployment's limit {settings.max_steps}"}])
     parsed = urlparse(source)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ApiError(422, "invalid_source", "source must be s3://bucket/prefix of a pipeline directory")
@@ -101,7 +108,8 @@ def import_model(session: Session, settings: Settings, storage: Storage, tenant:
                                                 "bytes, the most an import may copy") from None
     model = Model(id=model_id, tenant_id=tenant.id, name=name or src_prefix.rsplit("/", 1)[-1],
                   uri=storage.uri(prefix) + "/", key=prefix,
-                  config={"model_index": config, "source": source, CONFIG_SHA256: storage.prefix_sha256(prefix)})
+                  config={"model_index": config, "source": source, CONFIG_SHA256: storage.prefix_sha256(prefix),
+                          **({CONFIG_KEY: defaults.stored()} if defaults is not None else {})})
     session.add(model)
     session.flush()
     return model

@@ -35,6 +35,16 @@ def test_a_train_jobs_checkpoints_with_their_evaluation(client, settings, make_t
         r = httpx.get(url, timeout=30)
         assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).format == "PNG"
 
+    # the final evaluation chose the model's sampling defaults; the model carries them, a bare request uses them
+    chosen = last["metrics"]["sampling_defaults"]
+    assert chosen["scheduler"] == "dpm-solver++" and chosen["steps"] == 2
+    assert chosen["guidance_scale"] in [r["guidance_scale"] for r in last["metrics"]["guidance_sweep"]]
+    model_id = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()["model_id"]
+    assert client.get(f"/v1/models/{model_id}", headers=auth(key)).json()["sampling_defaults"] == chosen
+    bare = client.post("/v1/jobs/sample", headers=auth(key), json={"model": model_id, "prompts": [{"prompt": "a"}]})
+    assert {f: bare.json()["params"][f] for f in chosen} == chosen
+    assert client.post(f"/v1/jobs/{bare.json()['id']}/cancel", headers=auth(key)).status_code == 200
+
     _, other = make_tenant()
     assert client.get(f"/v1/jobs/{job_id}/checkpoints", headers=auth(other)).status_code == 404
 

@@ -277,3 +277,151 @@ def test_l_simple_and_snr(diffusion):
     snr = diffusion.snr(t)
     assert snr[0].item() == pytest.approx((1 - 1e-4) / 1e-4, rel=1e-5)
     assert snr[1].item() == pytest.approx(diffusion.alphas_cumprod[-1] / (1 - diffusion.alphas_cumprod[-1]), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 2, the whole loop, against diffusers' DDPMScheduler loop with the same noise
+# --------------------------------------------------------------------------------------------
+
+
+def _eps_fn(x_t, t):
+    """A deterministic, x- and t-dependent stand-in for ε_θ (no training needed to compare loops)."""
+    return torch.tanh(0.7 * x_t + torch.sin(t.to(x_t.dtype) / 97.0).reshape(-1, *([1] * (x_t.ndim - 1))))
+
+
+def _diffusers_loop(scheduler, x_T, steps, seed):
+    """diffusers' own sampling loop (as StableDiffusionPipeline runs it): every x_{t-1}, keyed by t."""
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x, out = x_T, {}
+    for t in scheduler.timesteps:
+        eps = _eps_fn(x, torch.full((x.shape[0],), int(t))).to(x.dtype)
+        x = scheduler.step(eps, t, x, generator=g).prev_sample
+        out[int(t)] = x
+    return out
+
+
+def _ddpm_scheduler(variance_type, spacing, dtype):
+    from diffusers import DDPMScheduler
+
+    s = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                      clip_sample=False, variance_type=variance_type, timestep_spacing=spacing)
+    if dtype == torch.float64:  # diffusers keeps its coefficients in float32; compare the math in float64
+        s.betas = s.betas.double()
+        s.alphas = 1.0 - s.betas
+        s.alphas_cumprod = torch.cumprod(s.alphas, dim=0)
+        s.one = torch.tensor(1.0, dtype=torch.float64)
+    return s
+
+
+@pytest.mark.parametrize("variance_type,steps,spacing,dtype,tol", [
+    ("fixed_small", 1000, "leading", torch.float64, 1e-9),  # the seed's loop: every t from T to 1
+    ("fixed_large", 1000, "leading", torch.float64, 1e-9),  # σ_t² = β_t
+    ("fixed_small", 50, "leading", torch.float64, 1e-9),  # respaced
+    ("fixed_small", 20, "trailing", torch.float64, 1e-9),  # what ldmq's models sample with
+    ("fixed_small", 20, "trailing", torch.float32, 1e-5),  # ... and in the precision they sample in
+])
+def test_ancestral_sample_matches_the_ddpm_scheduler_loop_step_by_step(variance_type, steps, spacing, dtype, tol):
+    """The same x_{t-1} at every t as diffusers' loop fed the same noise. In float64 to 1e-9: the same
+    math. In float32 the two orders of operations round differently: relative 1e-5 over 20 steps (this
+    stand-in ε is no denoiser, x grows to ~300; over 1000 float32 steps the rounding grows to 3e-2)."""
+    scheduler = _ddpm_scheduler(variance_type, spacing, dtype)
+    ours_diffusion = GaussianDiffusion.from_betas(scheduler.betas.double().numpy())
+    x_T = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    theirs = _diffusers_loop(scheduler, x_T, steps, seed=11)
+    assert len(theirs) == steps
+    g = torch.Generator().manual_seed(11)  # the same per-step noise, in the same order
+    ours = {}
+    x0 = ours_diffusion.ancestral_sample(
+        _eps_fn, x_T, noise=lambda shape: torch.randn(shape, generator=g, dtype=dtype), timesteps=list(theirs),
+        variance_type=variance_type, on_step=lambda i, t, x: ours.__setitem__(t, x),
+    )
+    assert list(ours) == list(theirs)  # the same t, in the same (descending) order
+    for t in theirs:
+        torch.testing.assert_close(ours[t], theirs[t], rtol=tol, atol=tol, msg=f"x_(t-1) at t={t}")
+    torch.testing.assert_close(x0, theirs[min(theirs)], rtol=tol, atol=tol)
+
+
+def test_ancestral_sample_depends_on_the_noise_and_the_variance():
+    d = GaussianDiffusion.linear()
+    x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+
+    def run(seed, vt="fixed_small"):
+        g = torch.Generator().manual_seed(seed)
+        return d.ancestral_sample(_eps_fn, x_T, noise=lambda s: torch.randn(s, generator=g), timesteps=range(0, T, 100),
+                                  variance_type=vt)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+    assert not torch.allclose(run(1), run(1, "fixed_large"))
+    with pytest.raises(ValueError, match="fixed_small, fixed_large"):
+        run(1, "learned")
+
+
+def test_respaced_process_keeps_the_chosen_alphas_cumprod(diffusion):
+    taus = [9, 99, 499, 999]
+    spaced = diffusion.respaced(taus)
+    np.testing.assert_allclose(spaced.alphas_cumprod, diffusion.alphas_cumprod[taus], rtol=1e-12)
+    assert spaced.num_timesteps == 4
+    with pytest.raises(ValueError, match="ascending"):
+        diffusion.respaced([5, 3])
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_eps_from_other_parameterisations(diffusion, prediction_type):
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = diffusion.q_sample(x0, t, eps)
+    a = torch.from_numpy(diffusion.sqrt_alphas_cumprod)[t, None]
+    s = torch.from_numpy(diffusion.sqrt_one_minus_alphas_cumprod)[t, None]
+    output = a * eps - s * x0 if prediction_type == "v_prediction" else x0
+    torch.testing.assert_close(diffusion.eps_from_prediction(output, x_t, t, prediction_type), eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 1
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_train_step_is_algorithm_1(diffusion, gamma):
+    import copy
+
+    from worker.model.diffusion import train_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(6, 6)
+    before = copy.deepcopy(net)
+    x0 = torch.randn(8, 6)
+    seen, stepped = {}, []
+
+    def eps_fn(x_t, t):
+        seen["x_t"], seen["t"] = x_t, t
+        return net(x_t)
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def gradient_step(loss):
+        stepped.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    loss = train_step(diffusion, eps_fn, x0, generator=torch.Generator().manual_seed(3), gradient_step=gradient_step,
+                      min_snr_gamma=gamma)
+    # the same draws, in the same order: t ~ U{0..T-1}, then ε ~ N(0, I); x_t by the closed form
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, T, (8,), generator=g)
+    eps = torch.randn(8, 6, generator=g)
+    assert torch.equal(seen["t"], t)
+    x_t = diffusion.q_sample(x0, t, eps)
+    torch.testing.assert_close(seen["x_t"], x_t)
+    with torch.no_grad():
+        per_example = ((eps - before(x_t)) ** 2).mean(dim=1)  # ‖ε − ε_θ(x_t, t)‖² per example
+        if gamma is not None:
+            snr = torch.from_numpy(diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod))[t].float()
+            per_example = per_example * torch.minimum(snr, torch.tensor(gamma)) / snr
+    assert loss.item() == pytest.approx(per_example.mean().item(), rel=1e-6)
+    assert stepped == [pytest.approx(loss.item())]  # exactly one gradient step, on that loss
+    assert not torch.equal(net.weight, before.weight)

@@ -123,3 +123,17 @@ def test_make_scheduler_turns_clipping_off_and_rejects_unknown_names():
     assert evaluation.make_scheduler("dpm-solver++", config).config.algorithm_type == "dpmsolver++"
     with pytest.raises(ValueError, match="valid: ddpm, ddim, dpm-solver\\+\\+"):
         evaluation.make_scheduler("euler", config)
+
+
+def test_choose_guidance_takes_the_most_accurate_within_the_frechet_bar():
+    from worker.model.train_eval import choose_guidance
+
+    def sweep(*rows):
+        return {w: {"accuracy": a, "frechet_ratio": r} for w, a, r in rows}
+
+    # the defaults' figures (docs/benchmarks.md): w = 2 is the most accurate within 2× the floor
+    assert choose_guidance(sweep((1.0, 0.90, 1.10), (1.5, 0.965, 1.11), (2.0, 0.975, 1.51), (3.0, 0.98, 2.54),
+                                 (5.0, 0.99, 4.52))) == 2.0
+    assert choose_guidance(sweep((1.5, 0.98, 1.3), (2.0, 0.98, 1.5))) == 1.5  # equal accuracy: the lower Fréchet
+    assert choose_guidance(sweep((2.0, 0.99, 2.5), (3.0, 1.0, 3.1))) == 2.0  # none within: the lowest Fréchet
+    assert choose_guidance(sweep((3.0, 0.99, 1.9), (5.0, 1.0, 1.95))) == 5.0

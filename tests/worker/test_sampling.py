@@ -136,10 +136,10 @@ def test_each_scheduler_runs(client, settings, tiny_model, scheduler):
         assert s.get(Job, job_id).params["scheduler"] == scheduler
 
 
-@pytest.mark.parametrize("scheduler", ["dpm-solver++", "langevin-pc"])
+@pytest.mark.parametrize("scheduler", ["dpm-solver++", "langevin-pc", "ddpm"])  # ddpm: Algorithm 2's own loop
 def test_batched_images_are_bit_identical_to_single(tiny_pipeline_dir, scheduler):
     """Padding every batch to one fixed size makes an image independent of its batch-mates (the
-    corrector's step size and noise are per image too)."""
+    corrector's step size and noise are per image too; Algorithm 2 draws its noise per image)."""
     from worker.model.pipelines import load_pipeline_dir
     from worker.model.schedulers import make_scheduler
     from worker.runtime.outputs import png_bytes, to_uint8

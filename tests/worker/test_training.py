@@ -130,6 +130,39 @@ def test_final_metrics_and_artifacts(full_run):
         assert result.artifacts[name].exists()
 
 
+def test_the_saved_model_holds_the_ema_weights_not_the_raw_ones(full_run):
+    """EMA is on by default: the exported U-Net must be the EMA shadow of the final checkpoint, which
+    differs from the raw weights the optimiser left (saved beside it as unet.safetensors)."""
+    from diffusers import UNet2DConditionModel
+
+    rec, result = full_run
+    final = rec.saved[-1][1]
+    raw, shadow = load_file(final / "unet.safetensors"), load_file(final / "ema_unet.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(result.pipeline_dir / "unet")
+    saved = dict(unet.named_parameters())
+    names = [n for n, _ in unet.named_parameters()]  # the EMA keeps one shadow per parameter, in this order
+    assert len(names) == len(shadow)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(saved[name].detach(), shadow[str(i)], rtol=0, atol=0, msg=name)
+    differ = sum(not torch.equal(saved[n].detach(), raw[n]) for n in names if saved[n].numel() > 1)
+    assert differ > 0.9 * len(names)  # the raw weights are not what was saved
+
+
+def test_the_final_evaluation_chooses_the_sampling_defaults(full_run):
+    from worker.model.train_eval import choose_guidance
+
+    _, result = full_run
+    m, params = result.metrics, tiny_params()
+    sweep = {r["guidance_scale"]: r for r in m["guidance_sweep"]}
+    assert sorted(sweep) == params.eval_guidance_candidates == [1.0, 1.5, 2.0, 3.0, 5.0]
+    assert result.sampling_defaults == {"scheduler": params.eval_scheduler, "steps": params.eval_steps,
+                                        "guidance_scale": choose_guidance(sweep)}
+    chosen = sweep[result.sampling_defaults["guidance_scale"]]
+    # the stored quality is the quality at the chosen guidance, what a bare request samples with
+    assert (m["accuracy"], m["frechet"], m["guidance_scale"]) == (chosen["accuracy"], chosen["frechet"],
+                                                                    chosen["guidance_scale"])
+
+
 def test_pipeline_loads_in_plain_diffusers_and_samples(full_run):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 

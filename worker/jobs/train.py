@@ -24,6 +24,7 @@ from shared.db import session_scope
 from shared.jobstate import LeaseLost
 from shared.models import Dataset, Job, Model
 from shared.pipelines import PipelineRejected
+from shared import sampling_defaults
 from shared.registry import register_adapter_dir, register_pipeline_dir
 from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
@@ -128,7 +129,8 @@ def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str 
 
 def _register(settings: Settings, storage, run: Run, tenant_id: str, params: TrainParams, result) -> str:
     """Store the trained pipeline as the tenant's model, its evaluation artifacts beside the job."""
-    name, extra = f"train-{run.job_id[:8]}", {"train_params": params.model_dump(mode="json")}
+    name = f"train-{run.job_id[:8]}"
+    extra = {"train_params": params.model_dump(mode="json"), **sampling_defaults.config_entry(result.sampling_defaults)}
     with session_scope(settings) as s:
         if params.method == "lora":
             model = register_adapter_dir(

@@ -46,6 +46,7 @@ NON_TRAINING_FIELDS = {
     "eval_scheduler",
     "eval_steps",
     "eval_guidance_scale",
+    "eval_guidance_candidates",
     "eval_num_samples",
     "vlb_timesteps",
     "gradient_checkpointing",

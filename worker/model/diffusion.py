@@ -12,9 +12,18 @@ Shapes: ``x_start``, ``x_t``, ``noise`` and ``eps`` are (B, ...) with any traili
 (images (B, C, H, W), latents, or plain vectors); ``t`` is a LongTensor (B,). Per-example
 results (losses, KLs, bits/dim) are (B,): the mean over all non-batch dims.
 
+The seed's two algorithms are named here, and the rest of ldmq calls them:
+- Algorithm 1 (training), :func:`train_step`: t ~ U, ε ~ N(0, I), x_t by :meth:`GaussianDiffusion.q_sample`,
+  L_simple, one gradient step. The U-Net stage of ``worker.model.training`` takes every step through it.
+- Algorithm 2 (ancestral sampling), :meth:`GaussianDiffusion.ancestral_sample`: the whole loop from
+  x_T ~ N(0, I) to x_0 with the ε-parameterised mean μ_θ and σ_t² = β̃_t or β_t. The ``ddpm`` sampler of
+  sampling jobs and of evaluation runs it (``worker.model.ancestral``); tests check it step by step
+  against diffusers' ``DDPMScheduler`` loop with the same noise.
+
 What comes from diffusers and what is written here:
-- *Sampling* (Algorithm 2, DDIM, DPM-Solver++) is diffusers' schedulers; this module does not
-  reimplement it. :func:`p_sample` exists only to check the math against ``DDPMScheduler.step``.
+- DDIM and DPM-Solver++ are diffusers' schedulers; this module does not reimplement them.
+- Algorithm 2 is written here (rather than driving ``DDPMScheduler.step``) so that the sampler a job
+  runs is the seed's equation line by line; it is the same process as diffusers' to float rounding.
 - Diffusers has no variational bound: the VLB terms L_T, L_{t-1}, L_0, the Gaussian KL, the
   discretised Gaussian log-likelihood and bits/dim are written by hand here (after
   improved-diffusion ``losses.py`` / ``gaussian_diffusion.py``).
@@ -267,13 +276,75 @@ class GaussianDiffusion:
     def p_sample(
         self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, variance_type="fixed_small"
     ) -> torch.Tensor:
-        """One step of Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z, with z = 0 at the last step (t == 0).
-
-        For tests against ``DDPMScheduler.step``; sampling in ldmq uses diffusers' schedulers.
-        """
+        """One step of Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z, with z = 0 at the last step (t == 0)."""
         out = self.p_mean_variance(eps, x_t, t, variance_type)
         nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+
+    def respaced(self, timesteps) -> "GaussianDiffusion":
+        """The process restricted to the ascending indices ``timesteps`` τ_1 < … < τ_K (Nichol & Dhariwal
+        2021 §4, improved-diffusion's ``SpacedDiffusion``): ᾱ'_k = ᾱ_{τ_k}, so β'_k = 1 − ᾱ_{τ_k}/ᾱ_{τ_{k−1}}
+        (ᾱ_{τ_0} := 1). Index k of the result is step τ_k of this one; the model is still called with τ_k.
+        These are the β of ``DDPMScheduler.step`` between consecutive inference timesteps."""
+        taus = np.asarray(timesteps, dtype=np.int64)
+        if taus.ndim != 1 or len(taus) == 0 or (np.diff(taus) <= 0).any() or taus[0] < 0 or taus[-1] >= self.num_timesteps:
+            raise ValueError(f"timesteps must be ascending distinct indices in 0..{self.num_timesteps - 1}")
+        abar = self.alphas_cumprod[taus]
+        return GaussianDiffusion.from_betas(1.0 - abar / np.append(1.0, abar[:-1]))
+
+    def eps_from_prediction(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str):
+        """ε from a model that predicts ε, x_0 (``sample``) or v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (``v_prediction``):
+        from x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, ε = (x_t − √ᾱ_t x_0)/√(1−ᾱ_t) and ε = √ᾱ_t v + √(1−ᾱ_t) x_t.
+        Lets Algorithm 2 (ε-parameterised) sample imported models of the other two kinds."""
+        if prediction_type == "epsilon":
+            return output
+        a, s = extract(self.sqrt_alphas_cumprod, t, x_t), extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        if prediction_type == "v_prediction":
+            return a * output + s * x_t
+        if prediction_type == "sample":
+            return (x_t - a * output) / s
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: epsilon, v_prediction, sample")
+
+    def ancestral_sample(
+        self,
+        eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x_T: torch.Tensor,
+        *,
+        noise: Callable[[tuple], torch.Tensor],
+        timesteps=None,
+        variance_type: str = "fixed_small",
+        on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Algorithm 2, the whole loop: from x_T ~ N(0, I) (given: the caller draws it) down to x_0,
+        x_{t−1} = (x_t − β_t/√(1−ᾱ_t) · ε_θ(x_t, t)) / √α_t + σ_t z, z ~ N(0, I) for t > 1, else 0,
+        with σ_t² = β̃_t (``fixed_small``) or β_t (``fixed_large``).
+
+        ``eps_fn(x_t, t) -> ε_θ`` is the model (classifier-free guidance, if any, is inside it); ``t``
+        is a (B,) LongTensor of the *original* index. ``noise(shape)`` is the per-step noise source z
+        (called once per step but the last, in order: a seeded source makes the loop reproducible and
+        lets a test feed diffusers' ``DDPMScheduler`` the same draws). ``timesteps``: the indices to
+        visit, None for all T (the seed's loop); fewer run the same loop on :meth:`respaced` β, as
+        ``DDPMScheduler`` does with ``set_timesteps``. ``on_step(i, t, x_{t−1})`` after step i.
+        Returns x_0, like ``x_T``.
+
+        Differs from ``DDPMScheduler.step`` only where Algorithm 2 says so: at the last step diffusers
+        still adds √(clamp(σ², 1e-20))·z for t > 0 (10⁻¹⁰·z with ``fixed_small``; β_t·z with
+        ``fixed_large`` on a respaced loop, where Algorithm 2 adds nothing).
+        """
+        taus = list(range(self.num_timesteps)) if timesteps is None else sorted({int(t) for t in timesteps})
+        if timesteps is not None and len(taus) != len(timesteps):
+            raise ValueError("timesteps must be distinct")
+        spaced = self if len(taus) == self.num_timesteps else self.respaced(taus)
+        x, b = x_T, x_T.shape[0]
+        for i, k in enumerate(range(len(taus) - 1, -1, -1)):
+            t_model = torch.full((b,), taus[k], dtype=torch.long, device=x.device)
+            t_spaced = torch.full((b,), k, dtype=torch.long, device=x.device)
+            eps = eps_fn(x, t_model).to(x.dtype)
+            z = noise(tuple(x.shape)) if k > 0 else torch.zeros_like(x)
+            x = spaced.p_sample(eps, x, t_spaced, z, variance_type)
+            if on_step is not None:
+                on_step(i, taus[k], x)
+        return x
 
     # ---- objectives ------------------------------------------------------------------------
 
@@ -367,6 +438,43 @@ class GaussianDiffusion:
             raise ValueError("weights must have one entry per timestep")
         total = prior_bpd + (terms_bpd * weights.to(terms_bpd)).sum(dim=1)
         return {"total_bpd": total, "prior_bpd": prior_bpd, "terms_bpd": terms_bpd, "timesteps": timesteps}
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 1
+# --------------------------------------------------------------------------------------------
+
+
+def train_step(
+    diffusion: GaussianDiffusion,
+    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_start: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    gradient_step: Callable[[torch.Tensor], None],
+    min_snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Algorithm 1, one step: t ~ Uniform{1..T} (0-based here), ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
+    (:meth:`GaussianDiffusion.q_sample`), then a gradient step on L_simple = ‖ε − ε_θ(x_t, t)‖²
+    (mean over examples; per example optionally weighted by Min-SNR-γ). Returns the loss (a scalar).
+
+    t then ε are drawn from ``generator`` on the CPU (the same numbers on every device), in that order,
+    and moved to ``x_start``'s device; ``eps_fn`` is called after both draws (a caller may draw more,
+    e.g. caption dropout, inside it: the order is then t, ε, its own). ``gradient_step(loss)`` is the
+    optimiser's part (zero grads, backward, clip, step): the caller's policy, not the algorithm's.
+    The prediction is compared in float32 (it may come from a bf16 autocast).
+    """
+    b = x_start.shape[0]
+    t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator).to(x_start.device)  # (B,)
+    noise = torch.randn(tuple(x_start.shape), generator=generator).to(x_start.device)  # ε, like x_0
+    x_t = diffusion.q_sample(x_start, t, noise)
+    per_example = diffusion.l_simple(eps_fn(x_t, t).float(), noise)  # (B,)
+    if min_snr_gamma is not None:  # Min-SNR-γ (Hang et al. 2023), ε-prediction form: min(SNR, γ)/SNR
+        snr = diffusion.snr(t)
+        per_example = per_example * snr.clamp(max=min_snr_gamma) / snr
+    loss = per_example.mean()
+    gradient_step(loss)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------

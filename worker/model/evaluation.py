@@ -14,7 +14,8 @@
   Generated R×R images are averaged to gray, block-averaged to 8×8 and rescaled to 0..16 (the exact
   inverse of :func:`worker.model.data.load_digits`).
 - :func:`generate` — images from a :class:`diffusers.StableDiffusionPipeline` (the same code path a
-  user of the saved model runs) with any of ``shared.catalog.SCHEDULERS``.
+  user of the saved model runs) with any of ``shared.catalog.SCHEDULERS`` (DDPM as Algorithm 2,
+  :mod:`worker.model.ancestral`, as sampling jobs run it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worker.model.ancestral import run_pipeline
 from worker.model.diffusion import GaussianDiffusion
 from worker.model.sampling import STEP_TENSORS, step_callback
 from worker.model.schedulers import make_scheduler
@@ -58,7 +60,8 @@ def generate(
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
-            res = pipe(
+            res = run_pipeline(  # the pipeline, or Algorithm 2 for ddpm
+                pipe,
                 prompt=prompts[i : i + batch_size],
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,

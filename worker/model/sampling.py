@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 
+from worker.model.ancestral import run_pipeline
 from worker.model.pipelines import pipeline_view
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: in
     negative = embeddings.get_many([it.negative_prompt for it in padded]) if cfg else None
 
     with torch.inference_mode():
-        out = pipe(
+        out = run_pipeline(  # the pipeline, or Algorithm 2 for ddpm
+            pipe,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
             num_inference_steps=batch[0].steps,

@@ -19,7 +19,8 @@
 5. **export** a StableDiffusionPipeline-format directory (unet = EMA weights, vae, text_encoder,
    tokenizer, scheduler = DDPMScheduler with linear β 1e-4..0.02, T = 1000, clip_sample=False) that
    ``diffusers.StableDiffusionPipeline.from_pretrained(dir)`` loads with no ldmq code, plus the final
-   evaluation's artifacts and metrics.
+   evaluation's artifacts and metrics, and the sampling defaults (scheduler, steps, guidance) that
+   evaluation chose (:func:`worker.model.train_eval.choose_guidance`).
 
 With ``base_model`` (a local diffusers StableDiffusionPipeline directory) stage 2 is skipped, and
 stage 4 trains that model's U-Net, with its own autoencoder, text encoder and noise schedule. With
@@ -61,7 +62,8 @@ import torch.nn.functional as F
 from shared.train_schema import TrainParams
 from worker.model.checkpoint import check_resumable, load_module_weights, restore_training_state, read_checkpoint_state, write_checkpoint
 from worker.model.data import BatchOrder, ImageCaptionDataset
-from worker.model.diffusion import GaussianDiffusion, mean_flat
+from worker.model.diffusion import GaussianDiffusion
+from worker.model.diffusion import train_step as diffusion_train_step
 from worker.model.lora import AdapterWeights, add_lora, save_adapter, trained_parameters
 from worker.model.parts import assemble_pipeline, encode_captions, encode_posteriors, make_autoencoder, make_unet
 from worker.model.pipelines import load_pipeline_dir
@@ -99,6 +101,11 @@ class TrainResult:
     pipeline_dir: Path  # a StableDiffusionPipeline folder, or (method lora) a diffusers LoRA adapter folder
     metrics: dict
     artifacts: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def sampling_defaults(self) -> dict | None:
+        """{scheduler, steps, guidance_scale} the final evaluation chose (None if it did not run)."""
+        return self.metrics.get("sampling_defaults")
 
 
 def train(
@@ -442,22 +449,22 @@ class UNetStage(_Stage):
         self.evaluator = UNetEvaluator(p, run.device, parts.frozen(), data.train, data.heldout, parts.diffusion)
 
     def train_step(self) -> torch.Tensor:
-        run, p, unet, diffusion = self.run, self.run.params, self.parts.unet, self.parts.diffusion
+        """Algorithm 1 (:func:`worker.model.diffusion.train_step`) on the next batch; the draws after
+        the batch's are t, ε, then the caption dropout (their order is part of a checkpoint's
+        reproducibility), then the EMA update."""
+        run, p, unet = self.run, self.run.params, self.parts.unet
         idx, z0, context = self._batch()
-        # the draws after the batch's: t, then ε (their order is part of a checkpoint's reproducibility)
-        t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=run.generator).to(run.device)  # (B,)
-        noise = run.randn(z0.shape)  # ε, (B, C, h, w)
-        drop = (torch.rand(len(idx), generator=run.generator) < p.caption_dropout).to(run.device)
-        context = torch.where(drop[:, None, None], self.latents.empty_embed, context)  # (B, L, D)
-        z_t = diffusion.q_sample(z0, t, noise)
-        with run.autocast():
-            eps = unet(z_t, t, encoder_hidden_states=context).sample
-        per_example = mean_flat((eps.float() - noise) ** 2)  # L_simple
-        if p.min_snr_gamma is not None:  # Min-SNR-γ (Hang et al. 2023), ε-prediction form
-            snr = diffusion.snr(t)
-            per_example = per_example * snr.clamp(max=p.min_snr_gamma) / snr
-        loss = per_example.mean()
-        _optimise(loss, self.optimizer, unet.parameters(), p.grad_clip)
+
+        def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            drop = (torch.rand(len(idx), generator=run.generator) < p.caption_dropout).to(run.device)
+            cond = torch.where(drop[:, None, None], self.latents.empty_embed, context)  # (B, L, D)
+            with run.autocast():
+                return unet(z_t, t, encoder_hidden_states=cond).sample
+
+        loss = diffusion_train_step(
+            self.parts.diffusion, eps_fn, z0, generator=run.generator, min_snr_gamma=p.min_snr_gamma,
+            gradient_step=lambda loss: _optimise(loss, self.optimizer, unet.parameters(), p.grad_clip),
+        )
         if self.ema is not None:
             self.ema.step(self.trained)
         return loss
@@ -496,7 +503,8 @@ class UNetStage(_Stage):
         return _ema_copy(self.parts.unet, self.ema, self.trained_names)
 
     def evaluate(self, ckpt: Path, global_step: int) -> dict:
-        return self.evaluator.evaluate(self.averaged(), ckpt, global_step, self.run.loss_history)
+        final = global_step == self.first_step + self.steps  # the model's sampling defaults are chosen here
+        return self.evaluator.evaluate(self.averaged(), ckpt, global_step, self.run.loss_history, final=final)
 
 
 def _ema_copy(unet, ema, names: list[str]):
