@@ -54,10 +54,12 @@ def _diffusion_of(scheduler) -> tuple[GaussianDiffusion, str]:
 def ddpm_pipeline_call(pipe, *, prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5, generator=None,
                        width: int | None = None, height: int | None = None, output_type: str = "pil",
-                       callback_on_step_end=None):
+                       callback_on_step_end=None, callback_on_step_end_tensor_inputs=()):
     """``pipe(...)`` with Algorithm 2 as its loop (see the module docstring). Returns an object with
-    ``.images`` as the pipeline's output of ``output_type``. ``callback_on_step_end(pipe, i, t, {})``
-    is called after each step, as the pipeline does (its return value is ignored)."""
+    ``.images`` as the pipeline's output of ``output_type``. ``callback_on_step_end(pipe, i, t,
+    tensors)`` is called after each step, as the pipeline does, with the tensors named in
+    ``callback_on_step_end_tensor_inputs`` (``latents``: x_{t-1}, ``prompt_embeds``: the guided
+    batch's context); its return value is ignored: Algorithm 2 has no corrector to hand back to."""
     from diffusers.utils.torch_utils import randn_tensor
 
     device = pipe._execution_device
@@ -85,9 +87,14 @@ def ddpm_pipeline_call(pipe, *, prompt=None, prompt_embeds=None, negative_prompt
             out = uncond + guidance_scale * (cond - uncond)
         return diffusion.eps_from_prediction(out, x_t, t, prediction_type)
 
-    def on_step(i: int, t: int, _x) -> None:
+    unknown = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds"}
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)}: valid are latents, prompt_embeds")
+
+    def on_step(i: int, t: int, x) -> None:
         if callback_on_step_end is not None:
-            callback_on_step_end(pipe, i, by_index[t], {})
+            tensors = {"latents": x, "prompt_embeds": context}
+            callback_on_step_end(pipe, i, by_index[t], {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
 
     latents = diffusion.ancestral_sample(
         eps_fn, x_T, timesteps=sorted(by_index), variance_type=variance_type, on_step=on_step,
