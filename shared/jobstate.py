@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from shared import scheduler
@@ -49,8 +49,10 @@ class LeaseLost(Exception):
 
 
 def emit(session: Session, job_id: str, type_: str, data: dict[str, Any] | None = None) -> None:
-    """Append an event in the caller's transaction (so it exists iff the change it reports does)."""
-    session.add(JobEvent(job_id=job_id, type=type_, data=data or {}, created_at=utcnow()))
+    """Append an event in the caller's transaction (so it exists iff the change it reports does).
+    A Core INSERT, not ``session.add``: no unit-of-work flush at the commit (~1 ms of a worker's CPU
+    per transition, most of a claim's client-side cost in ``ldmq bench scheduler``)."""
+    session.execute(insert(JobEvent).values(job_id=job_id, type=type_, data=data or {}, created_at=utcnow()))
 
 
 def _fenced(job_id: str, attempt: int):
