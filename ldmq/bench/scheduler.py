@@ -10,8 +10,11 @@ Three parts, printed in one run:
 
 1. **scale**: 10⁵ and 10⁶ queued jobs (bulk-inserted server-side with ``INSERT … SELECT
    generate_series``), 64 and 256 workers: claims/s, claim latency p50/p99 (the whole call a
-   worker makes: pool checkout, the UPDATE, the event row, the commit; and the pool wait apart),
-   worker utilisation, and EXPLAIN ANALYZE of the claim with 10⁶ queued and 256 running.
+   worker makes: pool checkout, the UPDATE, the event row, the commit; the pool wait and the UPDATE's
+   round trip apart), worker utilisation, and EXPLAIN ANALYZE of the claim with 256 running. The
+   simulated workers share one interpreter (and its GIL) as real workers do not, so a *probe*, a
+   worker process of its own, claims beside them every 50 ms: its latency is what one ``ldmq
+   worker`` sees while the others load the database, and the target is read from it.
 2. **fairness**: three tenants with weights 1:2:4, each with a deep backlog: each one's share of
    the GPU-seconds against its weight, and Jain's index over the weighted shares
    ``(Σx)² / (n·Σx²)``, ``x = share / weight share`` (1.0: exactly by weight).
@@ -291,6 +294,57 @@ class Fleet:
                     jobstate.finish(s, c.job_id, c.attempt, JobStatus.succeeded, settings=self.settings)
 
 
+def _probe_main(url: str, settings_json: str, seconds: float, every_s: float, out) -> None:
+    """A worker process of its own (as every ``ldmq worker`` is): claims a job every ``every_s``
+    and finishes it at once, timing each claim call; sends the latencies back on ``out``."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from shared import jobstate
+    from shared.models import JobStatus
+    from shared.settings import Settings
+
+    settings = Settings.model_validate_json(settings_json)
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    lat: list[float] = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            with Session(engine) as s, s.begin():
+                c = jobstate.claim_next(s, settings, "sample", f"probe:{os.getpid()}", settings.lease_seconds)
+            if c is not None:
+                lat.append(time.perf_counter() - t0)
+                with Session(engine) as s, s.begin():
+                    jobstate.finish(s, c.job_id, c.attempt, JobStatus.succeeded, settings=settings)
+            time.sleep(every_s)
+    finally:
+        engine.dispose()
+        out.put(lat)
+
+
+class Probe:
+    """Runs :func:`_probe_main` in a spawned process beside the fleet (its own interpreter: no GIL
+    shared with the fleet's threads, as between real workers)."""
+
+    def __init__(self, url: str, settings, seconds: float, every_s: float = 0.05):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.out = ctx.Queue()
+        self.proc = ctx.Process(target=_probe_main, args=(url, settings.model_dump_json(), seconds, every_s, self.out),
+                                daemon=True)
+
+    def start(self) -> Probe:
+        self.proc.start()
+        return self
+
+    def result(self, timeout: float = 120) -> list[float]:
+        lat = self.out.get(timeout=timeout)
+        self.proc.join(10)
+        return lat
+
+
 def submit(fleet: Fleet, tenant: str, priority: int = 0) -> None:
     """One one-piece job, through the ORM as the API inserts it, then a wake-up."""
     from shared.models import Job, sched_key, utcnow
@@ -329,16 +383,20 @@ def scale_part(engine, settings, args, results: dict) -> None:
             fleet = Fleet(engine, settings, w, args.piece_s, args.heartbeat_s).start()
             try:
                 time.sleep(min(2.0, args.piece_s * 2))  # every worker claimed once: the steady state
+                probe = Probe(engine.url.render_as_string(hide_password=False), settings, args.run_s).start()
                 st = fleet.measure(args.run_s)
+                solo = probe.result()
             finally:
                 fleet.close()
             util = 100.0 * sum(st.busy.values()) / (w * args.run_s)
             p50, p99 = pct(st.latencies, 50) * 1e3, pct(st.latencies, 99) * 1e3
-            results[("scale", n, w)] = dict(p99=p99, util=util)
+            s50, s99 = pct(solo, 50) * 1e3, pct(solo, 99) * 1e3
+            results[("scale", n, w)] = dict(p99=p99, util=util, solo_p99=s99)
             print(f"scale queued={n} workers={w}: {st.claims / args.run_s:.1f} claims/s, claim p50 {p50:.1f} ms "
                   f"p99 {p99:.1f} ms (pool wait p99 {pct(st.pool_waits, 99) * 1e3:.1f} ms; the UPDATE's round trip "
                   f"p50 {pct(st.stmt, 50) * 1e3:.1f} ms p99 {pct(st.stmt, 99) * 1e3:.1f} ms), "
-                  f"utilisation {util:.1f} %", flush=True)
+                  f"utilisation {util:.1f} %; a worker process of its own beside them: claim p50 {s50:.1f} ms "
+                  f"p99 {s99:.1f} ms ({len(solo)} claims)", flush=True)
         explain_claim(engine, settings, max(int(x) for x in args.workers.split(",")))
 
 
@@ -452,8 +510,9 @@ def _targets(results: dict, args) -> list[str]:
     queued = max(int(x) for x in args.queued.split(","))
     big = results.get(("scale", queued, workers))
     if big:
-        out.append(f"claim p99 < 25 ms at {workers} workers and {queued} queued: {big['p99']:.1f} ms "
-                   f"({'met' if big['p99'] < 25 else 'missed'})")
+        out.append(f"claim p99 < 25 ms at {workers} workers and {queued} queued, as one worker process sees it: "
+                   f"{big['solo_p99']:.1f} ms ({'met' if big['solo_p99'] < 25 else 'missed'}; the {workers} threads "
+                   f"of the simulation, sharing one interpreter: {big['p99']:.1f} ms)")
     utils = [v["util"] for k, v in results.items() if isinstance(k, tuple)] + [results.get("fair_util", 100.0)]
     out.append(f"utilisation ≥ 95 % while work is queued: lowest {min(utils):.1f} % "
                f"({'met' if min(utils) >= 95 else 'missed'})")
