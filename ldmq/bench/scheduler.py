@@ -296,8 +296,11 @@ class Fleet:
 
 def _probe_main(url: str, settings_json: str, seconds: float, every_s: float, out) -> None:
     """A worker process of its own (as every ``ldmq worker`` is): claims a job every ``every_s``
-    and finishes it at once, timing each claim call; sends the latencies back on ``out``."""
-    from sqlalchemy import create_engine
+    and finishes it at once, timing each claim call; and times, after each, a transaction of as
+    many round trips doing nothing (two ``SELECT 1`` and the commit: the claim is its UPDATE, its
+    event INSERT and the commit), the floor this machine puts under any claim at that moment.
+    Sends (claim latencies, floor latencies) back on ``out``."""
+    from sqlalchemy import create_engine, text
     from sqlalchemy.orm import Session
 
     from shared import jobstate
@@ -307,6 +310,7 @@ def _probe_main(url: str, settings_json: str, seconds: float, every_s: float, ou
     settings = Settings.model_validate_json(settings_json)
     engine = create_engine(url, pool_size=1, max_overflow=0)
     lat: list[float] = []
+    floor: list[float] = []
     end = time.monotonic() + seconds
     try:
         while time.monotonic() < end:
@@ -317,10 +321,15 @@ def _probe_main(url: str, settings_json: str, seconds: float, every_s: float, ou
                 lat.append(time.perf_counter() - t0)
                 with Session(engine) as s, s.begin():
                     jobstate.finish(s, c.job_id, c.attempt, JobStatus.succeeded, settings=settings)
+            t0 = time.perf_counter()
+            with Session(engine) as s, s.begin():
+                s.execute(text("SELECT 1"))
+                s.execute(text("SELECT 1"))
+            floor.append(time.perf_counter() - t0)
             time.sleep(every_s)
     finally:
         engine.dispose()
-        out.put(lat)
+        out.put((lat, floor))
 
 
 class Probe:
@@ -339,10 +348,10 @@ class Probe:
         self.proc.start()
         return self
 
-    def result(self, timeout: float = 120) -> list[float]:
-        lat = self.out.get(timeout=timeout)
+    def result(self, timeout: float = 120) -> tuple[list[float], list[float]]:
+        got = self.out.get(timeout=timeout)
         self.proc.join(10)
-        return lat
+        return got
 
 
 def submit(fleet: Fleet, tenant: str, priority: int = 0) -> None:
@@ -385,7 +394,7 @@ def scale_part(engine, settings, args, results: dict) -> None:
                 time.sleep(min(2.0, args.piece_s * 2))  # every worker claimed once: the steady state
                 probe = Probe(engine.url.render_as_string(hide_password=False), settings, args.run_s).start()
                 st = fleet.measure(args.run_s)
-                solo = probe.result()
+                solo, floor = probe.result()
             finally:
                 fleet.close()
             util = 100.0 * sum(st.busy.values()) / (w * args.run_s)
@@ -396,7 +405,8 @@ def scale_part(engine, settings, args, results: dict) -> None:
                   f"p99 {p99:.1f} ms (pool wait p99 {pct(st.pool_waits, 99) * 1e3:.1f} ms; the UPDATE's round trip "
                   f"p50 {pct(st.stmt, 50) * 1e3:.1f} ms p99 {pct(st.stmt, 99) * 1e3:.1f} ms), "
                   f"utilisation {util:.1f} %; a worker process of its own beside them: claim p50 {s50:.1f} ms "
-                  f"p99 {s99:.1f} ms ({len(solo)} claims)", flush=True)
+                  f"p99 {s99:.1f} ms ({len(solo)} claims), the same round trips doing nothing (SELECT 1) p50 "
+                  f"{pct(floor, 50) * 1e3:.1f} ms p99 {pct(floor, 99) * 1e3:.1f} ms", flush=True)
         explain_claim(engine, settings, max(int(x) for x in args.workers.split(",")))
 
 
