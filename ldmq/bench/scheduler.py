@@ -210,13 +210,19 @@ class Fleet:
         return self
 
     def measure(self, seconds: float) -> Stats:
-        """Reset the figures, let the fleet run ``seconds``, return what happened in that window."""
+        """Reset the figures, let the fleet run ``seconds``, return what happened in that window:
+        claims made in it, and the part of every piece computed in it (so the figures wait for the
+        pieces still running when the window closes to report their share)."""
         with self.lock:
             self.stats = Stats()
             self.window = (time.monotonic(), time.monotonic() + seconds)
-        time.sleep(seconds)
+        time.sleep(seconds + self.piece_s + 0.5)
         with self.lock:
             return self.stats
+
+    def _in_window(self, t: float) -> bool:
+        lo, hi = self.window
+        return lo <= t <= hi
 
     def close(self) -> None:
         from sqlalchemy import event
@@ -238,6 +244,8 @@ class Fleet:
         with self.Session() as s, s.begin():
             c = jobstate.claim_next(s, self.settings, "sample", owner, self.settings.lease_seconds)
         t1 = time.perf_counter()
+        if not self._in_window(time.monotonic()):
+            return c
         with self.lock:
             if c is None:
                 self.stats.empty += 1
