@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
 from shared.db import session_scope
-from shared.models import Job, WebhookDelivery, utcnow
+from shared.models import Job, Tenant, WebhookDelivery, utcnow
 from shared.queue import QUEUE_FOR_TYPE
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class StateCollector:
         except Exception as exc:
             log.warning("metrics: cannot read jobs: %s", exc)
         yield jobs
+        yield from self._queue()
 
         deliveries = GaugeMetricFamily("ldmq_webhook_deliveries", "Webhook deliveries by state", labels=["status"])
         oldest_due = GaugeMetricFamily("ldmq_webhook_oldest_due_seconds",
@@ -73,6 +74,31 @@ class StateCollector:
             except Exception as exc:
                 log.warning("metrics: cannot read queue depth: %s", exc)
         yield depth
+
+
+    def _queue(self):
+        """Queued jobs and the oldest one's wait, by type, tenant (name) and priority: what the
+        scheduler is holding back and for how long (the worker's ``ldmq_queue_wait_seconds``
+        histogram has the waits of jobs once claimed)."""
+        queued = GaugeMetricFamily("ldmq_jobs_queued", "Queued jobs by type, tenant and priority",
+                                   labels=["type", "tenant", "priority"])
+        oldest = GaugeMetricFamily("ldmq_queue_oldest_wait_seconds",
+                                   "How long the oldest queued job has waited, by type, tenant and priority",
+                                   labels=["type", "tenant", "priority"])
+        try:
+            now = utcnow()
+            with session_scope(self.settings) as s:
+                rows = s.execute(select(Job.type, Tenant.name, Job.priority, func.count(), func.min(Job.created_at))
+                                 .join(Tenant, Tenant.id == Job.tenant_id).where(Job.status == "queued")
+                                 .group_by(Job.type, Tenant.name, Job.priority)).all()
+            for type_, tenant, priority, n, first in rows:
+                labels = [type_, tenant, str(priority)]
+                queued.add_metric(labels, n)
+                oldest.add_metric(labels, max(0.0, (now - first).total_seconds()) if first else 0.0)
+        except Exception as exc:
+            log.warning("metrics: cannot read the queue: %s", exc)
+        yield queued
+        yield oldest
 
 
 def scrape_registry(settings) -> CollectorRegistry:

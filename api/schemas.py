@@ -182,6 +182,17 @@ class ImportModelRequest(Strict):
                                   "guidance_scale out (steps within the deployment's max_steps).")
 
 
+class QueueOut(BaseModel):
+    """Where a queued job stands under the scheduling policy: an estimate (docs/api.md "Scheduling")."""
+
+    jobs_ahead: int = Field(description="Queued jobs of the same type expected to start before this one.")
+    images_ahead: int = Field(description="Their images (train jobs count 0).")
+    exact: bool = Field(description="False when a tenant's queue was too long to read whole (then 'at least').")
+    estimated_start_at: datetime | None = Field(description=(
+        "Now + images ahead × a seconds-per-image figure / the jobs of this type running now; null for train jobs."))
+    workers: int = Field(description="Jobs of this type running now (the estimate's stand-in for free capacity).")
+
+
 class JobOut(BaseModel):
     id: str
     type: str
@@ -199,6 +210,8 @@ class JobOut(BaseModel):
     total_items: int = 0
     priority: int = 0
     webhook: WebhookSpec | None = None
+    queue: QueueOut | None = Field(default=None, description=(
+        "A queued job's place (GET /v1/jobs/{id} only; null otherwise and in lists)."))
 
 
 class JobList(BaseModel):

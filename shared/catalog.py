@@ -57,3 +57,8 @@ PRIORITY_HELP = f"{PRIORITY_MIN}..{PRIORITY_MAX}: within the tenant, higher runs
 OutputFormat = Literal["png", "webdataset"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 DEFAULT_OUTPUT_FORMAT: OutputFormat = "png"
+
+# Aging (spec 1.1 "Scheduling"): seconds of waiting worth one priority level (LDMQ_SCHED_AGING_S).
+# 300 s: a priority-10 job is ahead of a priority-0 job submitted up to 50 minutes before it, and
+# no job waits behind later work for longer than that.
+SCHED_AGING_S_DEFAULT = 300.0

@@ -5,6 +5,7 @@ commit succeeded, so a job row always exists before its message does."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -37,6 +38,9 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.close()
+            # The claim's fair-share decay (shared.scheduler) uses power(), which SQLite has only
+            # when built with its math functions.
+            dbapi_conn.create_function("power", 2, math.pow, deterministic=True)
 
         return engine
     # An API session holds its connection from its route to its commit: `api_threads` running

@@ -24,9 +24,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from shared.catalog import SCHED_AGING_S_DEFAULT
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -130,12 +133,34 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
 
 
+def sched_key(created_at: datetime, priority: int, aging_s: float) -> float:
+    """A job's place in its tenant's queue (lower runs first): its submission time in epoch
+    seconds, moved ``priority × aging_s`` seconds earlier. Ordering by it is ordering by the
+    effective priority ``priority + waited / aging_s``: higher priority first, FIFO among equals,
+    and a job that has waited ``aging_s`` longer than another has gained one level on it, so
+    nothing starves. Stored (and indexed) because ``waited`` grows for every row at the same
+    rate: the order never changes while jobs wait, so the claim reads it from an index."""
+    return created_at.timestamp() - int(priority) * float(aging_s)
+
+
+def _default_sched_key(context) -> float:
+    """The ORM default for rows created without one (tests, tools): the default aging. The API
+    sets it from ``Settings.sched_aging_s``."""
+    params = context.get_current_parameters()
+    created = params.get("created_at") or utcnow()
+    return sched_key(created, params.get("priority") or 0, SCHED_AGING_S_DEFAULT)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # The claim's probe: a tenant's best queued job of a type is the first entry (see
+        # shared.scheduler). Partial, so it holds only the queue, not every job ever run.
+        Index("ix_jobs_claim", "tenant_id", "type", "sched_key", postgresql_where=text("status = 'queued'"),
+              sqlite_where=text("status = 'queued'")),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -158,6 +183,12 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]
+    # Where the claim puts it within its tenant's queue (see sched_key); set after created_at and
+    # priority, whose values the default reads.
+    sched_key: Mapped[float] = mapped_column(Float, default=_default_sched_key, server_default="0")
+    # Epoch seconds up to which the run holding the job has been charged to its tenant's fair-share
+    # usage (shared.scheduler.charge): set by the claim, moved on by each heartbeat and the end.
+    charged_s: Mapped[float | None] = mapped_column(Float)
 
     # Leases and fencing: ``attempts`` is bumped by every claim and is the fencing token.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -173,6 +204,20 @@ class Job(Base):
     rows: Mapped[list[JobRow]] = relationship(
         back_populates="job", order_by="JobRow.row", cascade="all, delete-orphan"
     )
+
+
+class TenantUsage(Base):
+    """A tenant's recent GPU-seconds for fair share: ``usage_s`` as of ``updated_s`` (epoch
+    seconds), decaying by half every ``Settings.sched_half_life_s``. One small row per tenant, so
+    the claim reads every tenant's standing in the statement that takes the job. The ledger is
+    kept decayed (not as a log of charges) because a claim must read it in a fraction of a
+    millisecond; ``GET /v1/usage``'s 24-hour figure is computed from job times instead."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    usage_s: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_s: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class JobRow(Base):

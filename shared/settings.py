@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.catalog import SCHED_AGING_S_DEFAULT
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LDMQ_", env_file=".env", extra="ignore")
@@ -125,6 +127,21 @@ class Settings(BaseSettings):
         "retries (a backlog drains over several passes)."))
     storage_retry_s: float = Field(default=30.0, ge=0, description=(
         "How long an object-storage call retries (with backoff) on connection errors and 5xx before failing."))
+
+    # Scheduling (shared.scheduler): which queued job a woken worker takes.
+    sched_half_life_s: float = Field(default=3600.0, gt=0, description=(
+        "Fair share: a tenant's charged GPU-seconds count half after this long. Short: shares even out "
+        "over the last minutes (a tenant idle for an hour comes back with a clean slate); long: over days."))
+    sched_aging_s: float = Field(default=SCHED_AGING_S_DEFAULT, gt=0, description=(
+        "Within a tenant: seconds of waiting worth one priority level (effective priority = priority + "
+        "waited / this), so a low-priority job is not passed by later work for ever. Applies to jobs "
+        "submitted after a change."))
+    sched_running_charge_s: float = Field(default=30.0, ge=0, description=(
+        "Fair share: each job a tenant runs counts this many GPU-seconds ahead of what it has used, so "
+        "that workers freeing up at once are spread over tenants by weight rather than all going to the "
+        "one that has used least (a claim has no cost yet when the next worker asks)."))
+    sched_seconds_per_image: float = Field(default=2.0, gt=0, description=(
+        "What a queued job's estimated start assumes one image costs a worker (GET /v1/jobs/{id} queue)."))
 
     # Worker.
     worker_device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")

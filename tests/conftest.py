@@ -278,16 +278,32 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
+def cancel_unfinished_jobs(database_url: str) -> None:
+    """End every queued or running job in the test session's database (jobs of earlier tests)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as c:
+            c.execute(text("UPDATE jobs SET status = 'canceled', finished_at = now(), lease_owner = NULL, "
+                           "lease_expires_at = NULL WHERE status IN ('queued', 'running')"))
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 def stack(settings, tmp_path):
     """Start real processes: ``ldmq api`` on a free port and ``ldmq worker``s on demand.
 
     The broker's database is emptied first, so a worker started here never picks up messages
-    that earlier tests left queued."""
+    that earlier tests left queued; and so are the queue's earlier jobs (canceled): a woken worker
+    takes the best ready job of any tenant (shared.scheduler), which would otherwise be one an
+    earlier test left behind."""
     import httpx
     import redis
 
     redis.Redis.from_url(settings.broker_url).flushdb()
+    cancel_unfinished_jobs(settings.database_url)
     procs: list[Proc] = []
     env = settings_env(settings)
 

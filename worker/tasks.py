@@ -1,5 +1,6 @@
-"""Celery tasks: thin. Each takes a job id; the executor claims it in the database, runs it in the
-worker's spawned executor process and records the outcome (see ``worker.runtime.executor``)."""
+"""Celery tasks: thin. A message names a job, but only wakes a worker of its queue: the worker claims
+the best ready job of that type by the scheduling policy (``shared.scheduler``), runs it in its
+spawned executor process and records the outcome (see ``worker.runtime.executor``)."""
 
 from __future__ import annotations
 

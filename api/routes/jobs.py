@@ -123,8 +123,9 @@ def list_jobs(session: SessionDep, tenant: TenantDep,
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return svc.job_out(svc.get_job(session, tenant, job_id))
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> JobOut:
+    job = svc.get_job(session, tenant, job_id)
+    return svc.job_out(job, queue=svc.queue_of(session, settings, job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=ERRORS)

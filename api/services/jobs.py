@@ -10,7 +10,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import and_, or_, select
@@ -31,6 +31,7 @@ from api.schemas import (
     JobOut,
     OutputList,
     OutputOut,
+    QueueOut,
     SampleEstimate,
     ShardOut,
     SamplePrompt,
@@ -39,7 +40,7 @@ from api.schemas import (
     WebhookDeliveryOut,
     WebhookSpec,
 )
-from shared import jobstate, sampling_defaults, usage
+from shared import jobstate, sampling_defaults, scheduler, usage
 from shared.adapters import base_of
 from shared.catalog import BUILTIN_DATASETS, network_evaluations
 from shared.db import after_commit
@@ -54,6 +55,7 @@ from shared.models import (
     JobWebhook,
     Model,
     WebhookDelivery,
+    sched_key,
     utcnow,
 )
 from shared.queue import enqueue
@@ -80,8 +82,9 @@ def _webhook_spec(hook: JobWebhook | None) -> WebhookSpec | None:
     return WebhookSpec(url=hook.url, events=list(hook.events or [])) if hook is not None else None
 
 
-def job_out(job: Job, hook: JobWebhook | None | bool = True) -> JobOut:
-    """The API view of a job. ``hook``: its webhook row, None for none, or True to look it up."""
+def job_out(job: Job, hook: JobWebhook | None | bool = True, queue: QueueOut | None = None) -> JobOut:
+    """The API view of a job. ``hook``: its webhook row, None for none, or True to look it up;
+    ``queue``: a queued job's place (:func:`queue_of`)."""
     if hook is True:
         session = object_session(job)
         hook = session.get(JobWebhook, job.id) if session is not None else None
@@ -90,8 +93,19 @@ def job_out(job: Job, hook: JobWebhook | None | bool = True) -> JobOut:
         started_at=job.started_at, finished_at=job.finished_at, error=job.error, params=job.params,
         model_id=job.model_id, outputs_count=job.outputs_count, attempts=job.attempts,
         progress_detail=job.progress_detail or {}, total_items=job.total_items, priority=job.priority or 0,
-        webhook=_webhook_spec(hook),
+        webhook=_webhook_spec(hook), queue=queue,
     )
+
+
+def queue_of(session: Session, settings: Settings, job: Job) -> QueueOut | None:
+    """Where a queued job stands (``shared.scheduler.queue_position``); None once it left the queue."""
+    if job.status != JobStatus.queued.value:
+        return None
+    now = utcnow()
+    pos = scheduler.queue_position(session, settings, job, now)
+    start = now + timedelta(seconds=pos.estimated_wait_s) if pos.estimated_wait_s is not None else None
+    return QueueOut(jobs_ahead=pos.jobs_ahead, images_ahead=pos.images_ahead, exact=pos.exact,
+                    estimated_start_at=start, workers=pos.workers)
 
 
 class Submitted(NamedTuple):
@@ -173,7 +187,9 @@ def _create_once(session: Session, settings: Settings, tenant: TenantRef, idempo
     job.request_hash = digest
     job.tenant_id = tenant.id
     job.max_attempts = job.max_attempts or settings.max_attempts  # the request's, else the default
-    job.enqueued_at = utcnow()
+    job.enqueued_at = job.created_at = utcnow()
+    # Its place in the tenant's queue: priority as a head start of sched_aging_s per level.
+    job.sched_key = sched_key(job.created_at, job.priority or 0, settings.sched_aging_s)
     if not key:  # nothing to collide with: no savepoint (two round trips) needed
         session.add(job)
         session.flush()

@@ -10,6 +10,8 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``gpu`` (:mod:`ldmq.bench.gpu`): an SD-1.5-sized U-Net on a CUDA device against diffusers' fp16 pipeline
 - ``ratelimit`` (:mod:`ldmq.bench.ratelimit`): the cost of a tenant's rate check, and one rate across two processes
 - ``stream`` (:mod:`ldmq.bench.stream`): what a job's event stream costs: a poll, idle streams, delivery latency
+- ``scheduler`` (:mod:`ldmq.bench.scheduler`): the claim path and the policy with hundreds of simulated
+  workers against a real PostgreSQL (claims/s, latency, utilisation, fairness, waits under a flood)
 
 :mod:`ldmq.bench.stack` starts ldmq's processes on loopback for the benches that need a running
 system. Benchmarks import the worker's public names (``worker.model``, ``worker.jobs``) and
@@ -33,6 +35,7 @@ BENCHES = {
     "gpu": "ldmq.bench.gpu",
     "ratelimit": "ldmq.bench.ratelimit",
     "stream": "ldmq.bench.stream",
+    "scheduler": "ldmq.bench.scheduler",
 }
 
 

@@ -5,11 +5,16 @@ change is a conditional UPDATE and a duplicate message is harmless):
 
 1. fail jobs that used up their attempts (poison jobs: their lease expired on the last one);
 2. finish abandoned cancels;
-3. ask the broker which jobs it holds (Redis: the queue lists and the ``unacked`` hash; the
-   file-system transport: its message files) and re-enqueue
-   - running jobs whose lease expired (their worker died), unless a message already waits;
-   - queued jobs that no broker holds for ``orphan_grace_s`` (a FLUSHALL, a lost message, a
-     worker that died between receiving the message and claiming the job).
+3. ask the broker which messages it holds (Redis: the queue lists and the ``unacked`` hash; the
+   file-system transport: its message files) and top up the wake-ups. A message only wakes a
+   worker of its queue, which then claims the best ready job of that type (``shared.scheduler``),
+   not necessarily the one the message names; so what must hold is a count, per queue: at least
+   as many waiting messages as jobs a worker could claim now. Those jobs are running jobs whose
+   lease expired (their worker died) and queued jobs not sent within ``orphan_grace_s`` (a
+   FLUSHALL, a lost message, a worker that died between receiving the message and claiming),
+   those of a tenant at its ``max_running`` left out beyond its free slots (a wake-up could not
+   take them, and would be re-sent every pass). Messages that name a job sent within the grace are
+   left to that job. The shortfall is sent, naming jobs no message names.
    Where the broker cannot be inspected, queued jobs are re-sent every ``requeue_after_s``.
 4. retention (``retention_days`` > 0): delete up to ``retention_batch`` final jobs that finished
    longer ago, as ``DELETE /v1/jobs/{id}`` does, then retry stored objects whose deletion failed
@@ -45,10 +50,21 @@ UNACKED_INDEX_KEY = "unacked_index"
 @dataclass
 class BrokerView:
     """Job ids with a message waiting in a queue, and job ids delivered but not acked (with the
-    delivery time, seconds since the epoch)."""
+    delivery time, seconds since the epoch). ``messages``: (job type, job id) of every waiting
+    message, duplicates included (each one wakes a worker)."""
 
     waiting: set[str] = field(default_factory=set)
     unacked: dict[str, float] = field(default_factory=dict)
+    messages: list[tuple[str, str]] = field(default_factory=list)
+
+    def add_waiting(self, payload: dict) -> None:
+        job_id = _job_id_of(payload)
+        if job_id:
+            self.waiting.add(job_id)
+            self.messages.append((_TYPE_OF_TASK[(payload.get("headers") or {})["task"]], job_id))
+
+
+_TYPE_OF_TASK = {task: type_ for type_, task in TASK_FOR_TYPE.items()}
 
 
 def _job_id_of(payload: dict) -> str | None:
@@ -83,11 +99,9 @@ def _redis_view(url: str) -> BrokerView:
         for items in lists:
             for raw in items:
                 try:
-                    job_id = _job_id_of(json.loads(raw))
+                    view.add_waiting(json.loads(raw))
                 except ValueError:
                     continue
-                if job_id:
-                    view.waiting.add(job_id)
         delivered = {tag.decode() if isinstance(tag, bytes) else tag: ts for tag, ts in index}
         for tag, raw in unacked.items():
             tag = tag.decode() if isinstance(tag, bytes) else tag
@@ -107,11 +121,9 @@ def _filesystem_view(folder: Path) -> BrokerView:
     view = BrokerView()
     for path in folder.glob("*.msg"):
         try:
-            job_id = _job_id_of(json.loads(path.read_text()))
+            view.add_waiting(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-        if job_id:
-            view.waiting.add(job_id)
     return view
 
 
@@ -152,28 +164,14 @@ def _requeue_pass(settings: Settings) -> dict[str, list[str]]:
         failed = jobstate.fail_exhausted(s)
         canceled = jobstate.cancel_abandoned(s)
         candidates = jobstate.sweep_candidates(s)
+        free = jobstate.free_slots(s)
     try:
         view = broker_view(settings)
     except Exception as exc:  # broker down: nothing to compare with, and nothing could be sent anyway
         log.warning("sweeper: cannot inspect the broker: %s", exc)
         return {"failed": failed, "canceled": canceled, "requeued": []}
-    now = utcnow()
-    grace = timedelta(seconds=settings.orphan_grace_s)
-    due: list[tuple[str, str]] = []
-    for c in candidates:
-        recent = c.enqueued_at is not None and now - c.enqueued_at < grace
-        if view is None:  # cannot see the broker: re-send on a timer
-            stale = c.enqueued_at is None or now - c.enqueued_at > timedelta(seconds=settings.requeue_after_s)
-            if c.status == "running" or stale:
-                due.append((c.job_id, c.type))
-            continue
-        if c.job_id in view.waiting or recent:
-            continue  # a message waits for a worker (or was just sent)
-        if c.status == "queued":
-            delivered = view.unacked.get(c.job_id)
-            if delivered is not None and time.time() - delivered < settings.orphan_grace_s:
-                continue  # a worker just received it and is claiming it
-        due.append((c.job_id, c.type))
+    candidates = _within_free_slots(candidates, free)
+    due = _due_on_timer(settings, candidates) if view is None else _shortfall(settings, candidates, view)
     requeued = []
     for job_id, job_type in due:
         try:
@@ -188,6 +186,54 @@ def _requeue_pass(settings: Settings) -> dict[str, list[str]]:
     if failed or canceled or requeued:
         log.info("sweeper: failed=%s canceled=%s requeued=%s", failed, canceled, requeued)
     return {"failed": failed, "canceled": canceled, "requeued": requeued}
+
+
+def _within_free_slots(candidates: list, free: dict[str, int]) -> list:
+    """Drop the jobs of a tenant at its ``max_running`` beyond the runs it may still start (the
+    candidates come in claim order, so the first ones stay)."""
+    left = dict(free)
+    kept = []
+    for c in candidates:
+        if c.tenant_id in left:
+            if left[c.tenant_id] <= 0:
+                continue
+            left[c.tenant_id] -= 1
+        kept.append(c)
+    return kept
+
+
+def _due_on_timer(settings: Settings, candidates: list) -> list[tuple[str, str]]:
+    """The broker cannot be seen: re-send running jobs whose lease expired, and queued jobs on a timer."""
+    now = utcnow()
+    due = []
+    for c in candidates:
+        stale = c.enqueued_at is None or now - c.enqueued_at > timedelta(seconds=settings.requeue_after_s)
+        if c.status == "running" or stale:
+            due.append((c.job_id, c.type))
+    return due
+
+
+def _shortfall(settings: Settings, candidates: list, view: BrokerView) -> list[tuple[str, str]]:
+    """Per job type: the claimable jobs beyond the waiting messages that can wake a worker for them."""
+    now = utcnow()
+    grace = timedelta(seconds=settings.orphan_grace_s)
+    recent = {c.job_id for c in candidates if c.enqueued_at is not None and now - c.enqueued_at < grace}
+    due: list[tuple[str, str]] = []
+    for job_type in sorted({c.type for c in candidates}):
+        need = []
+        for c in candidates:
+            if c.type != job_type or c.job_id in recent:
+                continue  # a message was just sent for it (it may still be on its way)
+            delivered = view.unacked.get(c.job_id)
+            if c.status == "queued" and delivered is not None and time.time() - delivered < settings.orphan_grace_s:
+                continue  # a worker just received it and is claiming
+            need.append(c)
+        spare = sum(1 for t, job_id in view.messages if t == job_type and job_id not in recent)
+        short = len(need) - spare
+        if short > 0:
+            unnamed = [c for c in need if c.job_id not in view.waiting] or need
+            due.extend((c.job_id, c.type) for c in unnamed[:short])
+    return due
 
 
 def run_forever(settings: Settings, interval_s: float) -> None:

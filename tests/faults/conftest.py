@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, free_port, settings_env, wait_until
+from tests.conftest import Proc, cancel_unfinished_jobs, free_port, settings_env, wait_until
 
 FAULT_REDIS_URL = os.environ.get("LDMQ_TEST_FAULTS_REDIS", "redis://127.0.0.1:6379/12")
 LEASE_S = 3
@@ -80,16 +80,9 @@ def _isolated(redis_url, migrated_pg):
     """Each fault test starts with an empty broker, and with no unfinished job of an earlier test
     in the session's database (a sweeper would rightly re-send those to this test's workers)."""
     import redis
-    from sqlalchemy import create_engine, text
 
     redis.Redis.from_url(redis_url).flushdb()
-    engine = create_engine(migrated_pg)
-    try:
-        with engine.begin() as c:
-            c.execute(text("UPDATE jobs SET status = 'canceled', finished_at = now(), lease_owner = NULL, "
-                           "lease_expires_at = NULL WHERE status IN ('queued', 'running')"))
-    finally:
-        engine.dispose()
+    cancel_unfinished_jobs(migrated_pg)
     yield
 
 

@@ -65,6 +65,11 @@ def test_worker_metrics_and_json_logs_cover_the_executor(stack, tiny_pipeline_di
     assert m[("ldmq_worker_jobs_total", (("status", "succeeded"), ("type", "sample")))] == 1.0
     assert m[("ldmq_worker_job_seconds_count", (("status", "succeeded"), ("type", "sample")))] == 1.0
     assert m[("ldmq_worker_busy", ())] == 0.0
+    # Observed at the claim: the job's queue wait, by type, tenant and priority.
+    waits = {labels: v for (name, labels), v in m.items() if name == "ldmq_queue_wait_seconds_count"}
+    assert len(waits) == 1 and list(waits.values()) == [1.0], waits
+    labels = dict(next(iter(waits)))
+    assert labels["type"] == "sample" and labels["priority"] == "0" and len(labels["tenant"]) == 32
 
     worker.stop()
     # Every line is one JSON object: no banner, no library handlers of their own. The one exception

@@ -177,7 +177,9 @@ def _compatible(a: dict, b: dict) -> bool:
 
 
 def claim_companions(settings: Settings, lead: JobWork, budget: int) -> list[JobWork]:
-    """Claim queued jobs of the same model that can share this run's batches (FIFO, bounded)."""
+    """Claim queued jobs of the same model that can share this run's batches (bounded), in their
+    tenants' queue order (``sched_key``: priority, then age); a claim by id still skips a tenant at
+    its ``max_running``."""
     if budget <= 0:
         return []
     with session_scope(settings) as s:
@@ -185,7 +187,7 @@ def claim_companions(settings: Settings, lead: JobWork, budget: int) -> list[Job
             select(Job.id, Job.params, Job.total_items)
             .where(Job.status == "queued", Job.type == "sample", Job.model_id == lead.job.model_id,
                    Job.id != lead.job.id, Job.cancel_requested.is_(False))
-            .order_by(Job.created_at).limit(50)
+            .order_by(Job.sched_key).limit(50)
         ).all()
     works: list[JobWork] = []
     for job_id, params, total in candidates:

@@ -2,8 +2,8 @@
 
 Design (one job at a time per worker process):
 
-- The Celery task (in the worker process, which never imports torch) *claims* the job in the
-  database, heartbeats its lease (``worker.runtime.run.JobRun``) and hands the job to the executor: a
+- The Celery task (in the worker process, which never imports torch) *claims* the best ready
+  job of its queue's type in the database (``shared.scheduler``: the message is only a wake-up), heartbeats its lease (``worker.runtime.run.JobRun``) and hands the job to the executor: a
   long-lived child started with ``multiprocessing.get_context("spawn")`` (so CUDA never meets
   ``fork``). The child keeps the pipeline cache warm across jobs; it re-reads the job by id,
   runs ``worker.jobs.sample.run_sample`` / ``worker.jobs.train.run_train`` and writes progress,
@@ -39,7 +39,7 @@ from worker.runtime import metrics
 from worker.runtime.child import start_child, tune_engine
 from worker.runtime.outcome import Outcome, record_outcome
 from worker.runtime.outputs import close_writer_process
-from worker.runtime.run import STOP_REASONS, JobRun, claim_run, run_work, time_limit_s
+from worker.runtime.run import STOP_REASONS, JobRun, claim_next_run, run_work, time_limit_s
 from worker.runtime.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
@@ -381,18 +381,22 @@ def close_executors() -> None:
             _POOL = None
 
 
-def execute_job(settings: Settings, job_id: str, job_type: str) -> str:
-    """The body of the Celery tasks: claim, supervise the executor, record the outcome."""
+def execute_job(settings: Settings, woken_by: str, job_type: str) -> str:
+    """The body of the Celery tasks: claim the best ready job of the queue's type (whatever job the
+    message named: ``woken_by`` is only logged), supervise the executor, record the outcome."""
     tune_engine(settings)
     # The lease and cancel are watched here; the time limits are timed by Executor.run from the
     # moment the child starts the job (not while it warms up).
-    run = claim_run(settings, job_id, job_type, enforce_time_limit=False)
+    run = claim_next_run(settings, job_type, enforce_time_limit=False)
     if run is None:
-        log.info("job %s: not claimable (taken, final or out of attempts); message ignored", job_id)
+        log.info("job %s: not claimable, and no other %s job is ready (taken, final, out of attempts, or its "
+                 "tenant at max_running); message ignored", woken_by, job_type)
         return "skipped"
     claim = run.claim
+    job_id = claim.job_id
     with job_context(job_id, claim.tenant_id):
-        log.info("job %s: attempt %s claimed by %s", job_id, claim.attempt, run.owner)
+        log.info("job %s: attempt %s claimed by %s (woken by the message for job %s)", job_id, claim.attempt,
+                 run.owner, woken_by)
         run.start()
         pool = get_executors(settings)
         executor = pool.acquire()

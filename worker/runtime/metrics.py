@@ -20,6 +20,7 @@ What the job code calls (cheap; safe whether or not the server runs):
 - ``images_made(count, seconds)`` — per batch of generated images.
 - ``sample_gpu_memory(device)`` — after a batch / at progress reports; a no-op off CUDA.
 - ``job_timer(job_type)`` — a context manager doing ``job_finished`` for you.
+- ``queue_waited(job_type, tenant_id, priority, seconds)`` — at a job's first claim.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ IMAGES_PER_SECOND = Gauge("ldmq_worker_images_per_second", "Throughput of the la
                           registry=REGISTRY, multiprocess_mode="mostrecent")
 GPU_MEMORY = Gauge("ldmq_worker_gpu_memory_bytes", "CUDA memory of the worker's live processes",
                    ["device", "kind"], registry=REGISTRY, multiprocess_mode="livesum")
+QUEUE_WAIT = Histogram(
+    "ldmq_queue_wait_seconds", "Time from submit to a job's first claim, by type, tenant and priority (observed "
+    "by the worker that claims it)", ["type", "tenant", "priority"], registry=REGISTRY,
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600),
+)
 BUSY = Gauge("ldmq_worker_busy", "Jobs this worker is running now", registry=REGISTRY, multiprocess_mode="livesum")
 
 _server_port: int | None = None
@@ -115,6 +121,10 @@ def job_timer(job_type: str) -> Iterator[dict]:
         yield holder
     finally:
         job_finished(job_type, holder["status"], time.perf_counter() - start)
+
+
+def queue_waited(job_type: str, tenant_id: str, priority: int, seconds: float) -> None:
+    QUEUE_WAIT.labels(job_type, tenant_id, str(priority)).observe(max(0.0, seconds))
 
 
 def observe_step(job_type: str, seconds: float) -> None:

@@ -90,6 +90,21 @@ def db_retry(settings: Settings, what: str, fn: Callable[[], Any], budget_s: flo
             delay = min(5.0, delay * 2)
 
 
+def _wake_held_back(settings: Settings, claim: Claim) -> None:
+    """A run of a tenant with ``max_running`` ended: wake a worker for its next queued job."""
+    from shared.queue import enqueue
+
+    if not claim.tenant_id:
+        return
+    try:
+        with session_scope(settings) as s:
+            nxt = jobstate.held_back(s, claim.tenant_id)
+        if nxt is not None:
+            enqueue(nxt[0], nxt[1], settings)
+    except Exception as exc:  # the sweeper sends it later
+        log.warning("job %s: could not wake a worker for its tenant's next job (%s)", claim.job_id, exc)
+
+
 def record_outcome(settings: Settings, claim: Claim, job_type: str, outcome: Outcome) -> str:
     """Write how the run ended (fenced by its attempt); returns a word for logs and tests:
     succeeded | failed | canceled | lease_lost | released | requeued."""
@@ -112,16 +127,17 @@ def record_outcome(settings: Settings, claim: Claim, job_type: str, outcome: Out
             def fin():
                 with session_scope(settings) as s:
                     jobstate.finish(s, job_id, attempt, status, error=outcome.error,
-                                    model_id=outcome.extra.get("model_id"))
+                                    model_id=outcome.extra.get("model_id"), settings=settings)
             db_retry(settings, f"job {job_id}: final state", fin)
             log.info("job %s: %s", job_id, status.value)
+            _wake_held_back(settings, claim)
             return status.value
         if outcome.kind in ("released", "lease_lost"):
             # lease_lost: if no other run claimed the job meanwhile (our lease merely ran out while
             # the database was away), give it back now instead of waiting for the sweeper.
             def rel():
                 with session_scope(settings) as s:
-                    return jobstate.release(s, job_id, attempt, outcome.reason or outcome.kind)
+                    return jobstate.release(s, job_id, attempt, outcome.reason or outcome.kind, settings=settings)
             budget = None if outcome.kind == "released" else 5.0
             try:
                 released = db_retry(settings, f"job {job_id}: release", rel, budget)
@@ -138,7 +154,8 @@ def record_outcome(settings: Settings, claim: Claim, job_type: str, outcome: Out
         if outcome.kind == "crashed":
             def rof():
                 with session_scope(settings) as s:
-                    return jobstate.retry_or_fail(s, job_id, attempt, outcome.error or {"code": "crashed"})
+                    return jobstate.retry_or_fail(s, job_id, attempt, outcome.error or {"code": "crashed"},
+                                                  settings=settings)
             word = db_retry(settings, f"job {job_id}: crashed run", rof)
             if word is None:
                 return "lease_lost"

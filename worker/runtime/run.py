@@ -10,7 +10,9 @@ Two ways to run the work share this module:
 
 Either way the work gets a :class:`JobRun` (the ``worker.jobs.base.Run`` a job is written
 against): cooperative checks between steps (``check()``), fenced writes, metrics, and for sample
-runs the claim of companion jobs. :func:`claim_run` is the one way a run is claimed and built.
+runs the claim of companion jobs. :func:`claim_next_run` (the best ready job by policy, what a
+woken worker does) and :func:`claim_run` (one named job: a companion, tools, tests) are the ways a
+run is claimed and built.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class JobRun:
             try:
                 with session_scope(self.settings) as s:
                     if time.monotonic() >= next_renew:
-                        cancel = jobstate.heartbeat(s, self.job_id, self.attempt, self.settings.lease_seconds)
+                        cancel = jobstate.heartbeat(s, self.job_id, self.attempt, self.settings.lease_seconds,
+                                                    settings=self.settings)
                         self.last_renewed = time.monotonic()
                         next_renew = self.last_renewed + self.settings.heartbeat_seconds
                     else:
@@ -213,6 +216,20 @@ def claim_run(settings: Settings, job_id: str, job_type: str, *, owner: str | No
         claim = jobstate.claim(s, job_id, owner, settings.lease_seconds)
     if claim is None:
         return None
+    return JobRun(settings, claim, job_type, owner, **kwargs)
+
+
+def claim_next_run(settings: Settings, job_type: str, *, owner: str | None = None, **kwargs) -> JobRun | None:
+    """Claim the best ready job of ``job_type`` by the scheduling policy (``shared.scheduler``), in
+    one conditional UPDATE, and build its :class:`JobRun` (not started); None when nothing is
+    claimable. Observes the job's queue wait (first claims) by tenant and priority."""
+    owner = owner or worker_identity()
+    with session_scope(settings) as s:
+        claim = jobstate.claim_next(s, settings, job_type, owner, settings.lease_seconds)
+    if claim is None:
+        return None
+    if claim.waited_s is not None:
+        metrics.queue_waited(job_type, claim.tenant_id or "", claim.priority, claim.waited_s)
     return JobRun(settings, claim, job_type, owner, **kwargs)
 
 

@@ -1,0 +1,239 @@
+"""The claim policy against the real Postgres (and the embedded SQLite): fair share by weight over
+decayed usage, priority then age with aging, max_running, expired leases first, one job per claim
+under concurrency."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from shared import jobstate, scheduler
+from shared.db import session_scope
+from shared.models import Job, Tenant, TenantUsage, utcnow
+from tests.conftest import cancel_unfinished_jobs
+
+AGING = 300.0  # shared.catalog.SCHED_AGING_S_DEFAULT: the key a job gets without the API
+
+
+@pytest.fixture(autouse=True)
+def empty_queue(settings):
+    """The claim takes the best job of *any* tenant: start each test with no other test's queue."""
+    cancel_unfinished_jobs(settings.database_url)
+    yield
+
+
+@pytest.fixture
+def tenant(settings, make_tenant):
+    def _make(weight: float = 1.0, max_running: int | None = None, usage_s: float = 0.0) -> str:
+        tid, _ = make_tenant()
+        with session_scope(settings) as s:
+            s.execute(update(Tenant).where(Tenant.id == tid).values(weight=weight, max_running=max_running))
+            if usage_s:
+                s.add(TenantUsage(tenant_id=tid, usage_s=usage_s, updated_s=utcnow().timestamp()))
+        return tid
+    return _make
+
+
+def submit(settings, tenant_id: str, *, priority: int = 0, age_s: float = 0.0, type_: str = "sample") -> str:
+    with session_scope(settings) as s:
+        job = Job(tenant_id=tenant_id, type=type_, params={}, priority=priority,
+                  created_at=utcnow() - timedelta(seconds=age_s))
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def claim_next(settings, owner: str = "w", type_: str = "sample", now=None, lease_s: float = 30):
+    with session_scope(settings) as s:
+        return jobstate.claim_next(s, settings, type_, owner, lease_s, now=now)
+
+
+def claimed_ids(settings, n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        c = claim_next(settings, f"w{i}")
+        out.append(c.job_id if c else None)
+    return out
+
+
+def test_within_a_tenant_priority_first_then_oldest(settings, tenant):
+    t = tenant()
+    old0 = submit(settings, t, age_s=20)
+    new0 = submit(settings, t, age_s=10)
+    high = submit(settings, t, priority=5)
+    low = submit(settings, t, priority=-3, age_s=30)
+    assert claimed_ids(settings, 5) == [high, old0, new0, low, None]
+
+
+def test_aging_a_long_wait_outranks_later_higher_priority(settings, tenant):
+    t = tenant()
+    high = submit(settings, t, priority=10)
+    # Ten levels behind, but it waited more than ten aging periods: ahead.
+    patient = submit(settings, t, priority=0, age_s=10 * AGING + 60)
+    # Ten levels behind and waited a little less than that: still behind.
+    recent = submit(settings, t, priority=0, age_s=10 * AGING - 60)
+    assert claimed_ids(settings, 3) == [patient, high, recent]
+
+
+def test_only_the_woken_queue_type_is_claimed(settings, tenant):
+    t = tenant()
+    train = submit(settings, t, type_="train", age_s=100)
+    sample = submit(settings, t)
+    assert claim_next(settings, type_="sample").job_id == sample
+    assert claim_next(settings, type_="sample") is None
+    assert claim_next(settings, type_="train").job_id == train
+
+
+def test_lowest_usage_per_weight_goes_first(settings, tenant):
+    heavy = tenant(usage_s=1000.0)
+    light = tenant(usage_s=10.0)
+    a = submit(settings, heavy, age_s=100)  # older, higher priority: order inside a tenant only
+    b = submit(settings, light)
+    assert claimed_ids(settings, 2) == [b, a]
+
+
+def test_weight_divides_usage(settings, tenant):
+    # 1000 s at weight 20 (50 per unit of weight) is less than 100 s at weight 1.
+    big = tenant(weight=20, usage_s=1000.0)
+    small = tenant(weight=1, usage_s=100.0)
+    b = submit(settings, small, age_s=100)
+    a = submit(settings, big)
+    assert claimed_ids(settings, 2) == [a, b]
+
+
+def test_running_jobs_count_so_free_workers_spread_by_weight(settings, tenant):
+    """No usage yet: claims alternate between equal tenants, and go 2:1 to a weight-2 tenant."""
+    a, b = tenant(weight=2), tenant(weight=1)
+    jobs = {submit(settings, a, age_s=100 - i): "a" for i in range(6)}
+    jobs.update({submit(settings, b, age_s=50 - i): "b" for i in range(6)})
+    got = [jobs[j] for j in claimed_ids(settings, 6)]
+    assert got.count("a") == 4 and got.count("b") == 2, got
+
+
+def test_usage_decays_by_half_life(settings, tenant):
+    t = tenant()
+    now = utcnow()
+    with session_scope(settings) as s:
+        scheduler.charge(s, settings, t, 100.0, now.timestamp())
+    later = now + timedelta(seconds=settings.sched_half_life_s)
+    with session_scope(settings) as s:
+        assert scheduler.standings(s, settings, later)[t] == pytest.approx(50.0, rel=1e-6)
+        # A second charge adds to the decayed value.
+        scheduler.charge(s, settings, t, 10.0, later.timestamp())
+        row = s.get(TenantUsage, t)
+        assert row.usage_s == pytest.approx(60.0, rel=1e-6) and row.updated_s == pytest.approx(later.timestamp())
+
+
+def test_heartbeat_and_end_charge_the_run_time(settings, tenant):
+    t = tenant()
+    submit(settings, t)
+    now = utcnow()
+    c = claim_next(settings, now=now)
+    with session_scope(settings) as s:
+        jobstate.heartbeat(s, c.job_id, c.attempt, 30, now=now + timedelta(seconds=10), settings=settings)
+    with session_scope(settings) as s:
+        assert s.get(TenantUsage, t).usage_s == pytest.approx(10.0, abs=0.01)
+        # The standing counts the charged time, the time since, and the running job's reserve.
+        score = scheduler.standings(s, settings, now + timedelta(seconds=15))[t]
+        assert score == pytest.approx(10.0 * 0.5 ** (5 / settings.sched_half_life_s) + 5.0
+                                      + settings.sched_running_charge_s, abs=0.05)
+    with session_scope(settings) as s, pytest.raises(jobstate.LeaseLost):  # a stale run charges nothing
+        jobstate.heartbeat(s, c.job_id, c.attempt + 1, 30, settings=settings)
+    with session_scope(settings) as s:
+        jobstate.finish(s, c.job_id, c.attempt, jobstate.JobStatus.succeeded, settings=settings)
+    with session_scope(settings) as s:  # the end charges up to now (the clock went back 10 s: nothing)
+        assert s.get(TenantUsage, t).usage_s == pytest.approx(10.0, abs=0.5)
+        assert scheduler.standings(s, settings, utcnow())[t] == pytest.approx(10.0, abs=0.5)
+
+
+def test_a_tenant_at_max_running_is_skipped(settings, tenant):
+    capped = tenant(max_running=1)
+    first = submit(settings, capped, age_s=10)
+    second = submit(settings, capped)
+    assert claim_next(settings).job_id == first
+    assert claim_next(settings) is None  # its only other job waits for the running one
+    other = tenant(usage_s=1e6)  # far behind on fair share, but eligible
+    o = submit(settings, other)
+    assert claim_next(settings).job_id == o
+    with session_scope(settings) as s:  # a claim by id (a co-batched companion) obeys it too
+        assert jobstate.claim(s, second, "w", 30) is None
+
+
+def test_an_expired_lease_is_reclaimed_first_with_the_next_attempt(settings, tenant):
+    t = tenant()
+    dead = submit(settings, t, age_s=100)
+    now = utcnow()
+    c1 = claim_next(settings, now=now, lease_s=5)
+    assert c1.job_id == dead
+    fresh = submit(settings, tenant())  # another tenant with no usage at all
+    c2 = claim_next(settings, now=now + timedelta(seconds=10))
+    assert (c2.job_id, c2.attempt) == (dead, 2)
+    assert claim_next(settings, now=now + timedelta(seconds=10)).job_id == fresh
+    with session_scope(settings) as s, pytest.raises(jobstate.LeaseLost):  # the dead run is fenced off
+        jobstate.set_progress(s, dead, c1.attempt, 0.5)
+
+
+def test_no_attempts_left_or_cancel_requested_is_never_claimed(settings, tenant):
+    t = tenant()
+    spent = submit(settings, t, age_s=10)
+    canceled = submit(settings, t, age_s=5)
+    with session_scope(settings) as s:
+        s.execute(update(Job).where(Job.id == spent).values(attempts=3, max_attempts=3))
+        s.execute(update(Job).where(Job.id == canceled).values(cancel_requested=True))
+    assert claim_next(settings) is None
+
+
+def test_concurrent_claims_take_distinct_jobs(settings, tenant):
+    tenants = [tenant() for _ in range(3)]
+    ids = {submit(settings, tenants[i % 3], age_s=i) for i in range(24)}
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        while True:
+            c = claim_next(settings, f"t{n}")
+            if c is None:
+                return
+            with lock:
+                got.append(c.job_id)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert sorted(got) == sorted(ids)  # every job once, none twice
+
+
+def test_first_claim_reports_the_queue_wait(settings, tenant):
+    t = tenant()
+    submit(settings, t, priority=3, age_s=42)
+    c = claim_next(settings)
+    assert c.priority == 3 and c.waited_s == pytest.approx(42, abs=2)
+
+
+def test_the_same_policy_on_sqlite(tmp_path, make_tenant, settings):
+    """The embedded default (``ldmq demo``) claims with the same policy, without LATERAL or locks."""
+    from migrations import upgrade
+
+    lite = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'q.db'}"})
+    upgrade(lite.database_url)
+    with session_scope(lite) as s:
+        s.add_all([Tenant(id="a" * 32, name="a", weight=1.0), Tenant(id="b" * 32, name="b", weight=1.0)])
+        s.add(TenantUsage(tenant_id="a" * 32, usage_s=500.0, updated_s=utcnow().timestamp()))
+    a_old = submit(lite, "a" * 32, age_s=100)
+    b_low = submit(lite, "b" * 32, priority=-1, age_s=10)
+    b_high = submit(lite, "b" * 32, priority=2)
+    now = utcnow()
+    first = claim_next(lite, now=now, lease_s=5)
+    assert first.job_id == b_high and first.waited_s is not None
+    assert claim_next(lite, now=now).job_id == b_low
+    assert claim_next(lite, now=now).job_id == a_old
+    again = claim_next(lite, now=now + timedelta(seconds=10))  # b_high's lease expired: re-claimed
+    assert (again.job_id, again.attempt) == (b_high, 2)
+    with session_scope(lite) as s:
+        jobstate.heartbeat(s, again.job_id, again.attempt, 30, now=now + timedelta(seconds=20), settings=lite)
+        assert s.get(TenantUsage, "b" * 32).usage_s == pytest.approx(10.0, abs=0.01)
