@@ -15,7 +15,7 @@ from api.auth import AuthFirst, FailureThrottle, KeyCache
 from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
 from api.routes import dashboard, datasets, jobs, models, ops, webhooks
-from api.services.jobs import default_seconds_per_step
+from api.services.estimates import default_seconds_per_step
 from shared.settings import Settings, get_settings
 
 

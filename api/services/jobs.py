@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from api.errors import ApiError, cap_details, not_found
+from api.services import estimates
 from api.schemas import (
     JOB_STATUSES,
     JOB_TYPES,
@@ -32,6 +33,7 @@ from api.schemas import (
     SampleEstimate,
     SamplePrompt,
     SampleRequest,
+    TrainEstimate,
     TrainRequest,
     WebhookDeliveryOut,
     WebhookSpec,
@@ -78,7 +80,16 @@ def job_out(job: Job, hook: JobWebhook | None | bool = True) -> JobOut:
         started_at=job.started_at, finished_at=job.finished_at, error=job.error, params=job.params,
         model_id=job.model_id, outputs_count=job.outputs_count, attempts=job.attempts,
         progress_detail=job.progress_detail or {}, total_items=job.total_items, webhook=_webhook_spec(hook),
+        estimated_seconds=_estimated(job),
     )
+
+
+def _estimated(job: Job) -> float | None:
+    """``estimated_seconds`` of a queued or running job (None once final, or detached from a session)."""
+    session = object_session(job)
+    if session is None or JobStatus(job.status).is_final:
+        return None
+    return estimates.job_estimated_seconds(session, job)
 
 
 class Submitted(NamedTuple):
@@ -277,52 +288,29 @@ def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str
     return req, digest
 
 
-# A rough default: one U-Net step of a small latent-diffusion model at 512 px on a current GPU.
-DEFAULT_SECONDS_PER_STEP = 0.05
-SECONDS_PER_STEP_ENV = "LDMQ_ESTIMATE_SECONDS_PER_STEP"
-
-
-def default_seconds_per_step() -> float:
-    import os
-
-    raw = os.environ.get(SECONDS_PER_STEP_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SECONDS_PER_STEP
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{SECONDS_PER_STEP_ENV}={raw!r} is not a number") from None
-    if not value > 0:
-        raise ValueError(f"{SECONDS_PER_STEP_ENV} must be positive; got {raw!r}")
-    return value
-
-
-def model_seconds_per_step(model: Model) -> tuple[float, str]:
-    """(seconds per denoising step, where it came from): the model's ``config.seconds_per_step``
-    when it holds a positive number, else the default (``LDMQ_ESTIMATE_SECONDS_PER_STEP``)."""
-    value = (model.config or {}).get("seconds_per_step")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value), "model"
-    return default_seconds_per_step(), "default"
-
-
 def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest) -> SampleEstimate:
-    """Validate a sample request as a submit would, resolve its model, and estimate its cost,
-    storing and enqueueing nothing.
-
-    The estimate is rough: images × their steps × a per-model seconds-per-step constant. It
-    ignores batching, guidance (which doubles the U-Net work when > 1), image size, the scheduler,
-    the device and the time to load the pipeline.
-    """
+    """Validate a sample request as a submit would, resolve its model, and estimate its GPU time
+    (``api.services.estimates``: measured timings when there are some), storing and enqueueing
+    nothing."""
     model = get_model(session, tenant, req.model)
     _check_sample(settings, req)
     images = sum(p.num_images for p in req.prompts)
     steps = sum(p.num_images * (p.steps if p.steps is not None else req.steps) for p in req.prompts)
-    sps, source = model_seconds_per_step(model)
+    est = estimates.sample_seconds(session, model, estimates.sample_groups(req),
+                                   estimates.sample_size(model, req.width, req.height))
     return SampleEstimate(model_id=model.id, rows=len(req.prompts), images=images, denoising_steps=steps,
-                          seconds_per_step=sps, seconds_per_step_source=source,
-                          estimated_gpu_seconds=round(steps * sps, 3), scheduler=req.scheduler,
+                          unet_steps=est["unet_steps"], seconds_per_step=est["seconds_per_step"],
+                          seconds_per_step_source=est["source"], measurement=est["measurement"],
+                          estimated_gpu_seconds=round(est["seconds"], 3), scheduler=req.scheduler,
                           steps=req.steps, guidance_scale=req.guidance_scale)
+
+
+def estimate_train(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest) -> TrainEstimate:
+    """A train request checked as a submit would check it (bounds, dataset, base model) and its
+    estimate; nothing is stored or enqueued."""
+    params = req.train_params()
+    _check_train_inputs(session, settings, tenant, params)
+    return estimates.train_estimate(session, params)
 
 
 def _row(i: int, p: SamplePrompt) -> JobRow:
@@ -353,10 +341,10 @@ def check_train_bounds(settings: Settings, params: TrainParams) -> None:
         raise ApiError(422, "invalid_request", "the train job is over this deployment's limits", details)
 
 
-def create_train_job(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest | TrainParams, *,
-                     idempotency_key: str | None = None) -> Submitted:
-    webhook = req.webhook if isinstance(req, TrainRequest) else None
-    params = req.train_params() if isinstance(req, TrainRequest) else req
+def _check_train_inputs(session: Session, settings: Settings, tenant: TenantRef, params: TrainParams, *,
+                        lock: bool = False) -> str | None:
+    """The deployment's bounds, the tenant's dataset (404 otherwise) and base model; returns the
+    dataset id (None for a builtin one). ``lock``: share-lock the base model (see ``get_model``)."""
     check_train_bounds(settings, params)
     dataset_id = None
     if params.dataset not in BUILTIN_DATASETS:
@@ -366,7 +354,15 @@ def create_train_job(session: Session, settings: Settings, tenant: TenantRef, re
                            f"builtin datasets: {', '.join(BUILTIN_DATASETS)}")
         dataset_id = ds.id
     if params.base_model is not None:
-        get_model(session, tenant, params.base_model, lock=True)
+        get_model(session, tenant, params.base_model, lock=lock)
+    return dataset_id
+
+
+def create_train_job(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest | TrainParams, *,
+                     idempotency_key: str | None = None) -> Submitted:
+    webhook = req.webhook if isinstance(req, TrainRequest) else None
+    params = req.train_params() if isinstance(req, TrainRequest) else req
+    dataset_id = _check_train_inputs(session, settings, tenant, params, lock=True)
     body = params.model_dump(mode="json")
     # The webhook is part of the request (so a key reused with another webhook is refused) but not
     # of the params the worker reads.
