@@ -213,6 +213,19 @@ class ModelOut(BaseModel):
         default_factory=dict, description="Presigned links to metrics['artifacts'] (loss curve, sample grid...).")
 
 
+class ModelFileOut(BaseModel):
+    path: str = Field(description="Relative path inside the pipeline folder (e.g. unet/config.json).")
+    sha256: str
+    url: str = Field(description="Presigned URL (expires after LDMQ_PRESIGN_EXPIRY_S).")
+
+
+class ModelFiles(BaseModel):
+    model_id: str
+    sha256: str | None = Field(description="The model's content hash: SHA-256 over its files' sorted "
+                                           "'path NUL sha256 LF' lines (null for a model stored before hashes).")
+    items: list[ModelFileOut]
+
+
 class ModelList(BaseModel):
     items: list[ModelOut]
 
