@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -100,24 +101,35 @@ class Measured:
     device: str
     size: str
     samples: int
+    updated_at: datetime
 
 
-def best(session: Session, kind: str, model_key: str, *, size: str | None = None, batch: int | None = None,
-         guidance: bool | None = None, device: str | None = None) -> Measured | None:
-    """The figure to estimate with: among the rows of (kind, model_key[, size, batch, guidance]),
-    those of the device measured most recently, and of them the batch measured most often."""
+def measured(session: Session, kind: str, model_key: str, *, size: str | None = None,
+             batch: int | None = None) -> list[Measured]:
+    """Every figure of (kind, model_key[, size, batch]): one query (a key has a few rows: devices
+    × batches × guidance)."""
     q = select(StepTiming).where(StepTiming.kind == kind, StepTiming.model_key == model_key)
     if size is not None:
         q = q.where(StepTiming.size == size)
     if batch is not None:
         q = q.where(StepTiming.batch == batch)
-    if guidance is not None:
-        q = q.where(StepTiming.guidance == guidance)
-    if device is not None:
-        q = q.where(StepTiming.device == device)
-    rows = list(session.scalars(q.limit(200)))
+    return [Measured(r.seconds, r.batch, r.guidance, r.device, r.size, r.samples, r.updated_at)
+            for r in session.scalars(q.limit(200))]
+
+
+def pick(rows: list[Measured], *, guidance: bool | None = None, device: str | None = None, batch: int | None = None,
+         size: str | None = None) -> Measured | None:
+    """The figure to estimate with: among ``rows`` (narrowed by the arguments given), those of the
+    device measured most recently, and of them the batch measured most often."""
+    rows = [r for r in rows if (guidance is None or r.guidance == guidance) and (device is None or r.device == device)
+            and (batch is None or r.batch == batch) and (size is None or r.size == size)]
     if not rows:
         return None
-    device = max(rows, key=lambda r: r.updated_at).device
-    row = max((r for r in rows if r.device == device), key=lambda r: (r.samples, r.updated_at))
-    return Measured(row.seconds, row.batch, row.guidance, row.device, row.size, row.samples)
+    latest = max(rows, key=lambda r: r.updated_at).device
+    return max((r for r in rows if r.device == latest), key=lambda r: (r.samples, r.updated_at))
+
+
+def best(session: Session, kind: str, model_key: str, *, size: str | None = None, batch: int | None = None,
+         guidance: bool | None = None, device: str | None = None) -> Measured | None:
+    """:func:`pick` over :func:`measured`."""
+    return pick(measured(session, kind, model_key, size=size, batch=batch), guidance=guidance, device=device)

@@ -82,15 +82,15 @@ def sample_seconds(session: Session, model: Model, groups: Counter, size: str | 
     ``seconds_per_step`` (per unguided image-step), ``unet_steps`` (image-steps, guided twice) and
     the ``measurement`` used (device, batch, size, samples), or None."""
     unet_steps = sum(n * steps * (2 if uses_guidance(g) else 1) for (steps, g), n in groups.items())
-    found = estimates.best(session, estimates.DENOISE, model.id, size=size)
+    rows = estimates.measured(session, estimates.DENOISE, model.id, size=size)
+    found = estimates.pick(rows)
     if found is None:
         sps, source = model_seconds_per_step(model)
         return {"seconds": unet_steps * sps, "source": source, "seconds_per_step": sps, "unet_steps": unet_steps,
                 "measurement": None}
     per_flag: dict[bool, float] = {}
     for flag in (False, True):
-        m = estimates.best(session, estimates.DENOISE, model.id, size=found.size, batch=found.batch, guidance=flag,
-                           device=found.device)
+        m = estimates.pick(rows, guidance=flag, device=found.device, batch=found.batch, size=found.size)
         if m is not None:
             per_flag[flag] = m.seconds
     scaled = False

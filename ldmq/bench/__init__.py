@@ -6,6 +6,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``train`` (:mod:`ldmq.bench.train`): training quality on builtin:digits
 - ``train-speed`` (:mod:`ldmq.bench.train_speed`): U-Net training steps/s against a diffusers-style loop
 - ``gpu`` (:mod:`ldmq.bench.gpu`): an SD-1.5-sized U-Net on a CUDA device against diffusers' fp16 pipeline
+- ``estimate`` (:mod:`ldmq.bench.estimate`): dry-run estimates against real runs of the digits demo
 
 :mod:`ldmq.bench.stack` starts ldmq's processes on loopback for the benches that need a running
 system. Benchmarks import the worker's public names (``worker.model``, ``worker.jobs``) and
@@ -25,6 +26,7 @@ BENCHES = {
     "sample": "ldmq.bench.sample",
     "api": "ldmq.bench.api",
     "gpu": "ldmq.bench.gpu",
+    "estimate": "ldmq.bench.estimate",
 }
 
 
