@@ -26,6 +26,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -160,7 +161,11 @@ def job_estimated_seconds(session: Session, job: Job) -> float | None:
         return None
     left = max(0.0, 1.0 - float(job.progress or 0.0))
     if job.type == JobType.train.value:
-        return round(train_estimate(session, TrainParams.model_validate(job.params)).estimated_gpu_seconds * left, 3)
+        try:
+            params = TrainParams.model_validate(job.params)
+        except ValidationError:  # a job recorded under an older schema: no estimate, never a 500
+            return None
+        return round(train_estimate(session, params).estimated_gpu_seconds * left, 3)
     model = session.get(Model, job.model_id) if job.model_id else None
     if model is None:
         return None
@@ -168,7 +173,8 @@ def job_estimated_seconds(session: Session, job: Job) -> float | None:
     rows = session.execute(select(JobRow.steps, JobRow.guidance_scale, func.sum(JobRow.num_images))
                            .where(JobRow.job_id == job.id).group_by(JobRow.steps, JobRow.guidance_scale))
     for steps, g, n in rows:  # one row per (steps, guidance) override: a few, however long the CSV
-        groups[(steps if steps is not None else job.params["steps"],
-                g if g is not None else job.params["guidance_scale"])] += int(n)
+        groups[(steps if steps is not None else job.params.get("steps", SampleRequest.model_fields["steps"].default),
+                g if g is not None else job.params.get("guidance_scale",
+                                                       SampleRequest.model_fields["guidance_scale"].default))] += int(n)
     size = sample_size(model, job.params.get("width"), job.params.get("height"))
     return round(sample_seconds(session, model, groups, size)["seconds"] * left, 3)
