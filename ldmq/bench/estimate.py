@@ -4,12 +4,13 @@ It runs the ``ldmq demo --quick`` path on embedded defaults (SQLite, a local obj
 app in-process) with the worker's runtime in-process (``worker.runtime.run.run_job``: the same
 ``run_train`` / ``run_sample`` a Celery worker runs, recording the same step timings): for each round
 it asks the API's dry run for an estimate (``POST /v1/jobs/train?dry_run=true``, then
-``POST /v1/jobs/sample?dry_run=true`` on the model just trained), runs the job, and prints estimate,
+``POST /v1/jobs/sample?dry_run=true`` on the first model trained), runs the job, and prints estimate,
 actual wall time of the run and the relative error (estimate − actual) / actual. Round 1 starts with
 no measurements (the ``default`` source); later rounds train the same architecture again (another
-seed) and sample from the newest model, so their estimates come from the timings the earlier
-rounds recorded (``measured``). The actual time includes what estimates leave out on purpose
-(fetching the data, loading the pipeline, registering the model, writing PNGs).
+seed) and sample from that model again, so their estimates come from the timings the earlier
+rounds recorded (``measured``; sampling figures are kept per model). ``--var-dir`` continues a
+previous invocation's state. The actual time includes what estimates leave out on purpose (fetching
+the data, loading the pipeline, registering the model, writing PNGs).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def run(args) -> list[dict]:
             est = client.post("/v1/jobs/train", headers=h, params={"dry_run": "true"}, json=body).json()
             job = client.post("/v1/jobs/train", headers=h, json=body).json()
             rows.append(_row("train", rnd, est, est["source"], _run(settings, job["id"], "train")))
-            model_id = client.get(f"/v1/jobs/{job['id']}", headers=h).json()["model_id"]
+            # Sampling figures are kept per model: sample from the first model trained here (the
+            # oldest, with --var-dir a previous invocation's), so later rounds have measurements.
+            model_id = client.get("/v1/models", headers=h).json()["items"][-1]["id"]
             sample = {"model": model_id, "prompts": prompts, "guidance_scale": DEMO_GUIDANCE}
             est = client.post("/v1/jobs/sample", headers=h, params={"dry_run": "true"}, json=sample).json()
             job = client.post("/v1/jobs/sample", headers=h, json=sample).json()
