@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0008'
-down_revision = '0005'  # TEMPORARY: 0006/0007 land in parallel; switched to '0007' before merge
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 
