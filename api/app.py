@@ -17,7 +17,7 @@ from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
 from api.ratelimit import make_buckets
 from api.routes import dashboard, datasets, jobs, models, ops, schedulers, usage, webhooks
-from api.services.jobs import default_seconds_per_step
+from api.services.estimates import default_seconds_per_step
 from api.services.stream import StreamSlots, close_streams_on_exit_signals
 from shared.settings import Settings, get_settings
 

@@ -138,9 +138,17 @@ class SampleEstimate(BaseModel):
     denoising_steps: int = Field(description="Sum over images of their sampling steps.")
     network_evaluations: int = Field(description="Sum over images of the U-Net evaluations their steps cost: "
                                                  "one a step, more with langevin-pc (see GET /v1/schedulers).")
-    seconds_per_step: float
-    seconds_per_step_source: str = Field(description="'model' (the model's config) or 'default' (a setting).")
-    estimated_gpu_seconds: float = Field(description="A rough estimate: network_evaluations × seconds_per_step.")
+    unet_steps: int = Field(description="denoising_steps with each guided image's counted twice (guidance > 1 runs "
+                                        "the U-Net on the unconditional and the conditional half).")
+    seconds_per_step: float = Field(description="Seconds of one unguided U-Net step of one image (measured: a "
+                                                "batch-step's seconds over the batch).")
+    seconds_per_step_source: str = Field(description="'measured' (timings workers recorded; 'measured, scaled for "
+                                                     "guidance' when only the other kind of step was), 'model' (the "
+                                                     "model's config.seconds_per_step) or 'default' (a setting).")
+    measurement: dict[str, Any] | None = Field(default=None, description="The measured figure used: device, "
+                                               "batch_size, size, samples (steps measured); null without one.")
+    estimated_gpu_seconds: float = Field(description="Measured: model batches × steps × seconds per batch-step, per "
+                                                     "(steps, guidance) group; else unet_steps × seconds_per_step.")
     scheduler: str
     steps: int
     guidance_scale: float
@@ -172,6 +180,20 @@ class UsageOut(BaseModel):
                                                "24 h (co-batched jobs each count their own).")
     window_s: int
     as_of: datetime
+
+
+class TrainEstimate(BaseModel):
+    """The answer of a train dry run: the request is valid; nothing was stored or enqueued."""
+
+    valid: bool = True
+    dry_run: bool = True
+    dataset: str
+    total_steps: int = Field(description="Global steps: autoencoder (unless fine-tuning) + U-Net.")
+    estimated_gpu_seconds: float = Field(description="Sum over parts of units × seconds_each.")
+    source: str = Field(description="'measured', 'default' or 'partly measured' (some parts measured).")
+    parts: list[dict[str, Any]] = Field(description="Per kind (train_autoencoder, train_unet, eval_autoencoder, "
+                                                    "eval_unet): units (steps or evaluations), seconds_each, source, "
+                                                    "device.")
 
 
 class ImportModelRequest(Strict):
@@ -212,6 +234,9 @@ class JobOut(BaseModel):
     webhook: WebhookSpec | None = None
     queue: QueueOut | None = Field(default=None, description=(
         "A queued job's place (GET /v1/jobs/{id} only; null otherwise and in lists)."))
+    estimated_seconds: float | None = Field(default=None, description=(
+        "GPU-seconds of the work a queued or running job still has (its own, not the jobs ahead of it), "
+        "as a dry run estimates them; null once final."))
 
 
 class JobList(BaseModel):
@@ -274,6 +299,19 @@ class ModelOut(BaseModel):
                                   "it leaves out: chosen by the training job's evaluation, or stated at import.")
     artifact_urls: dict[str, str] = Field(
         default_factory=dict, description="Presigned links to metrics['artifacts'] (loss curve, sample grid...).")
+
+
+class ModelFileOut(BaseModel):
+    path: str = Field(description="Relative path inside the pipeline folder (e.g. unet/config.json).")
+    sha256: str
+    url: str = Field(description="Presigned URL (expires after LDMQ_PRESIGN_EXPIRY_S).")
+
+
+class ModelFiles(BaseModel):
+    model_id: str
+    sha256: str | None = Field(description="The model's content hash: SHA-256 over its files' sorted "
+                                           "'path NUL sha256 LF' lines (null for a model stored before hashes).")
+    items: list[ModelFileOut]
 
 
 class ModelList(BaseModel):

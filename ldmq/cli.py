@@ -121,7 +121,7 @@ def cmd_webhooks(args) -> int:
     return 0
 
 
-# ---- ldmq jobs: the REST API from the command line (ldmq.client) -----------------------------------
+# ---- the REST API from the command line (ldmq.client): jobs, train, datasets, models -------------
 
 def _client(args):
     from ldmq.client import Client
@@ -135,8 +135,27 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+def _out(args, obj, human=None) -> None:
+    """Print ``obj``: one compact JSON document with ``--json`` (for scripts), else ``human()`` when
+    given, else indented JSON."""
+    import json
+
+    if getattr(args, "json", False):
+        print(json.dumps(obj, default=str), flush=True)
+    elif human is not None:
+        human()
+    else:
+        _print_json(obj)
+
+
+def _bar(frac: float, width: int) -> str:
+    filled = int(round(max(0.0, min(1.0, frac)) * width))
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
+
+
 class _ProgressBar:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, a line per change otherwise)."""
+    """A one-line progress bar of a job on stderr (redrawn in place on a terminal, a line per change
+    otherwise): images for a sample job, stage, steps and loss for a train job."""
 
     def __init__(self, stream=None, width: int = 30):
         self.stream = stream or sys.stderr
@@ -153,16 +172,16 @@ class _ProgressBar:
 
     def update(self, job) -> None:
         frac = max(0.0, min(1.0, float(job.progress or 0)))
-        filled = int(round(frac * self.width))
         detail = job.progress_detail or {}
         extra = ""
         if job.type == "sample" and job.total_items:
             extra = f" {job.outputs_count}/{job.total_items} images"
         elif "step" in detail and "total_steps" in detail:
-            extra = f" step {detail['step']}/{detail['total_steps']}"
+            extra = f" {detail['stage']}" if detail.get("stage") else ""
+            extra += f" step {detail['step']}/{detail['total_steps']}"
             if isinstance(detail.get("loss"), (int, float)):
                 extra += f" loss {detail['loss']:.4f}"
-        line = f"{job.id[:8]} [{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% {job.status}{extra}"
+        line = f"{job.id[:8]} {_bar(frac, self.width)} {frac * 100:5.1f}% {job.status}{extra}"
         if line == self.last:
             return
         self.last = line
@@ -173,6 +192,48 @@ class _ProgressBar:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+class _BytesBar:
+    """Progress of a transfer on stderr: redrawn at most 10 times a second on a terminal, else a
+    line per tenth done (an upload reads 64 KiB chunks: thousands of calls)."""
+
+    def __init__(self, label: str, stream=None, width: int = 30):
+        self.label, self.width = label, width
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last_t, self.last_tenth = 0.0, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        frac = done / total if total else 1.0
+        tenth, now = int(frac * 10), time.monotonic()
+        if self.tty and done < total and now - self.last_t < 0.1:
+            return
+        if not self.tty and tenth == self.last_tenth:
+            return
+        self.last_t, self.last_tenth = now, tenth
+        line = f"{self.label} {_bar(frac, self.width)} {frac * 100:5.1f}% {done / 2**20:.1f}/{total / 2**20:.1f} MiB"
+        self.stream.write(("\r\x1b[K" + line + ("\n" if done >= total else "")) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def render_follow(snapshots, *, json_lines: bool = False, bar: _ProgressBar | None = None):
+    """Show a followed job: every snapshot (an ``ldmq.client.Job``, from polling or from a stream of
+    events) as a progress bar on stderr, or with ``json_lines`` as one JSON object a line on
+    stdout. Returns the last snapshot (None if there was none)."""
+    import json
+
+    bar = None if json_lines else (bar or _ProgressBar())
+    last = None
+    for job in snapshots:
+        last = job
+        if json_lines:
+            print(json.dumps(job.raw, default=str), flush=True)
+        else:
+            bar.update(job)
+    return last
 
 
 def _checkpoint_line(job_id: str, data: dict) -> str:
@@ -216,6 +277,7 @@ def _follow(client, job_id: str, args) -> int:
 
 
 def cmd_jobs(args) -> int:
+    """Run an API command (``args.jobs_fn``) with a client; errors become exit codes and a message."""
     import httpx
 
     from ldmq.client import ApiError
@@ -223,7 +285,7 @@ def cmd_jobs(args) -> int:
     try:
         with _client(args) as c:
             return int(args.jobs_fn(c, args) or 0)
-    except ValueError as exc:  # no URL / key, a PNG without ldmq's parameters
+    except ValueError as exc:  # no URL / key, a PNG without ldmq's parameters, a bad --set
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ApiError as exc:
@@ -253,23 +315,28 @@ def _jobs_reproduce(c, args) -> int:
 
 
 def _submitted(c, job, args) -> int:
-    """A job just submitted: followed to its end with --follow, else printed (its id alone last)."""
+    """A job just submitted: followed to its end with --follow, else printed (its id alone last;
+    with --json the job alone)."""
     if args.follow:
         print(f"submitted job {job.id}", file=sys.stderr)
         return _follow(c, job.id, args)
-    _print_json(job.raw)
-    print(job.id)
+
+    def human():
+        _print_json(job.raw)
+        print(job.id)
+
+    _out(args, job.raw, human)
     return 0
 
 
 def _jobs_estimate(c, args) -> int:
-    _print_json(c.estimate_csv(args.csv, model=args.model, scheduler=args.scheduler, steps=args.steps,
-                               guidance_scale=args.guidance_scale))
+    _out(args, c.estimate_csv(args.csv, model=args.model, scheduler=args.scheduler, steps=args.steps,
+                              guidance_scale=args.guidance_scale))
     return 0
 
 
 def _jobs_get(c, args) -> int:
-    _print_json(c.get(args.job_id).raw)
+    _out(args, c.get(args.job_id).raw)
     return 0
 
 
@@ -310,7 +377,7 @@ def _usage(c, args) -> int:
 
 
 def _jobs_cancel(c, args) -> int:
-    _print_json(c.cancel(args.job_id).raw)
+    _out(args, c.cancel(args.job_id).raw)
     return 0
 
 
@@ -320,9 +387,13 @@ def _jobs_follow(c, args) -> int:
 
 def _jobs_download(c, args) -> int:
     paths = c.download(args.job_id, args.dir, overwrite=args.overwrite)
-    print(f"{len(paths)} image(s) in {Path(args.dir).resolve()}", file=sys.stderr)
-    for p in paths:
-        print(p)
+
+    def human():
+        print(f"{len(paths)} image(s) in {Path(args.dir).resolve()}", file=sys.stderr)
+        for p in paths:
+            print(p)
+
+    _out(args, {"job_id": args.job_id, "dir": str(Path(args.dir).resolve()), "files": [str(p) for p in paths]}, human)
     return 0
 
 
@@ -346,30 +417,165 @@ def _delete(kind: str):
     def run(c, args) -> int:
         {"job": c.delete, "model": c.delete_model, "dataset": c.delete_dataset}[kind](args.id)
         print(f"deleted {kind} {args.id}", file=sys.stderr)
+        if args.json:
+            _out(args, {"deleted": kind, "id": args.id})
         return 0
 
     return run
 
 
+# ---- ldmq train --------------------------------------------------------------------------------
+
+TRAIN_FLAGS = ("dataset", "base_model", "steps", "batch_size", "learning_rate", "seed")
+
+
+def train_body(args) -> dict:
+    """The train request from the command line: the JSON document (inline or a file), then the
+    flags, then each ``--set FIELD=VALUE`` (VALUE read as JSON, else as a string). A field the
+    train schema does not have is refused here, with the valid ones listed."""
+    import json
+
+    from shared.train_schema import TrainParams
+
+    body: dict = {}
+    if args.params:
+        text = args.params if args.params.lstrip().startswith("{") else Path(args.params).read_text()
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"the train parameters are not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ValueError("the train parameters must be a JSON object")
+    for name in TRAIN_FLAGS:
+        if getattr(args, name, None) is not None:
+            body[name] = getattr(args, name)
+    for item in args.set or []:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            body[name.strip()] = json.loads(raw)
+        except ValueError:
+            body[name.strip()] = raw
+    valid = set(TrainParams.model_fields)
+    unknown = sorted(set(body) - valid - {"webhook"})
+    if unknown:
+        raise ValueError(f"unknown train parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    if "dataset" not in body:
+        raise ValueError("no dataset: pass --dataset ID (or builtin:digits), or \"dataset\" in the JSON")
+    events = [e for e in (getattr(args, "webhook_events", None) or "").split(",") if e.strip()]
+    if getattr(args, "webhook_url", None):
+        body["webhook"] = {"url": args.webhook_url, **({"events": events} if events else {})}
+    return body
+
+
+def _train_submit(c, args) -> int:
+    body = train_body(args)
+    if args.dry_run:
+        _out(args, c.estimate_train(**body))
+        return 0
+    dataset, webhook = body.pop("dataset"), body.pop("webhook", None)
+    return _submitted(c, c.train(dataset, webhook=webhook, idempotency_key=args.idempotency_key, **body), args)
+
+
+def _train_estimate(c, args) -> int:
+    _out(args, c.estimate_train(**train_body(args)))
+    return 0
+
+
+# ---- ldmq datasets / models over the API --------------------------------------------------------
+
+def _datasets_upload(c, args) -> int:
+    ds = c.upload_dataset(args.file, name=args.name, progress=None if args.no_progress else _BytesBar(
+        f"upload {Path(args.file).name}"))
+
+    def human():
+        print(f"dataset {ds['name']!r}: {ds['num_images']} images", file=sys.stderr)
+        print(ds["id"])
+
+    _out(args, ds, human)
+    return 0
+
+
+def _datasets_list(c, args) -> int:
+    items = c.datasets()
+
+    def human():
+        for d in items:
+            print(f"{d['id']}  {d['num_images']:7d} images  {d['created_at']}  {d['name']}")
+
+    _out(args, items, human)
+    return 0
+
+
+def _datasets_get(c, args) -> int:
+    _out(args, c.dataset(args.id))
+    return 0
+
+
+def _models_list(c, args) -> int:
+    items = c.models()
+
+    def human():
+        for m in items:
+            print(f"{m['id']}  {m['created_at']}  {m['name']}")
+
+    _out(args, items, human)
+    return 0
+
+
+def _models_get(c, args) -> int:
+    _out(args, c.model(args.id))
+    return 0
+
+
+def _models_download(c, args) -> int:
+    def progress(done: int, total: int, path: str) -> None:
+        if not args.json:
+            print(f"{args.id[:8]} {_bar(done / total, 30)} {done}/{total} files  {path}", file=sys.stderr)
+
+    paths = c.download_model(args.id, args.output, progress=progress)
+
+    def human():
+        print(f"model {args.id}: {len(paths)} file(s) in {Path(args.output).resolve()}, checksums verified",
+              file=sys.stderr)
+        print(Path(args.output).resolve())
+
+    _out(args, {"model_id": args.id, "dir": str(Path(args.output).resolve()), "files": [str(p) for p in paths]},
+         human)
+    return 0
+
+
+# ---- the parsers -----------------------------------------------------------------------------------
+
+def _leaf(sub, name: str, summary: str, examples, *, parents=(), more: str = "") -> argparse.ArgumentParser:
+    """A command with ``summary`` as its help and description, and its example(s) at the end of its
+    ``--help`` (tests/ldmq/test_cli.py checks that every command has one)."""
+    examples = [examples] if isinstance(examples, str) else list(examples)
+    epilog = ("example:\n" if len(examples) == 1 else "examples:\n") + "\n".join(f"  {e}" for e in examples)
+    return sub.add_parser(name, parents=list(parents), help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog=(more + "\n\n" + epilog) if more else epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 DELETE_HELP = {
     "job": ("delete a final job: its record, images, manifest and checkpoints",
-            "A queued or running job is refused (409 job_not_final): cancel it first.\n\n"
-            "examples:\n  ldmq jobs cancel 3f2a...\n  ldmq jobs follow 3f2a...    # until it has ended\n  ldmq jobs delete 3f2a..."),
+            "A queued or running job is refused (409 job_not_final): cancel it first.",
+            ["ldmq jobs cancel 3f2a...", "ldmq jobs follow 3f2a...    # until it has ended", "ldmq jobs delete 3f2a..."]),
     "model": ("delete a model and its stored files (over the API)",
               "Refused (409 model_in_use) while a queued or running job samples from it or trains on it,\n"
-              "or another model names it as its base_model. Jobs that used it keep their records.\n\n"
-              "examples:\n  LDMQ_API_URL=http://127.0.0.1:8000 LDMQ_API_KEY=ldmq_... ldmq models delete 9c1e..."),
+              "or another model names it as its base_model. Jobs that used it keep their records.",
+              "LDMQ_API_URL=http://127.0.0.1:8000 LDMQ_API_KEY=ldmq_... ldmq models delete 9c1e..."),
     "dataset": ("delete a dataset and its archive (over the API)",
-                "Refused (409 dataset_in_use) while a queued or running train job uses it.\n\n"
-                "examples:\n  ldmq datasets delete 51b0... --url http://127.0.0.1:8000 --key ldmq_..."),
+                "Refused (409 dataset_in_use) while a queued or running train job uses it.",
+                "ldmq datasets delete 51b0... --url http://127.0.0.1:8000 --key ldmq_..."),
 }
 
 
 def _add_delete_parser(sub, kind: str, conn: argparse.ArgumentParser) -> None:
     """``ldmq {jobs,models,datasets} delete ID``: over the REST API, like ``ldmq jobs``."""
-    summary, epilog = DELETE_HELP[kind]
-    p = sub.add_parser("delete", parents=[conn], help=summary, description=summary[0].upper() + summary[1:] + ".",
-                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary, more, examples = DELETE_HELP[kind]
+    p = _leaf(sub, "delete", summary, examples, parents=[conn], more=more)
     p.add_argument("id", help=f"the {kind} id")
     p.set_defaults(fn=cmd_jobs, jobs_fn=_delete(kind))
 
@@ -379,18 +585,21 @@ def _conn_parser() -> argparse.ArgumentParser:
     conn.add_argument("--url", help="API base URL (default: $LDMQ_API_URL)")
     conn.add_argument("--key", help="API key (default: $LDMQ_API_KEY)")
     conn.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds")
+    conn.add_argument("--json", action="store_true",
+                      help="print one JSON document on stdout (a followed job: one JSON object a line)")
     return conn
+
+
+def _follow_parser() -> argparse.ArgumentParser:
+    follow = argparse.ArgumentParser(add_help=False)
+    follow.add_argument("--follow-timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
+    return follow
 
 
 def _add_jobs_parser(sub) -> None:
     from shared.catalog import OUTPUT_FORMATS
 
-    conn = _conn_parser()
-    follow = argparse.ArgumentParser(add_help=False)
-    follow.add_argument("--follow-timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
-    follow.add_argument("--json", action="store_true",
-                        help="while following: each event of the job's stream as one JSON object a line on stdout "
-                             "(no progress bar, no final job)")
+    conn, follow = _conn_parser(), _follow_parser()
     sample = argparse.ArgumentParser(add_help=False)
     sample.add_argument("csv", help="CSV of prompts (header row; prompt required)")
     sample.add_argument("--model", required=True, help="model id")
@@ -400,7 +609,8 @@ def _add_jobs_parser(sub) -> None:
 
     j = sub.add_parser("jobs", help="submit, follow and download jobs over the REST API")
     jsub = j.add_subparsers(dest="jobs_cmd", required=True)
-    p = jsub.add_parser("submit", parents=[conn, sample, follow], help="upload a CSV as a sample job; prints the job id last")
+    p = _leaf(jsub, "submit", "upload a CSV as a sample job; prints the job id last",
+              "ldmq jobs submit prompts.csv --model 9c1e... --steps 20 --follow", parents=[conn, sample, follow])
     p.add_argument("--webhook-url")
     p.add_argument("--webhook-events", help="comma-separated: started,progress,row_done,checkpoint,succeeded,failed,canceled")
     p.add_argument("--idempotency-key")
@@ -408,32 +618,36 @@ def _add_jobs_parser(sub) -> None:
     p.add_argument("--output-format", choices=OUTPUT_FORMATS,
                    help="png (default): a PNG per image; webdataset: tar shards of <key>.png + <key>.json")
     p.set_defaults(jobs_fn=_jobs_submit)
-    p = jsub.add_parser("reproduce", parents=[conn, follow],
-                        help="submit again the image a PNG made by ldmq records (its model, prompts, seed, steps, "
-                             "guidance, sampler, size); prints the job id last")
+    p = _leaf(jsub, "reproduce", "submit again the image a PNG made by ldmq records (its model, prompts, seed, "
+              "steps, guidance, sampler, size); prints the job id last",
+              "ldmq jobs reproduce ./out/000001-000.png --follow", parents=[conn, follow])
     p.add_argument("png", help="a PNG made by ldmq (it carries its parameters in an 'ldmq' text chunk)")
     p.add_argument("--idempotency-key")
     p.add_argument("--follow", action="store_true", help="then follow the job to its end")
     p.set_defaults(jobs_fn=_jobs_reproduce)
-    p = jsub.add_parser("estimate", parents=[conn, sample], help="dry run: validate a CSV and estimate its GPU time")
+    p = _leaf(jsub, "estimate", "dry run: validate a CSV and estimate its GPU time (measured timings when there are some)",
+              "ldmq jobs estimate prompts.csv --model 9c1e... --steps 20 --json", parents=[conn, sample])
     p.set_defaults(jobs_fn=_jobs_estimate)
-    p = jsub.add_parser("get", parents=[conn], help="print a job")
+    p = _leaf(jsub, "get", "print a job", "ldmq jobs get 3f2a... --json", parents=[conn])
     p.add_argument("job_id")
     p.set_defaults(jobs_fn=_jobs_get)
-    p = jsub.add_parser("list", parents=[conn], help="list jobs, newest first (the tenant's usage and quotas "
-                        "first, on stderr)")
+    p = _leaf(jsub, "list", "list jobs, newest first (the tenant's usage and quotas first, on stderr)",
+              "ldmq jobs list --status running --type train", parents=[conn])
     p.add_argument("--status")
     p.add_argument("--type")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true", help="the jobs as one JSON list (no usage lines)")
     p.set_defaults(jobs_fn=_jobs_list)
-    p = jsub.add_parser("cancel", parents=[conn], help="cancel a job")
+    p = _leaf(jsub, "cancel", "cancel a job", "ldmq jobs cancel 3f2a...", parents=[conn])
     p.add_argument("job_id")
     p.set_defaults(jobs_fn=_jobs_cancel)
-    p = jsub.add_parser("follow", parents=[conn, follow], help="a progress bar until the job ends (exit 0: succeeded)")
+    p = _leaf(jsub, "follow", "a progress bar until the job ends (exit 0: succeeded)",
+              ["ldmq jobs follow 3f2a...", "ldmq jobs follow 3f2a... --json | jq .progress    # one JSON a line"],
+              parents=[conn, follow])
     p.add_argument("job_id")
     p.set_defaults(jobs_fn=_jobs_follow)
-    p = jsub.add_parser("download", parents=[conn], help="download a job's images (checksums verified)")
+    p = _leaf(jsub, "download", "download a job's images (checksums verified)", "ldmq jobs download 3f2a... ./out",
+              parents=[conn])
     p.add_argument("job_id")
     p.add_argument("dir")
     p.add_argument("--overwrite", action="store_true")
@@ -448,12 +662,94 @@ def _add_jobs_parser(sub) -> None:
     j.set_defaults(fn=cmd_jobs)
 
 
+def _train_params_parser() -> argparse.ArgumentParser:
+    t = argparse.ArgumentParser(add_help=False)
+    t.add_argument("params", nargs="?", help="train parameters as JSON: a file, or inline '{...}' (see shared/train_schema.py)")
+    t.add_argument("--dataset", help='a dataset id (ldmq datasets upload) or "builtin:digits"')
+    t.add_argument("--base-model", help="a model id to fine-tune (only its U-Net is trained)")
+    t.add_argument("--steps", type=int, help="U-Net optimisation steps")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--learning-rate", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="any other train parameter (VALUE as JSON: --set unet_channels=[32,64]); repeatable")
+    return t
+
+
+def _add_train_parser(sub) -> None:
+    conn, follow, params = _conn_parser(), _follow_parser(), _train_params_parser()
+    t = sub.add_parser("train", help="submit and estimate training jobs over the REST API")
+    tsub = t.add_subparsers(dest="train_cmd", required=True)
+    p = _leaf(tsub, "submit", "submit a train job; prints its id last (--follow: a progress bar of steps and loss)",
+              ["ldmq train submit --dataset builtin:digits --steps 1400 --follow",
+               "ldmq train submit params.json --set checkpoint_every=200 --dry-run"],
+              parents=[conn, params, follow])
+    p.add_argument("--webhook-url")
+    p.add_argument("--webhook-events", help="comma-separated: started,progress,row_done,checkpoint,succeeded,failed,canceled")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--follow", action="store_true", help="then follow the job to its end")
+    p.add_argument("--dry-run", action="store_true", help="validate and estimate only (as `ldmq train estimate`)")
+    p.set_defaults(jobs_fn=_train_submit)
+    p = _leaf(tsub, "estimate", "dry run: validate train parameters and estimate the job's GPU time",
+              "ldmq train estimate --dataset builtin:digits --steps 500 --json", parents=[conn, params])
+    p.set_defaults(jobs_fn=_train_estimate)
+    t.set_defaults(fn=cmd_jobs)
+
+
+def _add_datasets_parser(sub) -> None:
+    conn = _conn_parser()
+    ds = sub.add_parser("datasets", help="upload, list and delete datasets over the REST API")
+    dsub = ds.add_subparsers(dest="datasets_cmd", required=True)
+    p = _leaf(dsub, "upload", "upload a dataset archive (zip or tar(.gz) with metadata.csv/jsonl), streamed from "
+              "disk with a progress bar; prints its id last", "ldmq datasets upload ./digits.zip --name digits",
+              parents=[conn])
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_datasets_upload)
+    p = _leaf(dsub, "list", "list the tenant's datasets, newest first", "ldmq datasets list --json", parents=[conn])
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_datasets_list)
+    p = _leaf(dsub, "get", "print a dataset", "ldmq datasets get 51b0...", parents=[conn])
+    p.add_argument("id")
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_datasets_get)
+    _add_delete_parser(dsub, "dataset", conn)
+
+
+def _add_models_parser(sub) -> None:
+    conn = _conn_parser()
+    m = sub.add_parser("models", help="models: import (on the server), list, get, download, delete")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    mi = _leaf(msub, "import", "copy a diffusers-format pipeline directory into storage and register it (needs "
+               "the database: run where ldmq's settings are)", "ldmq models import ./my-pipeline --tenant acme --name sd-small")
+    mi.add_argument("dir")
+    mi.add_argument("--tenant", required=True)
+    mi.add_argument("--name")
+    mi.add_argument("--json", action="store_true", help="print the model as one JSON document")
+    mi.set_defaults(fn=cmd_models_import)
+    p = _leaf(msub, "list", "list the tenant's models, newest first", "ldmq models list --json", parents=[conn])
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_models_list)
+    p = _leaf(msub, "get", "print a model (config, metrics, links to its evaluation)", "ldmq models get 9c1e...",
+              parents=[conn])
+    p.add_argument("id")
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_models_get)
+    p = _leaf(msub, "download", "download a model's files (a diffusers pipeline folder), each checked against its "
+              "SHA-256 and the whole against the model's content hash", "ldmq models download 9c1e... -o ./model",
+              parents=[conn])
+    p.add_argument("id")
+    p.add_argument("-o", "--output", required=True, help="folder to write the pipeline into")
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_models_download)
+    _add_delete_parser(msub, "model", conn)
+
+
 def cmd_keys_create(args) -> int:
     from shared.db import session_scope
     from shared.security import create_key
 
     with session_scope(_settings()) as s:
         key = create_key(s, args.tenant)
+    if args.json:
+        _out(args, {"tenant": args.tenant, "key": key})
+        return 0
     print(f"created an API key for tenant {args.tenant!r}; it is shown once:")
     print(key)
     return 0
@@ -585,6 +881,9 @@ def cmd_models_import(args) -> int:
         for p in exc.problems:
             print(f"  - {p}", file=sys.stderr)
         return 2
+    if args.json:
+        _out(args, {"id": model.id, "name": model.name, "uri": model.uri, "sha256": model.config.get("sha256")})
+        return 0
     print(f"imported {args.dir} as model {model.name!r} at {model.uri}")
     print(model.id)
     return 0
@@ -603,13 +902,16 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldmq", description="ldmq: a job-queue backend for latent diffusion.")
+    p = argparse.ArgumentParser(prog="ldmq", description="ldmq: a job-queue backend for latent diffusion.",
+                                epilog="example:\n  ldmq jobs submit prompts.csv --model 9c1e... --follow",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(fn=cmd_migrate)
+    _leaf(sub, "migrate", "upgrade the database to the latest schema",
+          "LDMQ_DATABASE_URL=postgresql+psycopg://ldmq@db/ldmq ldmq migrate").set_defaults(fn=cmd_migrate)
 
-    a = sub.add_parser("api", help="serve the REST API")
+    a = _leaf(sub, "api", "serve the REST API", "ldmq api --host 0.0.0.0 --port 8000 --workers 2")
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=8000)
     a.add_argument("--log-level", default="info")
@@ -618,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API processes (uvicorn workers; one per core is typical; env LDMQ_API_WORKERS)")
     a.set_defaults(fn=cmd_api)
 
-    w = sub.add_parser("worker", help="run a Celery worker")
+    w = _leaf(sub, "worker", "run a Celery worker", "ldmq worker --queues sample,train --concurrency 1")
     w.add_argument("--queues", default="sample,train")
     w.add_argument("--concurrency", type=int, default=1, help=(
         "jobs run at once, each in its own executor process (N > 1: Celery's thread pool, whose "
@@ -627,13 +929,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", default="ldmq@%h")
     w.set_defaults(fn=cmd_worker)
 
-    sw = sub.add_parser("sweeper", help="re-enqueue lost jobs, fail poison jobs, apply LDMQ_RETENTION_DAYS (runs forever)")
+    sw = _leaf(sub, "sweeper", "re-enqueue lost jobs, fail poison jobs, apply LDMQ_RETENTION_DAYS (runs forever)",
+               ["ldmq sweeper", "ldmq sweeper --once --json"])
     sw.add_argument("--interval", type=float, default=None)
     sw.add_argument("--once", action="store_true")
+    sw.add_argument("--json", action="store_true", help="with --once: its counts as one JSON document")
     sw.set_defaults(fn=cmd_sweeper)
 
-    wh = sub.add_parser("webhooks", help="deliver job events to webhooks (runs forever)")
-    wh.add_argument("--once", action="store_true", help="one pass, print its counts")
+    wh = _leaf(sub, "webhooks", "deliver job events to webhooks (runs forever)", ["ldmq webhooks", "ldmq webhooks --once"])
+    wh.add_argument("--once", action="store_true", help="one pass, print its counts (JSON)")
     wh.set_defaults(fn=cmd_webhooks)
 
     _add_jobs_parser(sub)
@@ -641,32 +945,28 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true", help="print the JSON answer")
     u.set_defaults(fn=cmd_jobs, jobs_fn=_usage)
     _add_tenants_parser(sub)
+    _add_train_parser(sub)
 
     k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
-    kc = k.add_parser("create", help="create a key (and its tenant); prints the key on the last line")
+    kc = _leaf(k, "create", "create a key (and its tenant); prints the key on the last line",
+               "KEY=$(ldmq keys create --tenant acme | tail -n1)")
     kc.add_argument("--tenant", required=True)
+    kc.add_argument("--json", action="store_true", help='print {"tenant", "key"} as one JSON document')
     kc.set_defaults(fn=cmd_keys_create)
-    kr = k.add_parser("revoke", help="revoke a key (the key or its prefix)")
+    kr = _leaf(k, "revoke", "revoke a key (the key or its prefix)", "ldmq keys revoke ldmq_1a2b3c...")
     kr.add_argument("key")
     kr.set_defaults(fn=cmd_keys_revoke)
 
-    m = sub.add_parser("models", help="models").add_subparsers(dest="models_cmd", required=True)
-    mi = m.add_parser("import", help="copy a diffusers-format pipeline directory into storage and register it")
-    mi.add_argument("dir")
-    mi.add_argument("--tenant", required=True)
-    mi.add_argument("--name")
-    mi.set_defaults(fn=cmd_models_import)
-    _add_delete_parser(m, "model", _conn_parser())
+    _add_models_parser(sub)
+    _add_datasets_parser(sub)
 
-    ds = sub.add_parser("datasets", help="datasets").add_subparsers(dest="datasets_cmd", required=True)
-    _add_delete_parser(ds, "dataset", _conn_parser())
-
-    d = sub.add_parser("demo", help="train on builtin:digits, then generate a batch (no servers needed)")
+    d = _leaf(sub, "demo", "train on builtin:digits, then generate a batch (no servers needed)", "ldmq demo --quick")
     d.add_argument("--quick", action="store_true", help="a short training run (a smoke test, poor images)")
     d.add_argument("--images-per-digit", type=int, default=4)
     d.set_defaults(fn=cmd_demo)
 
-    b = sub.add_parser("bench", help="benchmarks that print figures")
+    b = _leaf(sub, "bench", "benchmarks that print figures (each takes its own flags: ldmq bench NAME --help)",
+              ["ldmq bench estimate", "ldmq bench sample --prompts 256 --steps 10"])
     b.add_argument("what", choices=list(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)

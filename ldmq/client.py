@@ -11,6 +11,9 @@
         c.download(job.id, "out/")                           # PNGs + manifest, checksums verified
         c.download_archive(job.id, "job.tar")                # or everything as one tar, streamed
         c.reproduce("out/000001-000.png")                    # the same image again, as a new job
+        ds = c.upload_dataset("digits.zip")                  # streamed from disk
+        trained = c.wait(c.train(ds["id"], steps=500).id)   # a train job's model_id: the model it made
+        c.download_model(trained.model_id, "model/")         # each file checked against its SHA-256
 
 Errors from the API raise :class:`ApiError` (status, code, message, details: the error envelope).
 Unknown response fields are kept in each object's ``raw`` (the contract only ever adds fields).
@@ -23,7 +26,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -321,6 +324,69 @@ class Client:
             body["webhook"] = webhook
         return Job.from_json(self._request("POST", "/v1/jobs/train", json=body, headers=self._idem(idempotency_key)))
 
+    def estimate_train(self, dataset: str, **params: Any) -> dict[str, Any]:
+        """Dry run of :meth:`train`: the request checked as a submit would be, and its estimated
+        GPU-seconds (each part with its source: measured timings or the default); nothing is stored."""
+        return self._request("POST", "/v1/jobs/train", json={"dataset": dataset, **params}, params={"dry_run": "true"})
+
+    # -- datasets -------------------------------------------------------------------------------
+    def upload_dataset(self, path: str | os.PathLike, *, name: str | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Upload a dataset archive (zip or tar(.gz) with metadata.csv/jsonl) streamed from disk in
+        64 KiB chunks (httpx's multipart reads a file object piecewise): memory stays flat however
+        large the file. ``progress(bytes_sent, total_bytes)`` is called as it goes."""
+        path = Path(path)
+        total = path.stat().st_size
+        with open(path, "rb") as f:
+            body = _CountingReader(f, total, progress)
+            # No write timeout for our own connection: a large file may take long to send.
+            extra = {"timeout": httpx.Timeout(self._timeout, write=None)} if self._own else {}
+            return self._request("POST", "/v1/datasets", files={"file": (path.name, body, "application/octet-stream")},
+                                 data=_form(name=name), **extra)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/datasets")["items"]
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/datasets/{dataset_id}")
+
+    # -- models ---------------------------------------------------------------------------------
+    def models(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/models")["items"]
+
+    def model_files(self, model_id: str) -> dict[str, Any]:
+        """The model's stored files: ``{"model_id", "sha256" (content hash), "items": [{"path",
+        "sha256", "url"}]}``, each URL presigned."""
+        return self._request("GET", f"/v1/models/{model_id}/files")
+
+    def download_model(self, model_id: str, dest: str | os.PathLike, *,
+                       progress: Callable[[int, int, str], None] | None = None) -> list[Path]:
+        """Write the model's files (a diffusers pipeline folder) under ``dest``, each streamed to disk
+        and checked against its SHA-256, then the whole against the model's content hash. Files
+        already there with the right checksum are kept (a re-run resumes). ``progress(done, total,
+        path)`` after each file. Returns the file paths."""
+        from shared.paths import path_within
+        from shared.storage.base import content_sha256
+
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        listing = self.model_files(model_id)
+        items, paths = listing["items"], []
+        for i, item in enumerate(items, start=1):
+            path = path_within(dest, item["path"])  # a path from the server never leaves dest
+            if not (path.exists() and _file_sha256(path) == item["sha256"]):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._fetch_to(item["url"], path, item["sha256"])
+            paths.append(path)
+            if progress is not None:
+                progress(i, len(items), item["path"])
+        want = listing.get("sha256")
+        got = content_sha256((item["path"], item["sha256"]) for item in items)
+        if want and got != want:
+            raise ApiError(502, "checksum_mismatch", f"model {model_id}: its files' content hash is {got}, "
+                                                     f"the model's {want}")
+        return paths
+
     def reproduce(self, png: str | os.PathLike | bytes, *, idempotency_key: str | None = None) -> Job:
         """Submit the image a PNG made by ldmq again: a one-image sample job with its model, prompt,
         negative prompt, seed, steps, guidance, sampler and size (read from its ``ldmq`` chunk).
@@ -548,6 +614,33 @@ class Client:
         os.replace(tmp, path)
         return path
 
+    def _fetch_to(self, url: str, path: Path, sha256: str) -> None:
+        """GET a presigned (or file://) URL into ``path`` chunk by chunk (never whole in memory),
+        checked against ``sha256`` before it takes the final name."""
+        tmp = path.with_name(f".{path.name}.part")
+        h = hashlib.sha256()
+        parts = urlsplit(url)
+        try:
+            with open(tmp, "wb") as out:
+                if parts.scheme == "file":
+                    with open(unquote(parts.path), "rb") as src:
+                        for chunk in iter(lambda: src.read(CHUNK), b""):
+                            h.update(chunk)
+                            out.write(chunk)
+                else:
+                    with httpx.stream("GET", url, timeout=self._timeout) as r:
+                        if r.status_code != 200:
+                            raise ApiError(r.status_code, "download_failed",
+                                           f"GET {parts.scheme}://{parts.netloc}{parts.path}: {r.status_code}")
+                        for chunk in r.iter_bytes(CHUNK):
+                            h.update(chunk)
+                            out.write(chunk)
+            if h.hexdigest() != sha256:
+                raise ApiError(502, "checksum_mismatch", f"{path.name}: the downloaded bytes do not match their SHA-256")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def _fetch(self, url: str) -> bytes:
         """GET a presigned (or file://) URL, without the API key."""
         parts = urlsplit(url)
@@ -558,6 +651,43 @@ class Client:
         if r.status_code != 200:
             raise ApiError(r.status_code, "download_failed", f"GET {parts.scheme}://{parts.netloc}{parts.path}: {r.status_code}")
         return r.content
+
+
+class _CountingReader:
+    """A binary file as httpx's multipart reads it (``read``, ``seek``, ``tell``, ``fileno`` for its
+    length), calling ``progress(bytes_read, total)`` on every chunk."""
+
+    def __init__(self, f, total: int, progress: Callable[[int, int], None] | None):
+        self.f, self.total, self.progress, self.sent = f, total, progress, 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.f.read(n)
+        self.sent += len(chunk)
+        if self.progress is not None and chunk:
+            self.progress(self.sent, self.total)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos = self.f.seek(offset, whence)
+        self.sent = pos
+        return pos
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+
+CHUNK = 1 << 20
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def png_parameters(png: str | os.PathLike | bytes) -> dict[str, Any]:

@@ -62,3 +62,10 @@ DEFAULT_OUTPUT_FORMAT: OutputFormat = "png"
 # 300 s: a priority-10 job is ahead of a priority-0 job submitted up to 50 minutes before it, and
 # no job waits behind later work for longer than that.
 SCHED_AGING_S_DEFAULT = 300.0
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """Whether sampling at this scale runs classifier-free guidance. At 1 the guided prediction is
+    the conditional one, so diffusers skips the unconditional half; above 1 it concatenates both
+    halves into one U-Net call of twice the batch: twice the U-Net work per step."""
+    return guidance_scale > 1

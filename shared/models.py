@@ -391,3 +391,27 @@ class StorageDeletion(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StepTiming(Base):
+    """Measured seconds per unit of work, as workers saw them (an exponentially weighted average).
+
+    One row per (kind, model_key, size, batch, guidance, device). ``kind``: ``denoise`` (one
+    denoising step of one model batch of ``batch`` images, with classifier-free guidance when
+    ``guidance``: the U-Net then runs on twice the batch), ``train_autoencoder`` / ``train_unet`` (one
+    optimisation step of ``batch`` images), ``eval_autoencoder`` / ``eval_unet`` (one evaluation at a
+    checkpoint). ``model_key``: a model id for sampling, a fingerprint of the cost-bearing train
+    parameters for training (``shared.estimates``). ``size``: ``WxH`` in pixels. ``device``: ``cpu`` or
+    ``cuda:<device name>``. No foreign key: a timing outlives its model (it is only a figure)."""
+
+    __tablename__ = "step_timings"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    size: Mapped[str] = mapped_column(String(32), primary_key=True)
+    batch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    guidance: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    device: Mapped[str] = mapped_column(String(120), primary_key=True)
+    seconds: Mapped[float] = mapped_column(Float)
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

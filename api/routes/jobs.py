@@ -21,6 +21,7 @@ from api.schemas import (
     OutputList,
     SampleEstimate,
     SampleRequest,
+    TrainEstimate,
     TrainRequest,
     WebhookDeliveryList,
 )
@@ -47,9 +48,12 @@ def _accepted(response: Response, created: bool) -> None:
         response.headers["Idempotent-Replayed"] = "true"
 
 
-@router.post("/train", status_code=202, response_model=JobOut, responses=ERRORS)
+@router.post("/train", status_code=202, response_model=JobOut | TrainEstimate, responses=ERRORS)
 def create_train_job(params: TrainRequest, response: Response, session: SessionDep, settings: SettingsDep,
-                     tenant: TenantDep, idempotency_key: IdemKey = None) -> JobOut:
+                     tenant: TenantDep, idempotency_key: IdemKey = None, dry_run: DryRun = False) -> JobOut | TrainEstimate:
+    if dry_run:
+        response.status_code = 200
+        return svc.estimate_train(session, settings, tenant, params)
     submitted = svc.create_train_job(session, settings, tenant, params, idempotency_key=idempotency_key)
     _accepted(response, submitted.created)
     return submitted.out()

@@ -5,7 +5,7 @@ from fastapi import Response
 from api import routing
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.routes.jobs import DELETE_ERRORS, ERRORS
-from api.schemas import ImportModelRequest, ModelList, ModelOut
+from api.schemas import ImportModelRequest, ModelFiles, ModelList, ModelOut
 from api.services import deletion
 from api.services import models as svc
 from api.services.jobs import get_model
@@ -23,6 +23,12 @@ def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -
 @router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)
 def get_model_route(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
     return svc.model_out(get_model(session, tenant, model_id), get_storage(settings), settings)
+
+
+@router.get("/{model_id}/files", response_model=ModelFiles, responses=ERRORS)
+def model_files(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelFiles:
+    """The model's files with their SHA-256 and presigned URLs (``ldmq models download``)."""
+    return svc.model_files(get_storage(settings), settings, get_model(session, tenant, model_id))
 
 
 @router.post("", status_code=201, response_model=ModelOut, responses=ERRORS)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from api.errors import ApiError, cap_details, not_found
-from api.services import quotas
+from api.services import estimates, quotas
 from api.schemas import (
     JOB_STATUSES,
     JOB_TYPES,
@@ -36,6 +36,7 @@ from api.schemas import (
     ShardOut,
     SamplePrompt,
     SampleRequest,
+    TrainEstimate,
     TrainRequest,
     WebhookDeliveryOut,
     WebhookSpec,
@@ -93,8 +94,16 @@ def job_out(job: Job, hook: JobWebhook | None | bool = True, queue: QueueOut | N
         started_at=job.started_at, finished_at=job.finished_at, error=job.error, params=job.params,
         model_id=job.model_id, outputs_count=job.outputs_count, attempts=job.attempts,
         progress_detail=job.progress_detail or {}, total_items=job.total_items, priority=job.priority or 0,
-        webhook=_webhook_spec(hook), queue=queue,
+        webhook=_webhook_spec(hook), queue=queue, estimated_seconds=_estimated(job),
     )
+
+
+def _estimated(job: Job) -> float | None:
+    """``estimated_seconds`` of a queued or running job (None once final, or detached from a session)."""
+    session = object_session(job)
+    if session is None or JobStatus(job.status).is_final:
+        return None
+    return estimates.job_estimated_seconds(session, job)
 
 
 def queue_of(session: Session, settings: Settings, job: Job) -> QueueOut | None:
@@ -341,57 +350,33 @@ def sample_request_from_csv(settings: Settings, data: bytes, form: dict[str, str
     return req, digest
 
 
-# A rough default: one U-Net step of a small latent-diffusion model at 512 px on a current GPU.
-DEFAULT_SECONDS_PER_STEP = 0.05
-SECONDS_PER_STEP_ENV = "LDMQ_ESTIMATE_SECONDS_PER_STEP"
-
-
-def default_seconds_per_step() -> float:
-    import os
-
-    raw = os.environ.get(SECONDS_PER_STEP_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SECONDS_PER_STEP
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{SECONDS_PER_STEP_ENV}={raw!r} is not a number") from None
-    if not value > 0:
-        raise ValueError(f"{SECONDS_PER_STEP_ENV} must be positive; got {raw!r}")
-    return value
-
-
-def model_seconds_per_step(model: Model) -> tuple[float, str]:
-    """(seconds per denoising step, where it came from): the model's ``config.seconds_per_step``
-    when it holds a positive number, else the default (``LDMQ_ESTIMATE_SECONDS_PER_STEP``)."""
-    value = (model.config or {}).get("seconds_per_step")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value), "model"
-    return default_seconds_per_step(), "default"
-
-
 def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest) -> SampleEstimate:
-    """Validate a sample request as a submit would, resolve its model, and estimate its cost,
-    storing and enqueueing nothing; ``quota`` says whether the tenant's queued-images quota would
-    refuse it now (a submit checks again: the queue moves).
-
-    The estimate is rough: images × the network evaluations of their steps (one a step, and
-    langevin-pc's corrector evaluations on top) × a per-model seconds-per-step constant. It ignores
-    batching, guidance (which doubles the U-Net work when > 1), image size, the device and the time
-    to load the pipeline.
-    """
+    """Validate a sample request as a submit would, resolve its model, and estimate its GPU time
+    (``api.services.estimates``: measured timings when there are some; langevin-pc's corrector
+    evaluations counted), storing and enqueueing nothing; ``quota`` says whether the tenant's
+    queued-images quota would refuse it now (a submit checks again: the queue moves)."""
     model = get_model(session, tenant, req.model)
     body = _check_sample(settings, req, model)
     images = sum(p.num_images for p in req.prompts)
     row_steps = [(p.num_images, p.steps if p.steps is not None else body["steps"]) for p in req.prompts]
     steps = sum(n * k for n, k in row_steps)
     nfe = sum(n * network_evaluations(body["scheduler"], k) for n, k in row_steps)
-    sps, source = model_seconds_per_step(model)
+    est = estimates.sample_seconds(session, model, estimates.sample_groups(req, body),
+                                   estimates.sample_size(model, req.width, req.height))
     return SampleEstimate(model_id=model.id, rows=len(req.prompts), images=images, denoising_steps=steps,
-                          network_evaluations=nfe, seconds_per_step=sps, seconds_per_step_source=source,
-                          estimated_gpu_seconds=round(nfe * sps, 3), scheduler=body["scheduler"],
-                          steps=body["steps"], guidance_scale=body["guidance_scale"],
+                          network_evaluations=nfe, unet_steps=est["unet_steps"],
+                          seconds_per_step=est["seconds_per_step"], seconds_per_step_source=est["source"],
+                          measurement=est["measurement"], estimated_gpu_seconds=round(est["seconds"], 3),
+                          scheduler=body["scheduler"], steps=body["steps"], guidance_scale=body["guidance_scale"],
                           quota=quotas.queued_images_verdict(session, tenant, images))
+
+
+def estimate_train(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest) -> TrainEstimate:
+    """A train request checked as a submit would check it (bounds, dataset, base model) and its
+    estimate; nothing is stored or enqueued."""
+    params = req.train_params()
+    _check_train_inputs(session, settings, tenant, params)
+    return estimates.train_estimate(session, params)
 
 
 def _row(i: int, p: SamplePrompt) -> JobRow:
@@ -422,11 +407,10 @@ def check_train_bounds(settings: Settings, params: TrainParams) -> None:
         raise ApiError(422, "invalid_request", "the train job is over this deployment's limits", details)
 
 
-def create_train_job(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest | TrainParams, *,
-                     idempotency_key: str | None = None) -> Submitted:
-    webhook = req.webhook if isinstance(req, TrainRequest) else None
-    priority = req.priority if isinstance(req, TrainRequest) else 0
-    params = req.train_params() if isinstance(req, TrainRequest) else req
+def _check_train_inputs(session: Session, settings: Settings, tenant: TenantRef, params: TrainParams, *,
+                        lock: bool = False) -> str | None:
+    """The deployment's bounds, the tenant's dataset (404 otherwise) and base model; returns the
+    dataset id (None for a builtin one). ``lock``: share-lock the base model (see ``get_model``)."""
     check_train_bounds(settings, params)
     dataset_id = None
     if params.dataset not in BUILTIN_DATASETS:
@@ -436,11 +420,20 @@ def create_train_job(session: Session, settings: Settings, tenant: TenantRef, re
                            f"builtin datasets: {', '.join(BUILTIN_DATASETS)}")
         dataset_id = ds.id
     if params.base_model is not None:
-        base = get_model(session, tenant, params.base_model, lock=True)
+        base = get_model(session, tenant, params.base_model, lock=lock)
         if base_of(base.config) is not None:
             raise ApiError(422, "invalid_request", f"base_model {base.id!r} is a LoRA adapter of "
                            f"{base_of(base.config)!r}; fine-tune a pipeline model (its base)",
                            [{"field": "base_model", "message": "a LoRA model cannot be a base model"}])
+    return dataset_id
+
+
+def create_train_job(session: Session, settings: Settings, tenant: TenantRef, req: TrainRequest | TrainParams, *,
+                     idempotency_key: str | None = None) -> Submitted:
+    webhook = req.webhook if isinstance(req, TrainRequest) else None
+    priority = req.priority if isinstance(req, TrainRequest) else 0
+    params = req.train_params() if isinstance(req, TrainRequest) else req
+    dataset_id = _check_train_inputs(session, settings, tenant, params, lock=True)
     body = params.model_dump(mode="json")
     # The webhook is part of the request (so a key reused with another webhook is refused) but not
     # of the params the worker reads.

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from api.schemas import ModelOut
+from api.schemas import ModelFileOut, ModelFiles, ModelOut
 from shared.models import Model, new_id
 from shared.security import TenantRef
 from shared.pipelines import PipelineRejected, check_pipeline_files
@@ -36,6 +36,21 @@ def model_out(m: Model, storage: Storage | None = None, settings: Settings | Non
     return ModelOut(id=m.id, name=m.name, uri=m.uri, created_at=m.created_at, job_id=m.job_id,
                     config=m.config or {}, metrics=m.metrics or {}, artifact_urls=urls,
                     sampling_defaults=model_defaults(m.config))
+
+
+def model_files(storage: Storage, settings: Settings, model: Model) -> ModelFiles:
+    """The model's stored files (its diffusers folder), each with its SHA-256 and a presigned URL,
+    and the model's content hash, so a client can download and check them. Only keys under the
+    model's own prefix, inside its tenant's, are listed (one HEAD each for the checksum: a pipeline
+    holds tens of files, at most ``model_import_max_files`` when imported)."""
+    prefix = model.key.rstrip("/") + "/"
+    if not prefix.startswith(f"{model.tenant_id}/"):
+        raise ApiError(404, "not_found", f"model {model.id!r} has no files of its tenant's")
+    items = []
+    for key in storage.list(prefix):
+        items.append(ModelFileOut(path=key[len(prefix):], sha256=storage.checksum(key) or "",
+                                  url=storage.presigned_url(key, settings.presign_expiry_s)))
+    return ModelFiles(model_id=model.id, sha256=(model.config or {}).get(CONFIG_SHA256), items=items)
 
 
 def list_models(session: Session, tenant: TenantRef) -> list[Model]:

@@ -12,6 +12,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``stream`` (:mod:`ldmq.bench.stream`): what a job's event stream costs: a poll, idle streams, delivery latency
 - ``scheduler`` (:mod:`ldmq.bench.scheduler`): the claim path and the policy with hundreds of simulated
   workers against a real PostgreSQL (claims/s, latency, utilisation, fairness, waits under a flood)
+- ``estimate`` (:mod:`ldmq.bench.estimate`): dry-run estimates against real runs of the digits demo
 
 :mod:`ldmq.bench.stack` starts ldmq's processes on loopback for the benches that need a running
 system. Benchmarks import the worker's public names (``worker.model``, ``worker.jobs``) and
@@ -36,6 +37,7 @@ BENCHES = {
     "ratelimit": "ldmq.bench.ratelimit",
     "stream": "ldmq.bench.stream",
     "scheduler": "ldmq.bench.scheduler",
+    "estimate": "ldmq.bench.estimate",
 }
 
 

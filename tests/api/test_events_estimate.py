@@ -79,7 +79,8 @@ def test_csv_dry_run_validates_and_estimates_without_storing(client, settings, t
     assert est["valid"] is True and est["dry_run"] is True and est["model_id"] == model_id
     assert (est["rows"], est["images"], est["denoising_steps"]) == (2, 3, 18)
     assert est["seconds_per_step_source"] == "default"
-    assert est["estimated_gpu_seconds"] == round(18 * est["seconds_per_step"], 3) > 0
+    # guidance 5 (the default): the U-Net runs twice per image-step
+    assert est["unet_steps"] == 36 and est["estimated_gpu_seconds"] == round(36 * est["seconds_per_step"], 3) > 0
     with session_scope(settings) as s:
         assert s.query(Job).filter_by(tenant_id=tid).count() == 0
     assert q.llen("sample") == before
@@ -89,7 +90,7 @@ def test_csv_dry_run_validates_and_estimates_without_storing(client, settings, t
         m = s.get(Model, model_id)
         m.config = {**m.config, "seconds_per_step": 0.5}
     est = upload(client, key, csv_bytes, model_id, params={"dry_run": "true"}, steps="4").json()
-    assert est["seconds_per_step_source"] == "model" and est["estimated_gpu_seconds"] == 9.0
+    assert est["seconds_per_step_source"] == "model" and est["estimated_gpu_seconds"] == 18.0
 
     # A bad CSV or form is the same 422 as a real submit; an unknown model a 404.
     r = upload(client, key, b"prompt,seed\n,x\n", model_id, params={"dry_run": "true"})

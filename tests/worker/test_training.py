@@ -54,6 +54,7 @@ class Recorder:
     def __init__(self, stop_at: int | None = None, resume_from: Path | None = None):
         self.progress: list[dict] = []
         self.steps: list[tuple[str, float]] = []
+        self.evals: list[tuple[str, float]] = []
         self.saved: list[tuple[int, Path]] = []
         self.stop_at, self.resume_from = stop_at, resume_from
 
@@ -61,6 +62,7 @@ class Recorder:
         return TrainHooks(
             progress=self.progress.append,
             step_done=lambda stage, seconds: self.steps.append((stage, seconds)),
+            evaluated=lambda stage, seconds: self.evals.append((stage, seconds)),
             should_stop=lambda: bool(self.stop_at and self.progress and self.progress[-1]["step"] >= self.stop_at),
             save_checkpoint=lambda step, path: self.saved.append((step, Path(path))),
             latest_checkpoint=lambda: self.resume_from,
@@ -93,6 +95,8 @@ def test_losses_go_down_and_progress_is_reported(full_run):
     # one step_done per optimisation step (the worker's step-duration metric), with its wall time
     assert [st for st, _ in rec.steps] == ["autoencoder"] * AE_STEPS + ["unet"] * UNET_STEPS
     assert all(sec > 0 for _, sec in rec.steps)
+    # eval_at_checkpoints off: each stage is evaluated once, at its end (timed, for estimates)
+    assert [st for st, _ in rec.evals] == ["autoencoder", "unet"] and all(sec > 0 for _, sec in rec.evals)
     assert np.mean(ae[-3:]) < 0.7 * np.mean(ae[:3])
     assert np.mean(unet[-8:]) < 0.8 * np.mean(unet[:8])
     last = rec.progress[-1]

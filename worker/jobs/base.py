@@ -55,6 +55,11 @@ class Run(Protocol):
 
     def device_memory(self, device: str) -> None: ...
 
+    def record_timing(self, *, kind: str, model_key: str, size: str, batch: int, guidance: bool, device: str,
+                      seconds: float, units: int) -> None:
+        """Keep a measured figure (seconds per unit of ``kind``, over ``units``) for estimates
+        (``shared.estimates``); never raises: a figure is not worth a job."""
+
     # -- sample runs
     def output_writer(self) -> OutputSink: ...
 

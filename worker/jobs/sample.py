@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import select
 
 from shared.adapters import ADAPTER_WEIGHTS, base_of
-from shared.catalog import DEFAULT_SCHEDULER
+from shared.catalog import DEFAULT_SCHEDULER, uses_guidance
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model
 from shared.pipelines import PipelineRejected
@@ -49,8 +49,9 @@ from shared.storage import get_storage
 from worker.jobs.base import JobError, Run
 from worker.jobs.manifest import write_manifest
 from worker.jobs.provenance import image_params, png_text, row_steps_guidance, run_params
+from shared import estimates
 from worker.jobs.shards import ShardPlan, plan_shards
-from worker.model.pipelines import PipelineCache, pipeline_view, resolve_device
+from worker.model.pipelines import PipelineCache, device_kind, pipeline_view, resolve_device
 from worker.model.sampling import (
     CPU_AUTO_BATCH,
     EmbeddingCache,
@@ -272,7 +273,10 @@ def run_sample(settings: Settings, run: Run) -> dict:
     log.info("job %s: %d images to make (%d done before), batch %d, %d stream(s) of %d thread(s)", lead.job.id,
              sum(len(w.items) for w in works), lead.made, setup.size, setup.n_streams, setup.threads)
     stopped: set[int] = set()  # packed jobs that left the run (canceled, lease lost)
-    n_batches = _make_images(run, works, setup, stopped)
+    timings: list[tuple[bool, int, float]] = []
+    clock = time.perf_counter()
+    n_batches = _make_images(run, works, setup, stopped, timings)
+    record_timings(run, model.id, setup, timings, time.perf_counter() - clock)
     write_manifest(settings, lead.tenant_id, lead.job.id, setup.common)
     for i, w in enumerate(works[1:], start=1):
         if i in stopped:
@@ -286,10 +290,31 @@ def run_sample(settings: Settings, run: Run) -> dict:
             "packed_jobs": [w.job.id for w in works[1:]]}
 
 
-def _make_images(run: Run, works: list[JobWork], setup: _Setup, stopped: set[int]) -> int:
+def record_timings(run: Run, model_id: str, setup: _Setup, timings: list[tuple[bool, int, float]],
+                   span_s: float) -> None:
+    """Keep the run's seconds per denoising step of one batch, with guidance and without, for
+    estimates (``shared.estimates``). ``timings``: (guided, steps, wall seconds) per batch. Streams
+    compute batches side by side, so each figure is scaled by the run's span over the sum of batch
+    walls: what a batch-step cost the job, not one stream (2 CPU streams: about half)."""
+    total_wall = sum(w for _, _, w in timings)
+    if not timings or total_wall <= 0:
+        return
+    overlap = min(1.0, span_s / total_wall)
+    for guided in (False, True):
+        mine = [(n, w) for g, n, w in timings if g == guided]
+        steps = sum(n for n, _ in mine)
+        if steps:
+            run.record_timing(kind=estimates.DENOISE, model_key=model_id, size=estimates.size_key(setup.width, setup.height),
+                              batch=setup.size, guidance=guided, device=device_kind(setup.device),
+                              seconds=sum(w for _, w in mine) / steps * overlap, units=steps)
+
+
+def _make_images(run: Run, works: list[JobWork], setup: _Setup, stopped: set[int],
+                 timings: list[tuple[bool, int, float]]) -> int:
     """Compute the works' items in fixed batches on the model streams and hand each batch to the
     output writer; a packed job whose run stops leaves (``stopped``), the run itself raises. On the
-    way out by an error, the packed jobs still in are released. Returns the number of batches."""
+    way out by an error, the packed jobs still in are released. Appends (guided, steps, seconds) of
+    each batch's denoising to ``timings``. Returns the number of batches."""
     streams = ModelStreams(setup.pipe, setup.scheduler, setup.n_streams, setup.threads)
     writer = run.output_writer()
 
@@ -321,7 +346,9 @@ def _make_images(run: Run, works: list[JobWork], setup: _Setup, stopped: set[int
 
         arrays = generate(view, batch, batch_size=setup.size, width=setup.width, height=setup.height,
                           device=setup.device, embeddings=setup.embeddings, on_step=on_step)
-        run.images_made(len(batch), time.perf_counter() - clock["batch"])
+        wall = time.perf_counter() - clock["batch"]
+        run.images_made(len(batch), wall)
+        timings.append((uses_guidance(batch[0].guidance_scale), batch[0].steps, wall))  # list.append: thread-safe
         return arrays
 
     n_batches = 0

@@ -19,6 +19,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from shared import estimates
 from shared.adapters import base_of, lora_config
 from shared.db import session_scope
 from shared.jobstate import LeaseLost
@@ -30,7 +31,7 @@ from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
 from shared.train_schema import TrainParams
 from worker.jobs.base import JobError, Run
-from worker.model.pipelines import resolve_device
+from worker.model.pipelines import device_kind, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def run_train(settings: Settings, run: Run) -> dict:
         uploader = CheckpointUploader(storage, run, tenant_id, params.keep_checkpoints, workdir / "staging",
                                       saved=[checkpoint_key] if checkpoint_key else [])
         device = resolve_device(settings.worker_device)
-        hooks = _hooks(run, storage, uploader, checkpoint_key, workdir, device)
+        clocks = StageClocks()
+        hooks = _hooks(run, storage, uploader, checkpoint_key, workdir, device, clocks)
         try:
             result = train(params, workdir=workdir / "run", dataset=data, base_model_dir=base_dir, hooks=hooks,
                            device=device)
@@ -75,6 +77,7 @@ def run_train(settings: Settings, run: Run) -> dict:
             raise JobError("unsafe_model", f"the base model was refused: {exc}") from None
         finally:
             uploader.close()
+            clocks.record(run, params, device_kind(device))  # a stopped run's steps were measured too
         uploader.wait()
         run.check()
         return {"model_id": _register(settings, storage, run, tenant_id, params, result)}
@@ -97,9 +100,31 @@ def _load_data(storage, params: TrainParams, dataset: Dataset | None, workdir: P
         raise JobError("invalid_dataset", str(exc)) from exc
 
 
-def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str | None, workdir: Path, device: str):
+class StageClocks:
+    """Seconds of each stage's optimisation steps and evaluations, as the loop reports them, kept
+    for estimates (``shared.estimates``) when the run ends."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}  # kind -> [seconds, units]
+
+    def add(self, kind: str, seconds: float) -> None:
+        total = self.totals.setdefault(kind, [0.0, 0])
+        total[0] += seconds
+        total[1] += 1
+
+    def record(self, run: Run, params: TrainParams, device: str) -> None:
+        keys = estimates.train_keys(params)
+        size = estimates.size_key(params.resolution, params.resolution)
+        for kind, (seconds, units) in self.totals.items():
+            if kind in keys:
+                run.record_timing(kind=kind, model_key=keys[kind], size=size, batch=params.batch_size, guidance=False,
+                                  device=device, seconds=seconds / units, units=int(units))
+
+
+def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str | None, workdir: Path, device: str,
+           clocks: StageClocks):
     """How the training loop reports to the run: progress (fenced), stop checks, checkpoints to
-    storage, the checkpoint to resume from, step timings."""
+    storage, the checkpoint to resume from, step and evaluation timings."""
     from worker.model.training import TrainHooks
 
     def progress(info: dict) -> None:
@@ -116,6 +141,10 @@ def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str 
             return True
         return False
 
+    def step_done(stage: str, seconds: float) -> None:
+        run.observe_step(seconds)
+        clocks.add(f"train_{stage}", seconds)
+
     def latest_checkpoint() -> Path | None:
         if not checkpoint_key:
             return None
@@ -124,7 +153,8 @@ def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str 
         return storage.download_dir(checkpoint_key, workdir / "resume")
 
     return TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=uploader.submit,
-                      latest_checkpoint=latest_checkpoint, step_done=lambda _stage, seconds: run.observe_step(seconds))
+                      latest_checkpoint=latest_checkpoint, step_done=step_done,
+                      evaluated=lambda stage, seconds: clocks.add(f"eval_{stage}", seconds))
 
 
 def _register(settings: Settings, storage, run: Run, tenant_id: str, params: TrainParams, result) -> str:

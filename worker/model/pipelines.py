@@ -28,6 +28,16 @@ def resolve_device(name: str) -> str:
     raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
 
 
+def device_kind(device: str) -> str:
+    """What a measured timing is keyed by: ``cpu``, or ``cuda:<device name>`` (an H200 and a T4
+    differ by 20x; two H200s do not)."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+
+
 def pipeline_view(pipe, scheduler: str):
     """A shallow copy of ``pipe`` with a scheduler of its own: the same modules (no weights copied),
     its own attributes, so several sampling calls can share a cached pipeline at once."""

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 
+from shared.catalog import uses_guidance
 from worker.model.ancestral import run_pipeline
 from worker.model.pipelines import pipeline_view
 
@@ -95,7 +96,7 @@ def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: in
 
     padded = batch + [batch[-1]] * (batch_size - len(batch))
     generators = [torch.Generator(device).manual_seed(it.seed) for it in padded]
-    cfg = batch[0].guidance_scale > 1
+    cfg = uses_guidance(batch[0].guidance_scale)
     prompt_embeds = embeddings.get_many([it.prompt for it in padded])
     negative = embeddings.get_many([it.negative_prompt for it in padded]) if cfg else None
 

@@ -91,6 +91,7 @@ class TrainHooks:
 
     progress: Callable[[dict], None] = _noop
     step_done: Callable[[str, float], None] = _noop  # (stage, wall seconds of the optimisation step)
+    evaluated: Callable[[str, float], None] = _noop  # (stage, wall seconds of one checkpoint's evaluation)
     should_stop: Callable[[], bool] = lambda: False
     save_checkpoint: Callable[[int, Path], None] = _noop
     latest_checkpoint: Callable[[], Path | None] = lambda: None
@@ -670,7 +671,9 @@ class _Run:
         ckpt = self.checkpoint_dir(global_step)
         ckpt.mkdir(parents=True, exist_ok=True)
         metrics = stage.evaluate(ckpt, global_step)
-        self.eval_seconds += time.perf_counter() - clock
+        seconds = time.perf_counter() - clock
+        self.eval_seconds += seconds
+        self.hooks.evaluated(stage.name, seconds)
         return metrics
 
     def report(self, *, stage, global_step, stage_step, stage_total, loss, lr, sec_per_step, later_seconds=0.0):

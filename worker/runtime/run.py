@@ -176,6 +176,17 @@ class JobRun:
     def device_memory(self, device: str) -> None:
         metrics.sample_gpu_memory(device)
 
+    def record_timing(self, **figure) -> None:
+        """Fold a measured figure into ``step_timings`` (``shared.estimates.record``). A failure is
+        logged, never raised: the job's work is done and worth more than its timing."""
+        from shared import estimates
+
+        try:
+            with session_scope(self.settings) as s:
+                estimates.record(s, **figure)
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("job %s: could not record its step timing %s: %s", self.job_id, figure.get("kind"), exc)
+
     # -- sample runs: outputs and companion jobs ----------------------------------------------------
     def output_writer(self):
         from worker.runtime.outputs import OutputWriter
