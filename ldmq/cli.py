@@ -636,7 +636,6 @@ def _add_jobs_parser(sub) -> None:
     p.add_argument("--status")
     p.add_argument("--type")
     p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true", help="the jobs as one JSON list (no usage lines)")
     p.set_defaults(jobs_fn=_jobs_list)
     p = _leaf(jsub, "cancel", "cancel a job", "ldmq jobs cancel 3f2a...", parents=[conn])
     p.add_argument("job_id")
@@ -854,9 +853,11 @@ def _add_tenants_parser(sub) -> None:
     ps.add_argument("--max-queued-images", help="images queued or in progress (a train job counts 1), >= 0, or none")
     ps.add_argument("--rate", help="requests per second to /v1, > 0; 0 or none: the deployment's LDMQ_RATE_PER_S")
     ps.add_argument("--burst", help="requests at once before the rate applies, >= 1, or none (one second's worth)")
-    pg = tsub.add_parser("get", parents=[out], help="print a tenant's settings")
+    pg = tsub.add_parser("get", parents=[out], help="print a tenant's settings", epilog=TENANTS_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     pg.add_argument("--tenant", required=True)
-    tsub.add_parser("list", parents=[out], help="every tenant's settings")
+    tsub.add_parser("list", parents=[out], help="every tenant's settings", epilog=TENANTS_EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     t.set_defaults(fn=cmd_tenants)
 
 
@@ -941,8 +942,8 @@ def build_parser() -> argparse.ArgumentParser:
     wh.set_defaults(fn=cmd_webhooks)
 
     _add_jobs_parser(sub)
-    u = sub.add_parser("usage", parents=[_conn_parser()], help="your tenant's usage and quotas (GET /v1/usage)")
-    u.add_argument("--json", action="store_true", help="print the JSON answer")
+    u = _leaf(sub, "usage", "your tenant's usage and quotas (GET /v1/usage)", "ldmq usage --json",
+              parents=[_conn_parser()])
     u.set_defaults(fn=cmd_jobs, jobs_fn=_usage)
     _add_tenants_parser(sub)
     _add_train_parser(sub)

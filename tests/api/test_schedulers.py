@@ -53,8 +53,11 @@ def test_langevin_pc_estimate_counts_the_corrector_evaluations(client, tiny_mode
     assert plain["denoising_steps"] == plain["network_evaluations"] == pc["denoising_steps"] == 3 * 10 + 4
     m = LANGEVIN_CORRECTOR_STEPS
     assert pc["network_evaluations"] == 3 * (10 + m * 9) + (4 + m * 3)
-    assert pc["estimated_gpu_seconds"] == round(pc["network_evaluations"] * pc["seconds_per_step"], 3)
-    assert plain["estimated_gpu_seconds"] == round(34 * plain["seconds_per_step"], 3)
+    # Guided (guidance > 1): each evaluation runs the U-Net on the unconditional and conditional half.
+    guided = 2 if pc["guidance_scale"] > 1 else 1
+    assert pc["unet_steps"] == guided * pc["network_evaluations"]
+    assert pc["estimated_gpu_seconds"] == round(guided * pc["network_evaluations"] * pc["seconds_per_step"], 3)
+    assert plain["estimated_gpu_seconds"] == round(guided * 34 * plain["seconds_per_step"], 3)
 
 
 def test_max_steps_bounds_langevin_pc_by_its_network_evaluations(client, settings, tiny_model):

@@ -318,10 +318,10 @@ def test_follow_of_a_running_job_shows_steps_loss_and_checkpoints(api, settings,
     rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "follow", job.id)
     assert rc == 0 and json.loads(out)["status"] == "succeeded"
     lines = err.splitlines()
-    assert any(line.endswith("25.0% running step 25/100 loss 0.0400") for line in lines), lines
-    assert any(line.endswith("50.0% running step 50/100 loss 0.0200") for line in lines), lines
+    assert any(line.endswith("25.0% running unet step 25/100 loss 0.0400") for line in lines), lines
+    assert any(line.endswith("50.0% running unet step 50/100 loss 0.0200") for line in lines), lines
     assert f"{job.id[:8]} checkpoint at step 50: heldout_bits_per_dim 1.234" in lines
-    assert lines[0].endswith("0.0% queued") and lines[-1].endswith("100.0% succeeded step 50/100 loss 0.0200")
+    assert lines[0].endswith("0.0% queued") and lines[-1].endswith("100.0% succeeded unet step 50/100 loss 0.0200")
 
 
 @pytest.mark.slow
