@@ -143,13 +143,22 @@ class World:
 # ================================================================================================
 
 
+class RankFailed(RuntimeError):
+    """Rank ``rank`` (≥ 1) of the run failed or died. ``summary`` is one line without paths (its
+    exception's type, or its exit code); ``detail`` its traceback, for the log."""
+
+    def __init__(self, rank: int, summary: str, detail: str = ""):
+        super().__init__(f"rank {rank} failed: {summary}" + (f"\n{detail}" if detail else ""))
+        self.rank, self.summary, self.detail = rank, summary, detail
+
+
 def launch(size: int, device: torch.device | str, fn: Callable[..., Any], args: tuple, *,
            main_kwargs: dict | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Run ``fn(world, *args)`` on ``size`` ranks: rank 0 in this process (with ``main_kwargs``
     too: what cannot cross a process boundary, such as the caller's hooks), ranks 1.. in spawned
     children. ``fn`` must be importable by name and ``args`` picklable. Returns every rank's
     result, rank 0's first. If a rank fails, the others are killed and the error is raised in this
-    process naming the rank (a child's error as RuntimeError with its traceback)."""
+    process: rank 0's own, or :class:`RankFailed` naming the child that failed first."""
     device = torch.device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
@@ -192,32 +201,36 @@ class _Child:
     message: tuple | None = None
 
     def poll(self, wait_s: float) -> tuple | None:
-        """The child's ("ok", result) or ("error", text), or ("died", text) when it exited without one."""
+        """The child's ("ok", result) or ("error", summary, traceback), or ("error", exit code, "")
+        when it exited without a word; None while it runs."""
         if self.message is None:
             try:
                 if self.conn.poll(wait_s):
                     self.message = self.conn.recv()
             except (EOFError, OSError):
                 self.proc.join(timeout=5)
-                self.message = ("died", f"exited with code {self.proc.exitcode} and no result")
+                self.message = ("error", f"its process exited with code {self.proc.exitcode}", "")
         return self.message
 
+    def failure(self) -> RankFailed | None:
+        msg = self.message
+        return RankFailed(self.rank, msg[1], msg[2]) if msg is not None and msg[0] != "ok" else None
+
     def result(self, timeout_s: float) -> Any:
-        msg = self.poll(timeout_s)
-        if msg is None:
-            raise RuntimeError(f"rank {self.rank} did not finish within {timeout_s:g} s of rank 0")
-        if msg[0] != "ok":
-            raise RuntimeError(f"rank {self.rank} failed: {msg[1]}")
+        if self.poll(timeout_s) is None:
+            raise RankFailed(self.rank, f"it did not finish within {timeout_s:g} s of rank 0")
+        if self.failure() is not None:
+            raise self.failure()
         self.proc.join(timeout=30)
-        return msg[1]
+        return self.message[1]
 
 
-def _first_failure(children: list[_Child], wait_s: float) -> RuntimeError | None:
+def _first_failure(children: list[_Child], wait_s: float) -> RankFailed | None:
     deadline = time.monotonic() + wait_s
     for child in children:
-        msg = child.poll(max(0.0, deadline - time.monotonic()))
-        if msg is not None and msg[0] != "ok":
-            return RuntimeError(f"rank {child.rank} failed: {msg[1]}")
+        child.poll(max(0.0, deadline - time.monotonic()))
+        if child.failure() is not None:
+            return child.failure()
     return None
 
 
@@ -253,7 +266,7 @@ def _rank_main(rank: int, size: int, port: int, backend: str, device_type: str, 
         world = _join_group(rank, size, store, backend, _rank_device(device_type, rank), timeout)
         conn.send(("ok", fn(world, *args)))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to rank 0, then exit 1
-        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-8)}"))
+        conn.send(("error", f"it raised {type(exc).__name__}", f"{exc}\n{traceback.format_exc(limit=-8)}"))
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
