@@ -5,6 +5,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``api`` (:mod:`ldmq.bench.api`): submit latency under load, and dispatch latency
 - ``train`` (:mod:`ldmq.bench.train`): training quality on builtin:digits
 - ``train-speed`` (:mod:`ldmq.bench.train_speed`): U-Net training steps/s against a diffusers-style loop
+- ``train-ddp`` (:mod:`ldmq.bench.train_ddp`): U-Net step time on two data-parallel ranks against one
 - ``gpu`` (:mod:`ldmq.bench.gpu`): an SD-1.5-sized U-Net on a CUDA device against diffusers' fp16 pipeline
 
 :mod:`ldmq.bench.stack` starts ldmq's processes on loopback for the benches that need a running
@@ -22,6 +23,7 @@ import importlib
 BENCHES = {
     "train": "ldmq.bench.train",
     "train-speed": "ldmq.bench.train_speed",
+    "train-ddp": "ldmq.bench.train_ddp",
     "sample": "ldmq.bench.sample",
     "api": "ldmq.bench.api",
     "gpu": "ldmq.bench.gpu",
