@@ -71,3 +71,25 @@ def test_a_killed_rank_spends_the_attempt_and_the_job_resumes_on_two_ranks(fstac
     wait_until(lambda: not alive(second), 30, "the second run's rank to end")
     model = fstack.http.get(f"/v1/models/{job.model_id}").json()
     assert model["metrics"]["train_world_size"] == 2
+
+
+def test_sigterm_to_the_whole_worker_group_checkpoints_on_two_ranks_and_requeues(fstack):
+    """SIGTERM reaches the worker, its executor (rank 0) and rank 1 at once (the process group, as
+    `docker stop` or Ctrl-C would): rank 1 ignores it and stops at the step rank 0 broadcasts, so the
+    job is released (not crashed) with the checkpoint of that step."""
+    fstack.start_api()
+    w = fstack.start_worker("w1", extra_env=TWO_RANKS)
+    job_id = fstack.submit_train(**TRAIN)
+    fstack.wait_status(job_id, lambda j: checkpoint_step(j.checkpoint_key) >= 20, 240, "a checkpoint in the U-Net stage")
+    [rank1] = rank_pids(w)
+    seen = max(steps_of_attempt(fstack.events(job_id), 1))
+    w.signal(signal.SIGTERM)
+    assert w.wait_exit(60) == 0  # a warm shutdown
+    wait_until(lambda: not alive(rank1), 30, "rank 1 to end with the run")
+    events = fstack.events(job_id)
+    assert [d["reason"] for t, d in events if t == "requeued"] == ["worker shutdown"]
+    k = max(checkpoint_step(d["key"]) for t, d in events if t == "checkpoint" and d["attempt"] == 1)
+    assert k >= seen  # it checkpointed where it stopped
+    assert "rank 1 failed" not in w.output()
+    job = fstack.job(job_id)
+    assert job.status == "queued" and job.attempts == 1

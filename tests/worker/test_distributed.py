@@ -137,13 +137,17 @@ def test_two_ranks_train_what_one_rank_trains(one_rank, two_ranks):
 
 
 @pytest.mark.slow
-def test_a_stop_stops_every_rank_at_the_same_step_with_a_checkpoint(dataset, tmp_path):
+def test_a_stop_stops_every_rank_at_the_same_step_with_a_checkpoint(one_rank, dataset, tmp_path):
     """Rank 0's should_stop() is broadcast: rank 1 stops at the same step (had it gone on, it
-    would have ended apart or failed, and train would raise RuntimeError, not TrainingStopped)."""
+    would have ended apart or failed, and train would raise RuntimeError, not TrainingStopped).
+    With gradient checkpointing, under DDP: the same losses."""
     rec = Recorder(stop_at=AE_STEPS + 1)
     with pytest.raises(TrainingStopped, match=f"stopped at step {AE_STEPS + 1}"):
-        _run(tmp_path, dataset, 2, rec)
+        train(ddp_params(gradient_checkpointing=True), workdir=tmp_path, dataset=dataset, base_model_dir=None,
+              hooks=rec.hooks(), progress_every=1, world_size=2)
     assert rec.progress[-1]["step"] == AE_STEPS + 1
+    ref, got = one_rank[0].losses(), rec.losses()
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=1e-4)
     step, ckpt = rec.saved[-1]
     assert step == AE_STEPS + 1
     assert json.loads((ckpt / "state.json").read_text())["global_step"] == AE_STEPS + 1

@@ -257,7 +257,11 @@ def _join_group(rank: int, size: int, store, backend: str, device: torch.device,
 def _rank_main(rank: int, size: int, port: int, backend: str, device_type: str, threads: int, parent_pid: int,
                timeout_s: float, fn: Callable[..., Any], args: tuple, conn) -> None:
     """Entry point of a spawned rank: die with the parent, join the group, run ``fn``, send back
-    its result or its error."""
+    its result or its error. SIGTERM and SIGINT are ignored: a rank stops when rank 0 says so (the
+    stop broadcast) or dies with it; a signal to the whole process group (``docker stop``, Ctrl-C,
+    a worker's shutdown) must let rank 0 checkpoint at the agreed step, not kill a rank under it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     try:
