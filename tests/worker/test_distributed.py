@@ -237,3 +237,22 @@ def test_a_killed_job_process_leaves_no_rank_and_its_checkpoint_resumes(one_rank
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=1e-4)
     history = json.loads(result.artifacts["loss_history.json"].read_text())
     assert [s for s, _ in history["unet"]] == list(range(AE_STEPS + 1, TOTAL + 1))  # the killed run's steps kept
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_base_model_on_two_ranks_matches_one_rank(one_rank, dataset, tmp_path):
+    """With a base model only the U-Net trains (no autoencoder stage): every rank loads the base
+    pipeline itself and the losses are one rank's."""
+    base = one_rank[1].pipeline_dir
+    recs = {}
+    for world_size in (1, 2):
+        recs[world_size] = Recorder()
+        result = train(ddp_params(base_model="m_base", steps=3), workdir=tmp_path / str(world_size), dataset=dataset,
+                       base_model_dir=base, hooks=recs[world_size].hooks(), progress_every=1, world_size=world_size)
+        assert result.metrics["train_world_size"] == world_size
+    ref, got = recs[1].losses(), recs[2].losses()
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-4)
+    vae = load_file(next((base / "vae").glob("*.safetensors")))
+    tuned = load_file(next((result.pipeline_dir / "vae").glob("*.safetensors")))
+    assert all(torch.equal(tuned[k], vae[k]) for k in vae)  # the base's autoencoder, untouched
