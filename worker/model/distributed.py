@@ -118,7 +118,9 @@ class World:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (one copy of them,
+        # not two, and no re-layout of 1×1-conv gradients whose strides differ from the bucket's)
+        return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
     def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The global batch's mean loss from every rank's weighed loss (Σ_r loss_r / size), the
