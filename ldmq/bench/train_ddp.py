@@ -1,12 +1,15 @@
 """``ldmq bench train-ddp``: U-Net training step time on two data-parallel ranks against one, at the
 same global batch (``worker.model.training.train(world_size=N)``, gloo ranks on the CPU).
 
-Three configurations, each timed per optimisation step on rank 0 (its ``step_done`` hook: batch
+Four configurations, each timed per optimisation step on rank 0 (its ``step_done`` hook: batch
 draw to EMA update, with DDP's gradient all-reduce and the loss/stop sync), after a warm-up:
 
 - (1×1) one rank, 1 torch thread;
 - (1×T) one rank, T threads (T = ranks × 1: the same cores as (2×1));
-- (2×1) two ranks, 1 thread each.
+- (2×1) two ranks, 1 thread each;
+- (share) one rank, 1 thread, on one rank's share of the batch (64 / 2): the step (2×1) would take
+  if its ranks ran side by side with no cost of their own; (2×1) / (share) is what data-parallel
+  costs here (the all-reduce, the syncs, and the ranks competing for cores and memory bandwidth).
 
 The models are the ``{"dataset": "builtin:digits"}`` defaults, batch 64 (32 per rank), random
 weights. On a CPU the ranks share the machine's cores and memory bandwidth, so what this measures
@@ -72,23 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     params = params_with_overrides({"dataset": "builtin:digits", "batch_size": args.batch_size}, args.set)
     dataset = load_dataset("builtin:digits", resolution=params.resolution)
     n = args.ranks
-    configs = {"1x1": (1, 1), f"1x{n}": (1, n), f"{n}x1": (n, 1)}
+    configs = {"1x1": (1, 1), f"1x{n}": (1, n), f"{n}x1": (n, 1), "share": (1, 1)}
+    share = params.model_copy(update={"batch_size": args.batch_size // n})
     print(f"U-Net step time, builtin:digits defaults, global batch {args.batch_size}, {os.cpu_count()} CPUs, "
           f"{args.steps} timed steps × {args.rounds} rounds after {args.warmup} warm-up steps"
           + (f"; {' '.join(args.set)}" if args.set else ""), flush=True)
     times: dict[str, list[float]] = {k: [] for k in configs}
     for r in range(args.rounds):
         for name, (ranks, threads) in configs.items():
-            t = step_times(params, dataset, ranks=ranks, threads=threads, steps=args.steps, warmup=args.warmup)
+            t = step_times(share if name == "share" else params, dataset, ranks=ranks, threads=threads,
+                           steps=args.steps, warmup=args.warmup)
             times[name] += t
             print(f"  round {r + 1} {name}: {1000 * statistics.median(t):.1f} ms/step", flush=True)
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     print()
     for name, (ranks, threads) in configs.items():
-        print(f"({name}) {ranks} rank(s) × {threads} thread(s)   {ms[name]:7.1f} ms/step   "
+        batch = args.batch_size // n if name == "share" else args.batch_size
+        print(f"({name}) {ranks} rank(s) × {threads} thread(s), batch {batch}   {ms[name]:7.1f} ms/step   "
               f"{1000 / ms[name]:6.2f} steps/s")
     print(f"speed-up of {n} ranks: {ms['1x1'] / ms[f'{n}x1']:.2f}× against one rank on one thread, "
-          f"{ms[f'1x{n}'] / ms[f'{n}x1']:.2f}× against one rank on {n} threads")
+          f"{ms[f'1x{n}'] / ms[f'{n}x1']:.2f}× against one rank on {n} threads; "
+          f"{ms[f'{n}x1'] / ms['share']:.2f}× the step of one rank's share alone")
     print("(medians of rank 0's per-step wall times, DDP all-reduce and loss/stop sync included)")
     return 0
 

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -118,8 +119,11 @@ class World:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (one copy of them,
-        # not two, and no re-layout of 1×1-conv gradients whose strides differ from the bucket's)
+        # The gradients of 1×1 convolutions (the VAE's post_quant_conv) come back with strides that
+        # differ from their bucket's only along size-1 dims: the same memory order, a copy of a few
+        # floats, but DDP warns once per process. That warning, and only it, is silenced.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (one copy, not two)
         return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
     def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
