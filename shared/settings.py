@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.catalog import SCHED_AGING_S_DEFAULT
@@ -171,6 +171,10 @@ class Settings(BaseSettings):
         default="auto", description="auto: float16 on CUDA, float32 on CPU")
     worker_channels_last: bool = Field(default=False, description="channels_last U-Net/VAE (often faster on GPU)")
     worker_compile: bool = Field(default=False, description="torch.compile the U-Net (slow first batch)")
+    train_devices: Literal["auto"] | PositiveInt = Field(default="auto", description=(
+        "Ranks one train job trains on, data-parallel (docs/distributed-training.md): auto = every visible "
+        "CUDA device (1 on a CPU worker); N = N CUDA devices (cuda:0..N-1), or N gloo processes on a CPU "
+        "worker (tests, benchmarks). Never more ranks than the job's batch has examples"))
 
     @field_validator("var_dir")
     @classmethod

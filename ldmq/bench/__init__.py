@@ -7,6 +7,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``samplers`` (:mod:`ldmq.bench.samplers`): one digits model's samplers (langevin-pc among them) at equal network evaluations
 - ``train-speed`` (:mod:`ldmq.bench.train_speed`): U-Net training steps/s against a diffusers-style loop
 - ``lora`` (:mod:`ldmq.bench.lora`): LoRA against full fine-tuning of one base (parameters, step time, memory)
+- ``train-ddp`` (:mod:`ldmq.bench.train_ddp`): U-Net step time on two data-parallel ranks against one
 - ``gpu`` (:mod:`ldmq.bench.gpu`): an SD-1.5-sized U-Net on a CUDA device against diffusers' fp16 pipeline
 - ``ratelimit`` (:mod:`ldmq.bench.ratelimit`): the cost of a tenant's rate check, and one rate across two processes
 - ``stream`` (:mod:`ldmq.bench.stream`): what a job's event stream costs: a poll, idle streams, delivery latency
@@ -31,6 +32,7 @@ BENCHES = {
     "samplers": "ldmq.bench.samplers",
     "train-speed": "ldmq.bench.train_speed",
     "lora": "ldmq.bench.lora",
+    "train-ddp": "ldmq.bench.train_ddp",
     "sample": "ldmq.bench.sample",
     "api": "ldmq.bench.api",
     "gpu": "ldmq.bench.gpu",

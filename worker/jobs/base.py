@@ -19,6 +19,17 @@ class JobError(Exception):
         self.code = code
 
 
+class HelperDied(Exception):
+    """A process the job started besides its own (a training rank) failed or died: as when the
+    executor dies, the attempt is spent and the job requeued while it has attempts left (a rank
+    lost to an OOM kill or a device fault may well train on the next try). ``code`` and the
+    message are the tenant's to read: no paths, no traceback."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class OutputSink(Protocol):
     """Where a sample job's images go (``worker.runtime.outputs.OutputWriter``)."""
 

@@ -30,7 +30,7 @@ from shared.registry import register_adapter_dir, register_pipeline_dir
 from shared.settings import Settings
 from shared.storage import checkpoint_prefix, get_storage, job_prefix
 from shared.train_schema import TrainParams
-from worker.jobs.base import JobError, Run
+from worker.jobs.base import HelperDied, JobError, Run
 from worker.model.pipelines import device_kind, resolve_device
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def run_train(settings: Settings, run: Run) -> dict:
     """Fetch the job's inputs, train (resuming from the job's checkpoint, if any), register the model."""
     import torch
 
+    from worker.model.distributed import RankFailed
     from worker.model.training import TrainingStopped, train
 
     if settings.worker_threads:
@@ -65,16 +66,21 @@ def run_train(settings: Settings, run: Run) -> dict:
                                       saved=[checkpoint_key] if checkpoint_key else [])
         device = resolve_device(settings.worker_device)
         clocks = StageClocks()
+        world_size = _world_size(settings, device, params)
         hooks = _hooks(run, storage, uploader, checkpoint_key, workdir, device, clocks)
         try:
             result = train(params, workdir=workdir / "run", dataset=data, base_model_dir=base_dir, hooks=hooks,
-                           device=device)
+                           device=device, world_size=world_size)
         except TrainingStopped:
             uploader.wait()  # the checkpoint of the step it stopped at is stored before the job is given back
             run.check()  # raises the precise reason (canceled, lease lost, timeout)
             raise LeaseLost(run.job_id) from None
         except PipelineRejected as exc:  # the base model failed the pipeline check: never loaded
             raise JobError("unsafe_model", f"the base model was refused: {exc}") from None
+        except RankFailed as exc:  # another rank's process failed or died: requeue while attempts last
+            log.error("job %s: %s", run.job_id, exc)
+            raise HelperDied("rank_died", f"training rank {exc.rank} of {world_size} failed ({exc.summary}); "
+                                          "the attempt is retried from the last checkpoint") from None
         finally:
             uploader.close()
             clocks.record(run, params, device_kind(device))  # a stopped run's steps were measured too
@@ -83,6 +89,17 @@ def run_train(settings: Settings, run: Run) -> dict:
         return {"model_id": _register(settings, storage, run, tenant_id, params, result)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _world_size(settings: Settings, device: str, params: TrainParams) -> int:
+    """The ranks this job trains on (``LDMQ_TRAIN_DEVICES``); a setting this worker cannot honour
+    is the operator's error, reported as the job's, with what is wrong."""
+    from worker.model.distributed import resolve_world_size
+
+    try:
+        return resolve_world_size(settings.train_devices, device, params.batch_size)
+    except ValueError as exc:
+        raise JobError("worker_misconfigured", f"LDMQ_TRAIN_DEVICES={settings.train_devices}: {exc}") from None
 
 
 def _load_data(storage, params: TrainParams, dataset: Dataset | None, workdir: Path):

@@ -453,6 +453,8 @@ def train_step(
     generator: torch.Generator,
     gradient_step: Callable[[torch.Tensor], None],
     min_snr_gamma: float | None = None,
+    shard: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+    weigh: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Algorithm 1, one step: t ~ Uniform{1..T} (0-based here), ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
     (:meth:`GaussianDiffusion.q_sample`), then a gradient step on L_simple = ‖ε − ε_θ(x_t, t)‖²
@@ -463,16 +465,26 @@ def train_step(
     e.g. caption dropout, inside it: the order is then t, ε, its own). ``gradient_step(loss)`` is the
     optimiser's part (zero grads, backward, clip, step): the caller's policy, not the algorithm's.
     The prediction is compared in float32 (it may come from a bf16 autocast).
+
+    Data-parallel (:mod:`worker.model.distributed`): every rank draws the whole global batch's t
+    and ε (the same numbers as one rank would), ``eps_fn`` predicts only this rank's rows, the ones
+    ``shard(*tensors)`` selects, and ``weigh(loss, local, total)`` scales this rank's mean so that
+    the ranks' averaged gradient is the global mean's. Without them: one rank, the whole batch.
     """
     b = x_start.shape[0]
     t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator).to(x_start.device)  # (B,)
     noise = torch.randn(tuple(x_start.shape), generator=generator).to(x_start.device)  # ε, like x_0
     x_t = diffusion.q_sample(x_start, t, noise)
-    per_example = diffusion.l_simple(eps_fn(x_t, t).float(), noise)  # (B,)
+    prediction = eps_fn(x_t, t)  # (B_local, ...): this rank's rows
+    if shard is not None:
+        t, noise = shard(t, noise)
+    per_example = diffusion.l_simple(prediction.float(), noise)  # (B_local,)
     if min_snr_gamma is not None:  # Min-SNR-γ (Hang et al. 2023), ε-prediction form: min(SNR, γ)/SNR
         snr = diffusion.snr(t)
         per_example = per_example * snr.clamp(max=min_snr_gamma) / snr
     loss = per_example.mean()
+    if weigh is not None:
+        loss = weigh(loss, len(t), b)
     gradient_step(loss)
     return loss
 

@@ -52,7 +52,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +65,7 @@ from worker.model.data import BatchOrder, ImageCaptionDataset
 from worker.model.diffusion import GaussianDiffusion
 from worker.model.diffusion import train_step as diffusion_train_step
 from worker.model.lora import AdapterWeights, add_lora, save_adapter, trained_parameters
+from worker.model.distributed import World, launch
 from worker.model.parts import assemble_pipeline, encode_captions, encode_posteriors, make_autoencoder, make_unet
 from worker.model.pipelines import load_pipeline_dir
 from worker.model.schedulers import make_noise_scheduler, make_scheduler_like
@@ -72,7 +73,7 @@ from worker.model.train_eval import UNetEvaluator, evaluate_autoencoder
 
 __all__ = [
     "BatchOrder", "TrainHooks", "TrainResult", "TrainingStopped", "encode_captions", "lr_at", "make_autoencoder",
-    "make_unet", "train",
+    "make_unet", "train", "train_distributed",
 ]
 
 
@@ -118,8 +119,12 @@ def train(
     hooks: TrainHooks,
     device: str = "cpu",
     progress_every: int = 10,
+    world_size: int = 1,
 ) -> TrainResult:
     """Train (or resume, from ``hooks.latest_checkpoint()``) and return the pipeline and its metrics.
+
+    With ``world_size`` > 1 the job trains data-parallel on that many ranks (see
+    :func:`train_distributed`); 1 is the plain loop below.
 
     Raises :class:`TrainingStopped` when ``hooks.should_stop()`` (after saving a checkpoint), and
     ValueError for inconsistent inputs (a base model with another prediction type, a checkpoint
@@ -131,7 +136,15 @@ def train(
         raise ValueError("base_model_dir must be given exactly when params.base_model is set")
     if dataset.resolution != params.resolution:
         raise ValueError(f"dataset is {dataset.resolution}px but params.resolution is {params.resolution}")
+    if world_size > 1:  # [ddp]
+        return train_distributed(params, workdir, dataset, base_model_dir, hooks, device, progress_every, world_size)
     run = _Run(params, workdir, hooks, device, progress_every)
+    return _train_stages(run, dataset, base_model_dir)
+
+
+def _train_stages(run: _Run, dataset: ImageCaptionDataset, base_model_dir: Path | None) -> TrainResult | None:
+    """Stages 1–5 in ``run``'s process; on a rank other than 0, stages 1–4 only (None)."""
+    params = run.params
     torch.manual_seed(params.seed)  # weight initialisation
     resume = _resume_point(run)
     data = _Data.split(dataset, params, run.device)  # a held-out split for the VLB
@@ -144,6 +157,8 @@ def train(
     latents = cache_latents(parts, data, run.device)
     unet = UNetStage(run, parts, latents, data, resume)
     final_metrics = run.run_stage(unet)
+    if not run.world.is_main:  # [ddp] rank 0 evaluates and exports
+        return None
     if unet.start == unet.steps:  # resumed from the final checkpoint: only its evaluation is left
         final_metrics = run.evaluate(unet, unet.first_step + unet.steps)
 
@@ -178,6 +193,7 @@ def _resume_point(run: _Run) -> _Resume | None:
     run.loss_history = state["loss_history"]
     run.train_seconds = state.get("train_seconds", 0.0)
     run.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
+    run.last_step = state["global_step"]
     return _Resume(Path(ckpt), state)
 
 
@@ -321,7 +337,8 @@ def train_autoencoder(run: _Run, parts: _Parts, data: _Data, resume: _Resume | N
     if resume is not None and resume.stage == "unet":
         load_module_weights(parts.vae, resume.dir / "vae.safetensors")
         return
-    later_seconds = run.params.steps * _time_unet_step(parts, run.params, run.device)
+    # (the ETA is rank 0's to report)
+    later_seconds = run.params.steps * _time_unet_step(parts, run.params, run.device) if run.world.is_main else 0.0
     run.run_stage(AutoencoderStage(run, parts.vae, data, resume, later_seconds=later_seconds))
 
 
@@ -343,17 +360,21 @@ class AutoencoderStage(_Stage):
         self.batches = BatchOrder(len(data.train), p.batch_size, run.generator)
         if resume is not None:  # a checkpoint of this stage
             self._resume(run, resume, {"vae": vae})
+        side = _latent_side(p, vae)
+        self.latent_shape = (vae.config.latent_channels, side, side)
+        self.net = run.world.wrap(AutoencoderForward(vae))  # [ddp] DDP on several ranks, else the module
 
     def train_step(self) -> torch.Tensor:
         run, vae = self.run, self.vae
         x = self.data.images[self.batches.next().to(run.device)]  # (B, 3, R, R)
+        batch = len(x)
+        noise = run.randn((batch, *self.latent_shape))  # ε′ of z = μ + σ ε′, (B, C, h, w)
+        x, noise = run.world.shard(x, noise)  # [ddp] this rank's slice of the global batch
         with run.autocast():
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * run.randn(posterior.mean.shape)  # (B, C, h, w)
-            recon = vae.decode(z).sample
+            recon, posterior = self.net(x, noise)
         mse = F.mse_loss(recon.float(), x)
         kl = (posterior.kl() / posterior.mean[0].numel()).mean()  # per latent element
-        loss = mse + run.params.kl_weight * kl
+        loss = run.world.weigh(mse + run.params.kl_weight * kl, len(x), batch)  # [ddp] one rank: unchanged
         _optimise(loss, self.optimizer, vae.parameters(), run.params.grad_clip)
         return loss
 
@@ -362,6 +383,21 @@ class AutoencoderStage(_Stage):
 
     def evaluate(self, ckpt: Path, global_step: int) -> dict:
         return evaluate_autoencoder(self.vae, self.data.heldout, self.run.loss_history, ckpt, global_step, self.run.device)
+
+
+class AutoencoderForward(torch.nn.Module):
+    """Encode, take the reparameterised sample z = μ + σ ε′ and decode, as one ``forward`` (the
+    ops of the autoencoder step, in its order): ``DistributedDataParallel`` averages the gradients
+    of what its wrapper's forward ran, and ``vae.encode``/``decode`` are not the VAE's forward."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor):
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * noise  # (B, C, h, w)
+        return self.vae.decode(z).sample, posterior
 
 
 def _time_unet_step(parts: _Parts, params: TrainParams, device) -> float:
@@ -447,6 +483,7 @@ class UNetStage(_Stage):
         self.batches = BatchOrder(len(data.train), p.batch_size, run.generator)
         if resume is not None and resume.stage == "unet":
             self._resume(run, resume, self._unet_modules())  # the autoencoder came back in stage 2
+        self.net = run.world.wrap(unet)  # [ddp] DDP on several ranks, else the U-Net itself
         self.evaluator = UNetEvaluator(p, run.device, parts.frozen(), data.train, data.heldout, parts.diffusion)
 
     def train_step(self) -> torch.Tensor:
@@ -459,12 +496,14 @@ class UNetStage(_Stage):
         def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             drop = (torch.rand(len(idx), generator=run.generator) < p.caption_dropout).to(run.device)
             cond = torch.where(drop[:, None, None], self.latents.empty_embed, context)  # (B, L, D)
+            z_t, t, cond = run.world.shard(z_t, t, cond)  # [ddp] this rank's slice of the global batch
             with run.autocast():
-                return unet(z_t, t, encoder_hidden_states=cond).sample
+                return self.net(z_t, t, encoder_hidden_states=cond).sample
 
         loss = diffusion_train_step(
             self.parts.diffusion, eps_fn, z0, generator=run.generator, min_snr_gamma=p.min_snr_gamma,
             gradient_step=lambda loss: _optimise(loss, self.optimizer, unet.parameters(), p.grad_clip),
+            shard=run.world.shard, weigh=run.world.weigh,  # [ddp] one rank: both leave the numbers as they are
         )
         if self.ema is not None:
             self.ema.step(self.trained)
@@ -559,6 +598,7 @@ def export(run: _Run, parts: _Parts, unet: UNetStage, final_metrics: dict) -> Tr
             "unet_params": sum(p.numel() for p in parts.unet.parameters()),
             "trained_params": sum(p.numel() for p in unet.trained),
             "autoencoder_params": sum(p.numel() for p in parts.vae.parameters()),
+            "train_world_size": run.world.size,
         }
     )
     return TrainResult(pipeline_dir=pipeline_dir, metrics=metrics, artifacts=artifacts)
@@ -567,6 +607,52 @@ def export(run: _Run, parts: _Parts, unet: UNetStage, final_metrics: dict) -> Tr
 def _tail_mean(history, n: int = 50):
     vals = [v for _, v in history[-n:]]
     return float(sum(vals) / len(vals)) if vals else None
+
+
+# ================================================================================================
+# Across devices: the same stages on N ranks (worker.model.distributed)
+# ================================================================================================
+
+
+@dataclass
+class RankEnd:
+    """How one rank's run ended ("done" or "stopped", at which global step); rank 0's result."""
+
+    how: str
+    global_step: int
+    result: TrainResult | None = None
+
+
+def train_distributed(params: TrainParams, workdir: Path, dataset: ImageCaptionDataset, base_model_dir: Path | None,
+                      hooks: TrainHooks, device: str, progress_every: int, world_size: int) -> TrainResult:
+    """:func:`train` on ``world_size`` data-parallel ranks, this process being rank 0 (the only
+    one that calls ``hooks``). The checkpoint to resume from is fetched once, here; every rank
+    reads that local copy. Raises :class:`TrainingStopped` once every rank stopped at the same
+    step, RuntimeError if they did not (or a rank failed)."""
+    resume_dir = hooks.latest_checkpoint()
+    main_hooks = replace(hooks, latest_checkpoint=lambda: resume_dir)
+    args = (params, workdir, dataset, base_model_dir, resume_dir, progress_every)
+    ends = launch(world_size, device, train_rank, args, main_kwargs={"hooks": main_hooks})
+    if len({(end.how, end.global_step) for end in ends}) != 1:
+        raise RuntimeError("the ranks ended apart: " + ", ".join(
+            f"rank {r} {end.how} at step {end.global_step}" for r, end in enumerate(ends)))
+    if ends[0].how == "stopped":
+        raise TrainingStopped(f"stopped at step {ends[0].global_step}")
+    return ends[0].result
+
+
+def train_rank(world: World, params: TrainParams, workdir: Path, dataset: ImageCaptionDataset,
+               base_model_dir: Path | None, resume_dir: Path | None, progress_every: int,
+               hooks: TrainHooks | None = None) -> RankEnd:
+    """What every rank runs (:func:`worker.model.distributed.launch`): the stages, on its device.
+    Ranks other than 0 have no hooks but the checkpoint to resume from."""
+    hooks = hooks or TrainHooks(latest_checkpoint=lambda: resume_dir)
+    run = _Run(params, Path(workdir), hooks, str(world.device), progress_every, world=world)
+    try:
+        result = _train_stages(run, dataset, base_model_dir)
+    except TrainingStopped:
+        return RankEnd("stopped", run.last_step)
+    return RankEnd("done", run.last_step, result)
 
 
 # ================================================================================================
@@ -587,9 +673,12 @@ class _Run:
     """What every stage shares: params, device, hooks, the training generator, clocks, loss history,
     checkpoint bookkeeping; and :meth:`run_stage`, the one training loop."""
 
-    def __init__(self, params: TrainParams, workdir: Path, hooks: TrainHooks, device: str, progress_every: int):
+    def __init__(self, params: TrainParams, workdir: Path, hooks: TrainHooks, device: str, progress_every: int,
+                 world: World | None = None):
         self.params, self.workdir, self.hooks, self.device = params, workdir, hooks, torch.device(device)
         self.progress_every = progress_every
+        self.world = world or World.solo(self.device)  # [ddp] this process's rank; one rank by default
+        self.last_step = 0  # the last global step run (or resumed at)
         self.generator = torch.Generator().manual_seed(params.seed)
         self.loss_history: dict[str, list[list[float]]] = {}
         self.train_seconds = 0.0  # optimisation wall time only (no evaluation, no checkpoint I/O)
@@ -620,12 +709,12 @@ class _Run:
             lr = lr_at(step, stage.steps, stage.warmup, stage.peak_lr)
             for group in stage.optimizer.param_groups:
                 group["lr"] = lr
-            loss = stage.train_step()
+            loss = self.world.mean_loss(stage.train_step())  # [ddp] the global batch's loss on every rank
             step_wall = time.perf_counter() - step_clock
             self.train_seconds += step_wall
             self.train_cpu_seconds += time.process_time() - cpu_clock
             self.hooks.step_done(stage.name, step_wall)
-            global_step = stage.first_step + step + 1
+            global_step = self.last_step = stage.first_step + step + 1
             history.append([global_step, loss.item()])
             self.report(
                 stage=stage.name, global_step=global_step, stage_step=step + 1, stage_total=stage.steps,
@@ -633,7 +722,7 @@ class _Run:
                 later_seconds=stage.later_seconds,
             )
             last = step + 1 == stage.steps
-            stop = self.hooks.should_stop()
+            stop = self.world.agree(self.hooks.should_stop())  # [ddp] rank 0 decides for every rank
             if stop or last or global_step % self.params.checkpoint_every == 0:
                 evaluate = not stop and (last or self.params.eval_at_checkpoints)
                 ckpt_metrics = self.checkpoint(stage, global_step, step + 1, evaluate=evaluate)
@@ -646,7 +735,10 @@ class _Run:
 
     def checkpoint(self, stage: _Stage, global_step: int, stage_step: int, *, evaluate: bool) -> dict | None:
         """Write the checkpoint of ``global_step`` (before any evaluation: the random state saved is
-        the training's), evaluate into it when asked, and publish it; return the evaluation."""
+        the training's), evaluate into it when asked, and publish it; return the evaluation. Rank 0
+        alone writes (the ranks' weights and state are the same)."""
+        if not self.world.is_main:  # [ddp]
+            return None
         state = {
             "stage": stage.name,
             "global_step": global_step,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from shared.jobstate import LeaseLost
 from shared.storage import StorageError, StorageUnavailable
-from worker.jobs.base import JobError
+from worker.jobs.base import HelperDied, JobError
 
 
 class JobCanceled(Exception):
@@ -66,7 +66,7 @@ def error_kind(exc: BaseException) -> str:
         return "interrupted"
     if isinstance(exc, JobTimeout):
         return "timeout"
-    if isinstance(exc, WorkerProcessDied):
+    if isinstance(exc, (WorkerProcessDied, HelperDied)):
         return "process_died"
     if isinstance(exc, JobError):
         return "job_error"

@@ -53,7 +53,7 @@ def classify(exc: BaseException | None, extra: dict[str, Any] | None = None, job
     if kind == "timeout":
         return Outcome("failed", {"code": "timeout", "message": str(exc)})
     if kind == "process_died":
-        return Outcome("crashed", {"code": "writer_died", "message": str(exc)})
+        return Outcome("crashed", {"code": getattr(exc, "code", "writer_died"), "message": str(exc)})
     if kind == "job_error":
         return Outcome("failed", {"code": exc.code, "message": str(exc)})
     # A job's error is read by its tenant: a code and a safe message. Keys, local paths and
