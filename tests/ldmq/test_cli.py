@@ -14,30 +14,12 @@ import pytest
 from PIL import Image
 
 from ldmq import cli
+from tests.ldmq.conftest import run_cli
 from ldmq.client import ApiError, Client, Job
 from shared import jobstate
 from shared.db import session_scope
 from shared.models import JobStatus
 from shared.storage import get_storage
-
-
-def run_cli(monkeypatch, capsys, api, *argv):
-    monkeypatch.setattr(cli, "_client", lambda args: api)
-    monkeypatch.setattr(api, "close", lambda: None)
-    rc = cli.main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-@pytest.fixture
-def keep_root_logging():
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

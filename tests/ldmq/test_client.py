@@ -10,6 +10,7 @@ import json
 import pytest
 
 from ldmq import cli
+from tests.ldmq.conftest import run_cli
 from ldmq.client import ApiError, Client, Job
 from shared import jobstate
 from shared.catalog import SCHEDULERS
@@ -120,25 +121,6 @@ def test_download_verifies_checksums_and_resumes(api, settings, tiny_model, tmp_
     with pytest.raises(ApiError, match="do not match the manifest"):
         api.download(job.id, tmp_path / "fresh")
     assert not (tmp_path / "fresh" / "000001-000.png").exists()
-
-
-def run_cli(monkeypatch, capsys, api, *argv):
-    monkeypatch.setattr(cli, "_client", lambda args: api)
-    monkeypatch.setattr(api, "close", lambda: None)
-    rc = cli.main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-@pytest.fixture
-def keep_root_logging():
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_cli_jobs_commands(api, settings, tiny_model, tmp_path, monkeypatch, capsys, keep_root_logging):

@@ -12,17 +12,6 @@ from ldmq.client import Client
 
 
 @pytest.fixture
-def keep_root_logging():
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture
 def operator(settings, monkeypatch, capsys, keep_root_logging):
     """``ldmq ARGS`` in-process with the test database as its settings: (rc, stdout, stderr)."""
     from shared.settings import get_settings
