@@ -28,6 +28,25 @@ import logging  # noqa: E402
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
+def race(n: int, call) -> list:
+    """``call()`` from ``n`` threads released together by a barrier; their results."""
+    import threading
+
+    results: list = []
+    barrier = threading.Barrier(n)
+
+    def go():
+        barrier.wait()
+        results.append(call())
+
+    threads = [threading.Thread(target=go) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,33 +2,16 @@
 
 import io
 import json
-import threading
 
 import redis
 
 from shared.db import session_scope
 from shared.models import Job, JobRow
+from tests.conftest import race
 
 
 def auth(key):
     return {"Authorization": f"Bearer {key}"}
-
-
-def race(n, call):
-    """``call()`` from ``n`` threads released at once; their results."""
-    results = []
-    barrier = threading.Barrier(n)
-
-    def go():
-        barrier.wait()
-        results.append(call())
-
-    threads = [threading.Thread(target=go) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def upload(client, key, csv_bytes, model, **form):

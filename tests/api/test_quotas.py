@@ -5,7 +5,6 @@ with nothing stored, even under a race; replays pass; dry runs say what a submit
 from __future__ import annotations
 
 import io
-import threading
 from datetime import timedelta
 
 from sqlalchemy import func, select
@@ -13,6 +12,7 @@ from sqlalchemy import func, select
 from shared import tenants
 from shared.db import session_scope
 from shared.models import Job, JobRow, JobStatus, Tenant, utcnow
+from tests.conftest import race
 
 
 def auth(key, **more):
@@ -84,23 +84,6 @@ def test_a_replay_is_not_refused_and_a_dry_run_says_what_a_submit_would_get(clie
     dry = client.post("/v1/jobs/sample?dry_run=true", headers=auth(key), json=sample(model_id, 1)).json()
     assert dry["quota"]["would_exceed"] is False and dry["quota"]["max_queued_images"] is None
     assert counts(settings, tid)[0] == 1
-
-
-def race(n: int, call) -> list:
-    """``call()`` from ``n`` threads released together by a barrier."""
-    results: list = []
-    barrier = threading.Barrier(n)
-
-    def go():
-        barrier.wait()
-        results.append(call())
-
-    threads = [threading.Thread(target=go) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results
 
 
 def test_racing_submits_cannot_pass_the_quota_together(client, settings, tiny_model):

@@ -17,9 +17,8 @@ from shared import jobstate
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobShard, utcnow
 from shared.storage import get_storage, sample_key, shard_key
-from worker.jobs.sample import run_sample
 from worker.jobs.shards import plan_shards
-from worker.runtime.run import run_job
+from tests.worker.test_sampling import run, submit
 
 SHARD = 3
 
@@ -27,17 +26,6 @@ SHARD = 3
 @pytest.fixture
 def settings(settings):
     return settings.model_copy(update={"wds_shard_images": SHARD})
-
-
-def submit(client, key, model_id, prompts, **kw):
-    r = client.post("/v1/jobs/sample", headers={"Authorization": f"Bearer {key}"},
-                    json={"model": model_id, "prompts": prompts, "steps": 2, "scheduler": "ddim", **kw})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def run(settings, job_id):
-    return run_job(settings, job_id, "sample", lambda r: run_sample(settings, r))
 
 
 PROMPTS = [{"prompt": "a cat", "seed": 3, "num_images": 2}, {"prompt": "a dog", "seed": 9, "num_images": 3},
