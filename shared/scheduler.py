@@ -46,6 +46,10 @@ from sqlalchemy.orm import Session
 
 from shared.settings import Settings
 
+# A tenant's ledger decayed to now (``u``: its tenant_usage row, absent for a tenant that never ran).
+_DECAYED = """coalesce(u.usage_s * power(0.5, (CASE WHEN :now_s > u.updated_s THEN :now_s - u.updated_s ELSE 0 END)
+                                             / :half_life), 0)"""
+
 # The tenants' standing. ``live``: running jobs whose lease holds (an expired one is a dead
 # worker's: not running, and re-claimable). Decay: 0.5 ^ (Δt / half-life), Δt ≥ 0 against skew.
 _RANK_CTES = """
@@ -57,9 +61,7 @@ live AS (
 ),
 ranked AS (
     SELECT t.id AS tenant_id,
-           (coalesce(u.usage_s * power(0.5, (CASE WHEN :now_s > u.updated_s THEN :now_s - u.updated_s ELSE 0 END)
-                                             / :half_life), 0)
-            + coalesce(l.inflight, 0) + coalesce(l.n, 0) * :reserve) / t.weight AS score
+           ({decayed} + coalesce(l.inflight, 0) + coalesce(l.n, 0) * :reserve) / t.weight AS score
     FROM tenants t
     LEFT JOIN tenant_usage u ON u.tenant_id = t.id
     LEFT JOIN live l ON l.tenant_id = t.id
@@ -117,7 +119,7 @@ WHERE id = (
 
 def claim_sql(dialect: str, table: str = "jobs") -> str:
     """The claim statement for ``dialect`` over ``table`` (``jobs``; a future ``pieces`` table)."""
-    ranks = _RANK_CTES.format(table=table)
+    ranks = _RANK_CTES.format(table=table, decayed=_DECAYED)
     template = _PG_CLAIM if dialect == "postgresql" else _LITE_CLAIM
     return template.format(ranks=ranks, table=table, set=_SET, claimable=_CLAIMABLE, returning=_RETURNING)
 
@@ -197,11 +199,162 @@ def decayed(usage_s: float, updated_s: float, now_s: float, half_life_s: float) 
 def standings(session: Session, settings: Settings, now: datetime) -> dict[str, float]:
     """Every eligible tenant's score as the claim sees it (lower goes first): for tests, the bench
     and operators' questions ("why did B run before A?")."""
-    sql = f"WITH {_RANK_CTES.format(table='jobs')} SELECT tenant_id, score FROM ranked"
+    sql = f"WITH {_RANK_CTES.format(table='jobs', decayed=_DECAYED)} SELECT tenant_id, score FROM ranked"
     stmt = _typed(text(sql), session.get_bind().dialect.name, "now")
     rows = session.execute(stmt, {"now": now, "now_s": _epoch(now), "half_life": float(settings.sched_half_life_s),
                                   "reserve": float(settings.sched_running_charge_s)}).all()
     return {r[0]: float(r[1]) for r in rows}
+
+
+# -- preemption at checkpoints ------------------------------------------------------------------
+
+# Everything :func:`preemption` weighs, in one read-only statement (no locks: it only advises a
+# run to give its job back at its next checkpoint; the claim that follows decides for real).
+# ``base``: each tenant's decayed usage plus its runs' uncharged time, its live runs, and those
+# runs without ours (``n_other``). ``now_rank``: standings as the claim sees them now (every
+# tenant, at its cap or not: it ranks running jobs). ``after``: standings as if our run were given
+# back (its tenant runs one job fewer; its uncharged time stays, it is charged at the release),
+# and only the tenants the claim would then consider (below ``max_running``). ``victim``: the
+# running job of the type that the policy ranks last (worst tenant standing, then latest
+# ``sched_key``). ``best``: the job the claim would take next from the queue, ranked by ``after``.
+_PREEMPT_CTES = """
+me AS (
+    SELECT id, tenant_id, type, priority, sched_key FROM jobs
+    WHERE id = :job AND attempts = :attempt AND status = 'running'
+),
+live AS (
+    SELECT tenant_id, count(*) AS n, sum(CASE WHEN id = :job THEN 0 ELSE 1 END) AS n_other,
+           sum(:now_s - coalesce(charged_s, :now_s)) AS inflight
+    FROM jobs
+    WHERE status = 'running' AND lease_expires_at >= :now
+    GROUP BY tenant_id
+),
+base AS (
+    SELECT t.id AS tenant_id, t.weight, t.max_running, {decayed} + coalesce(l.inflight, 0) AS used,
+           coalesce(l.n, 0) AS n, coalesce(l.n_other, 0) AS n_other
+    FROM tenants t
+    LEFT JOIN tenant_usage u ON u.tenant_id = t.id
+    LEFT JOIN live l ON l.tenant_id = t.id
+    WHERE t.weight > 0
+),
+now_rank AS (SELECT tenant_id, (used + n * :reserve) / weight AS score FROM base),
+after AS (
+    SELECT tenant_id, (used + n_other * :reserve) / weight AS score FROM base
+    WHERE max_running IS NULL OR n_other < max_running
+),
+victim AS (
+    SELECT j.id FROM jobs j JOIN now_rank r ON r.tenant_id = j.tenant_id
+    WHERE j.status = 'running' AND j.lease_expires_at >= :now AND j.type = :type
+    ORDER BY r.score DESC, j.tenant_id DESC, j.sched_key DESC
+    LIMIT 1
+)"""
+
+_PG_BEST = """
+best AS (
+    SELECT c.id, c.tenant_id, c.priority, c.sched_key, c.since, r.score
+    FROM (SELECT tenant_id, score FROM after ORDER BY score, tenant_id) r
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.tenant_id, j.priority, j.sched_key, coalesce(j.enqueued_at, j.created_at) AS since
+        FROM jobs j
+        WHERE j.tenant_id = r.tenant_id AND j.type = :type AND j.status = 'queued'
+          AND j.attempts < j.max_attempts AND NOT j.cancel_requested
+        ORDER BY j.sched_key
+        LIMIT 1
+    ) c
+    ORDER BY r.score, r.tenant_id
+    LIMIT 1
+)"""
+
+_LITE_BEST = """
+best AS (
+    SELECT j.id, j.tenant_id, j.priority, j.sched_key, coalesce(j.enqueued_at, j.created_at) AS since, r.score
+    FROM jobs j JOIN after r ON r.tenant_id = j.tenant_id
+    WHERE j.type = :type AND j.status = 'queued' AND j.attempts < j.max_attempts AND NOT j.cancel_requested
+    ORDER BY r.score, r.tenant_id, j.sched_key
+    LIMIT 1
+)"""
+
+_PREEMPT_SELECT = """
+SELECT me.tenant_id, me.priority, me.sched_key,
+       (SELECT (b.used + b.n_other * :reserve) / b.weight FROM base b WHERE b.tenant_id = me.tenant_id) AS my_score,
+       (SELECT id FROM victim) AS victim,
+       best.id AS w_id, best.tenant_id AS w_tenant, best.priority AS w_priority, best.sched_key AS w_key,
+       best.since AS w_since, best.score AS w_score
+FROM me LEFT JOIN best ON 1 = 1
+"""
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """Why a running job should give its worker slot back: ``waiting_job_id`` would be claimed in
+    its place; ``reason`` "priority" (the same tenant's job of higher priority) or "fair_share"
+    (another tenant's, whose standing is lower); ``waited_s``: how long it has been queued."""
+
+    waiting_job_id: str
+    reason: str
+    waited_s: float
+
+    def as_event(self) -> dict:
+        return {"reason": self.reason, "waiting_job": self.waiting_job_id, "waited_s": round(self.waited_s, 1)}
+
+
+def preemption(session: Session, settings: Settings, job_id: str, attempt: int, job_type: str, ran_s: float,
+               now: datetime) -> Preemption | None:
+    """Should this running job (``job_id`` under ``attempt``, running for ``ran_s`` seconds) yield
+    its worker slot at its next checkpoint? None unless every one of these holds:
+
+    1. Preemption is on (``Settings.preempt_after_s`` set and > 0) and the run has run at least
+       that long (a job just resumed is not sent back at once: at most one switch per slot per
+       ``preempt_after_s``).
+    2. It is the running job of its type that the policy ranks last: its tenant's standing is the
+       worst (highest) of the tenants running that type, and within that tenant it has the latest
+       ``sched_key``. One waiting job then makes one run yield, not every run it outranks (with
+       ``--concurrency N`` or many workers, the others would only be claimed straight back).
+    3. The job the claim would take next if this run were given back (its tenant's standing
+       without this run's reserve, tenants at ``max_running`` skipped as the claim skips them) is
+       one the claim puts before this job, not this job itself, and it has been queued longer
+       than ``preempt_after_s`` (since it was submitted or last given back): either
+       (a) **priority**: the same tenant's, with a higher ``priority`` and an earlier ``sched_key``
+       (aging counts: a job that has waited long enough to be ahead of a later urgent one is not
+       preempted by it), or
+       (b) **fair_share**: another tenant's, whose standing is strictly lower than this tenant's
+       would be without this run (an under-served tenant).
+
+    Not here but by construction: a run yields only at a checkpoint it writes itself, after the
+    step it resumed from, so a preempted job has always made progress before it can yield again
+    (``worker.runtime.preemption``). Fair-share preemption between two tenants with long jobs
+    is time slicing: each keeps its slot at least ``preempt_after_s`` plus the steps to its next
+    checkpoint. One statement, read-only: the tenants' ranking (a few rows), the running jobs of
+    the type (≤ one per worker) and the claim's ``LATERAL`` probe of ``ix_jobs_claim``.
+    """
+    after_s = settings.preempt_after_s
+    if not after_s or ran_s < after_s:
+        return None
+    dialect = session.get_bind().dialect.name
+    sql = "WITH " + _PREEMPT_CTES.format(decayed=_DECAYED) + "," + (
+        _PG_BEST if dialect == "postgresql" else _LITE_BEST) + _PREEMPT_SELECT
+    stmt = _typed(text(sql), dialect, "now").columns(w_since=_dt_type())
+    row = session.execute(stmt, {"job": job_id, "attempt": attempt, "type": job_type, "now": now,
+                                 "now_s": _epoch(now), "half_life": float(settings.sched_half_life_s),
+                                 "reserve": float(settings.sched_running_charge_s)}).first()
+    if row is None or row.victim != job_id or row.w_id is None:
+        return None
+    waited = _epoch(now) - _epoch(_aware(row.w_since))
+    if waited <= after_s:
+        return None
+    if row.w_tenant == row.tenant_id:
+        if row.w_priority > row.priority and row.w_key < row.sched_key:
+            return Preemption(row.w_id, "priority", waited)
+        return None
+    if row.my_score is None or row.w_score < row.my_score:  # None: its tenant's weight is 0 (paused)
+        return Preemption(row.w_id, "fair_share", waited)
+    return None
+
+
+def _aware(dt: datetime) -> datetime:
+    from datetime import timezone
+
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
 
 
 # -- where a queued job stands ------------------------------------------------------------------

@@ -140,6 +140,15 @@ class Settings(BaseSettings):
         "Fair share: each job a tenant runs counts this many GPU-seconds ahead of what it has used, so "
         "that workers freeing up at once are spread over tenants by weight rather than all going to the "
         "one that has used least (a claim has no cost yet when the next worker asks)."))
+    preempt_after_s: float | None = Field(default=None, ge=0, description=(
+        "Preemption at checkpoints (off when unset or 0): a running train job yields at its next checkpoint "
+        "(given back like a SIGTERM: attempt refunded, resumed from that checkpoint later) once queued work "
+        "of the same type that the policy would claim before it has waited this many seconds, and the run "
+        "itself has run at least this long: the tenant's own higher-priority job, or another tenant's that "
+        "is under-served (lower fair-share standing). Off by default: a switch costs a checkpoint's reload "
+        "and the steps since it, worth paying only where a wait of hours behind a long training is worse; "
+        "this many seconds bounds how often a worker slot can change hands (e.g. 600: at most one switch "
+        "per job per 10 minutes)."))
     sched_seconds_per_image: float = Field(default=2.0, gt=0, description=(
         "What a queued job's estimated start assumes one image costs a worker (GET /v1/jobs/{id} queue)."))
 

@@ -237,3 +237,123 @@ def test_the_same_policy_on_sqlite(tmp_path, make_tenant, settings):
     with session_scope(lite) as s:
         jobstate.heartbeat(s, again.job_id, again.attempt, 30, now=now + timedelta(seconds=20), settings=lite)
         assert s.get(TenantUsage, "b" * 32).usage_s == pytest.approx(10.0, abs=0.01)
+
+
+# -- preemption at checkpoints (scheduler.preemption) ---------------------------------------------
+
+AFTER = 30.0  # LDMQ_PREEMPT_AFTER_S in these tests
+
+
+def on(settings):
+    return settings.model_copy(update={"preempt_after_s": AFTER})
+
+
+def run_train(settings, tenant_id: str, *, priority: int = 0, age_s: float = 0.0):
+    """A train job of the tenant, claimed (running): (job id, attempt)."""
+    job = submit(settings, tenant_id, priority=priority, age_s=age_s, type_="train")
+    c = claim_next(settings, type_="train")
+    assert c.job_id == job
+    return job, c.attempt
+
+
+def should_yield(settings, job_id: str, attempt: int, ran_s: float = 10 * AFTER, now=None):
+    with session_scope(settings) as s:
+        return scheduler.preemption(s, settings, job_id, attempt, "train", ran_s, now or utcnow())
+
+
+def test_preemption_is_off_by_default(settings, tenant):
+    assert not settings.preempt_after_s
+    t = tenant()
+    job, attempt = run_train(settings, t)
+    submit(settings, t, priority=10, age_s=10 * AFTER, type_="train")
+    assert should_yield(settings, job, attempt) is None
+    assert should_yield(on(settings), job, attempt) is not None
+
+
+def test_the_tenants_higher_priority_job_preempts_once_it_has_waited(settings, tenant):
+    s = on(settings)
+    t = tenant()
+    job, attempt = run_train(s, t)
+    urgent = submit(s, t, priority=5, age_s=AFTER - 5, type_="train")
+    assert should_yield(s, job, attempt) is None  # waited 25 s of 30
+    got = should_yield(s, job, attempt, now=utcnow() + timedelta(seconds=10))
+    assert got is not None and (got.waiting_job_id, got.reason) == (urgent, "priority")
+    assert got.waited_s == pytest.approx(AFTER + 5, abs=2)
+    assert should_yield(s, job, attempt, ran_s=AFTER - 1) is None  # a run is not sent back before it ran that long
+    assert should_yield(s, job, attempt + 1) is None  # not this run's any more (fenced)
+
+
+def test_equal_or_lower_priority_or_an_aged_run_is_not_preempted(settings, tenant):
+    s = on(settings)
+    t = tenant()
+    job, attempt = run_train(s, t, priority=2)
+    submit(s, t, priority=2, age_s=10 * AFTER, type_="train")  # same priority, even if it waited
+    submit(s, t, priority=-1, age_s=10 * AFTER, type_="train")
+    assert should_yield(s, job, attempt) is None
+    # Aging: the running job was submitted 3 aging periods before an urgent one 2 levels above it,
+    # so the claim would put it first again: no preemption.
+    t2 = tenant()
+    old, old_attempt = run_train(s, t2, age_s=3 * AGING)
+    submit(s, t2, priority=2, age_s=2 * AFTER, type_="train")
+    assert should_yield(s, old, old_attempt) is None
+
+
+def test_an_under_served_tenant_preempts_a_heavier_ones_run(settings, tenant):
+    s = on(settings)
+    heavy = tenant(usage_s=5000.0)
+    job, attempt = run_train(s, heavy)
+    light = tenant(usage_s=100.0)
+    waiting = submit(s, light, age_s=2 * AFTER, type_="train")
+    got = should_yield(s, job, attempt)
+    assert (got.waiting_job_id, got.reason) == (waiting, "fair_share")
+    # A tenant that has used more than the running one (per weight) does not.
+    with session_scope(s) as ses:
+        ses.execute(update(TenantUsage).where(TenantUsage.tenant_id == light).values(usage_s=9000.0))
+    assert should_yield(s, job, attempt) is None
+    # ... unless its weight makes it the under-served one: 9000 / 4 < 5000 + the run's time.
+    with session_scope(s) as ses:
+        ses.execute(update(Tenant).where(Tenant.id == light).values(weight=4.0))
+    assert should_yield(s, job, attempt).reason == "fair_share"
+
+
+def test_one_waiting_job_makes_only_the_last_ranked_run_yield(settings, tenant):
+    s = on(settings)
+    t = tenant()
+    first, a1 = run_train(s, t, priority=3)
+    second, a2 = run_train(s, t, priority=1)
+    submit(s, t, priority=5, age_s=2 * AFTER, type_="train")
+    assert should_yield(s, first, a1) is None  # the other run is the one the policy would drop
+    assert should_yield(s, second, a2).reason == "priority"
+
+
+def test_a_tenant_at_max_running_still_preempts_its_own_run(settings, tenant):
+    """Its cap counts the run that would yield: the slot it frees is the tenant's."""
+    s = on(settings)
+    t = tenant(max_running=1)
+    job, attempt = run_train(s, t)
+    urgent = submit(s, t, priority=5, age_s=2 * AFTER, type_="train")
+    assert should_yield(s, job, attempt).waiting_job_id == urgent
+
+
+def test_only_work_of_the_runs_type_counts(settings, tenant):
+    s = on(settings)
+    t = tenant()
+    job, attempt = run_train(s, t)
+    submit(s, t, priority=5, age_s=2 * AFTER)  # a sample job: another queue's workers take it
+    assert should_yield(s, job, attempt) is None
+
+
+def test_preemption_on_sqlite(tmp_path, make_tenant, settings):
+    from migrations import upgrade
+
+    lite = on(settings).model_copy(update={"database_url": f"sqlite:///{tmp_path / 'q.db'}"})
+    upgrade(lite.database_url)
+    with session_scope(lite) as s:
+        s.add_all([Tenant(id="a" * 32, name="a", weight=1.0), Tenant(id="b" * 32, name="b", weight=1.0)])
+        s.add(TenantUsage(tenant_id="a" * 32, usage_s=500.0, updated_s=utcnow().timestamp()))
+    job, attempt = run_train(lite, "a" * 32)
+    urgent = submit(lite, "a" * 32, priority=3, age_s=2 * AFTER, type_="train")
+    assert should_yield(lite, job, attempt).waiting_job_id == urgent
+    other = submit(lite, "b" * 32, age_s=3 * AFTER, type_="train")  # an idle tenant goes first
+    got = should_yield(lite, job, attempt)
+    assert (got.waiting_job_id, got.reason) == (other, "fair_share")
