@@ -4,7 +4,7 @@ the same job cannot both win, and a final state never changes.
     queued -> running -> succeeded | failed | canceled
     queued -> canceled
     running (lease expired) -> running (re-claimed, attempts + 1) | failed (attempts exhausted)
-    running -> queued   (release: worker shutdown or lost database; the attempt is refunded)
+    running -> queued   (release: worker shutdown, preemption, lost database; the attempt is refunded)
     running -> queued | failed   (retry_or_fail: the run's process died; the attempt is spent)
 
 ``attempts`` is the fencing token: a claim returns it, and every later write of that run
@@ -263,12 +263,13 @@ def finish(
 
 
 def release(session: Session, job_id: str, attempt: int, reason: str = "worker shutdown",
-            settings: Settings | None = None) -> bool:
+            settings: Settings | None = None, preempted: dict[str, Any] | None = None) -> bool:
     """Give the job back to the queue at once: running -> queued, without spending an attempt.
 
     ``attempts`` is never decremented (it is the fencing token, and a token must never be handed
     out twice); the attempt is refunded by raising ``max_attempts`` by one instead. The job keeps
-    its ``sched_key``: back in the queue, it is where it was.
+    its ``sched_key``: back in the queue, it is where it was. ``preempted`` (the run yielded at a
+    checkpoint: reason, waiting job) becomes a ``preempted`` event before the ``requeued`` one.
     """
     now = utcnow()
     taken = _take_charge(session, job_id, attempt, now)
@@ -280,6 +281,8 @@ def release(session: Session, job_id: str, attempt: int, reason: str = "worker s
         .execution_options(synchronize_session=False)
     )
     if res.rowcount == 1:
+        if preempted is not None:
+            emit(session, job_id, "preempted", {**preempted, "attempt": attempt})
         emit(session, job_id, "requeued", {"reason": reason, "attempt": attempt})
         _book(session, settings, taken, now)
         return True

@@ -4,6 +4,7 @@ autoencoder and a small U-Net, a few dozen steps."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,32 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, dataset, tmp_path):
         ours = load_file(next((result.pipeline_dir / part).glob("*.safetensors")))
         theirs = load_file(next((full_result.pipeline_dir / part).glob("*.safetensors")))
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_yield_stops_after_the_next_periodic_checkpoint_and_resumes_from_it(full_run, dataset, tmp_path):
+    """A preemption's signal is asked after periodic checkpoints only (not a stage's last step):
+    the run stops right after one, writing no checkpoint of its own, and resumes from it."""
+    ref = full_run[0].losses()
+
+    def yielding(rec: Recorder, from_step: int, asked: list[int]) -> TrainHooks:
+        def ask() -> bool:
+            asked.append(rec.saved[-1][0])
+            return rec.saved[-1][0] >= from_step
+        return replace(rec.hooks(), yield_at_checkpoint=ask)
+
+    a, asked_a = Recorder(), []
+    with pytest.raises(TrainingStopped):
+        train(tiny_params(), workdir=tmp_path / "a", dataset=dataset, base_model_dir=None,
+              hooks=yielding(a, AE_STEPS + 1, asked_a), progress_every=1)
+    assert asked_a == [10, 20]  # not at step 12, the autoencoder stage's end
+    assert [step for step, _ in a.saved] == [10, AE_STEPS, 20] and a.progress[-1]["step"] == 20
+
+    b, asked_b = Recorder(resume_from=a.saved[-1][1]), []
+    with pytest.raises(TrainingStopped):
+        train(tiny_params(), workdir=tmp_path / "b", dataset=dataset, base_model_dir=None,
+              hooks=yielding(b, 0, asked_b), progress_every=1)
+    assert b.progress[0]["step"] == 21 and all(loss == ref[step] for step, loss in b.losses().items())
+    assert asked_b == [30] and b.saved[-1][0] == 30  # progress past the checkpoint it resumed from
 
 
 def test_uncached_latents_train_the_same_model(full_run, dataset, tmp_path):

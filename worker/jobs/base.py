@@ -50,8 +50,13 @@ class Run(Protocol):
     attempt: int
     job_type: str
 
-    def check(self) -> None:
-        """Raise if the run must stop now (canceled, lease lost, shutdown, time limit)."""
+    def check(self, *, at_checkpoint: bool = False) -> None:
+        """Raise if the run must stop now (canceled, lease lost, shutdown, time limit); with
+        ``at_checkpoint`` (a checkpoint was just stored) also when asked to yield there."""
+
+    def yield_requested(self) -> bool:
+        """Asked to give the job back at its next checkpoint (a preemption: the work it yields to
+        has waited); a job that checkpoints stops there, then calls ``check(at_checkpoint=True)``."""
 
     def progress(self, fraction: float, detail: dict[str, Any] | None = None, *, force: bool = False) -> None:
         """The job's progress; an event at a bounded rate, always with ``force`` or at 1.0."""

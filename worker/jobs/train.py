@@ -73,7 +73,7 @@ def run_train(settings: Settings, run: Run) -> dict:
                            device=device, world_size=world_size)
         except TrainingStopped:
             uploader.wait()  # the checkpoint of the step it stopped at is stored before the job is given back
-            run.check()  # raises the precise reason (canceled, lease lost, timeout)
+            run.check(at_checkpoint=True)  # raises the precise reason (canceled, lease lost, timeout, preempted)
             raise LeaseLost(run.job_id) from None
         except PipelineRejected as exc:  # the base model failed the pipeline check: never loaded
             raise JobError("unsafe_model", f"the base model was refused: {exc}") from None
@@ -140,8 +140,9 @@ class StageClocks:
 
 def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str | None, workdir: Path, device: str,
            clocks: StageClocks):
-    """How the training loop reports to the run: progress (fenced), stop checks, checkpoints to
-    storage, the checkpoint to resume from, step and evaluation timings."""
+    """How the training loop reports to the run: progress (fenced), stop checks (at once; or, for a
+    preemption, at the next checkpoint), checkpoints to storage, the checkpoint to resume from, step
+    and evaluation timings."""
     from worker.model.training import TrainHooks
 
     def progress(info: dict) -> None:
@@ -169,7 +170,8 @@ def _hooks(run: Run, storage, uploader: CheckpointUploader, checkpoint_key: str 
         log.info("job %s: resuming from %s", run.job_id, checkpoint_key)
         return storage.download_dir(checkpoint_key, workdir / "resume")
 
-    return TrainHooks(progress=progress, should_stop=should_stop, save_checkpoint=uploader.submit,
+    return TrainHooks(progress=progress, should_stop=should_stop, yield_at_checkpoint=run.yield_requested,
+                      save_checkpoint=uploader.submit,
                       latest_checkpoint=latest_checkpoint, step_done=step_done,
                       evaluated=lambda stage, seconds: clocks.add(f"eval_{stage}", seconds))
 

@@ -29,7 +29,8 @@ checkpoints hold the adapter's weights, and stage 5 exports the adapter alone.
 
 Both training stages run through one runner, :meth:`_Run.run_stage`, which owns the step
 bookkeeping: learning-rate schedule, step timing, progress reports, stop requests, checkpoints
-(every ``checkpoint_every`` global steps, at a stage's last step, and when asked to stop),
+(every ``checkpoint_every`` global steps, at a stage's last step, and when asked to stop; after a
+periodic one the run may be asked to yield there: a preemption),
 evaluation at checkpoints. A stage (:class:`AutoencoderStage`, :class:`UNetStage`) only computes one
 step's loss and takes the optimiser step, and says what to checkpoint and how to evaluate.
 
@@ -94,6 +95,9 @@ class TrainHooks:
     step_done: Callable[[str, float], None] = _noop  # (stage, wall seconds of the optimisation step)
     evaluated: Callable[[str, float], None] = _noop  # (stage, wall seconds of one checkpoint's evaluation)
     should_stop: Callable[[], bool] = lambda: False
+    # Asked after each periodic checkpoint (not a stage's last step): stop here, the checkpoint
+    # just written being where the job resumes (a preemption: no step lost, no extra checkpoint).
+    yield_at_checkpoint: Callable[[], bool] = lambda: False
     save_checkpoint: Callable[[int, Path], None] = _noop
     latest_checkpoint: Callable[[], Path | None] = lambda: None
 
@@ -699,8 +703,10 @@ class _Run:
         """Run ``stage`` from ``stage.start`` to its end; return the evaluation of its last step (None
         when no step was left). Per step: set the learning rate, let the stage take its step (timed:
         wall and process CPU), record the loss, report progress, ask whether to stop, and at a
-        checkpoint step write, evaluate and publish the checkpoint. Raises :class:`TrainingStopped`
-        after the checkpoint of the step at which ``hooks.should_stop()`` said so."""
+        checkpoint step write, evaluate and publish the checkpoint, then ask whether to yield there.
+        Raises :class:`TrainingStopped` after the checkpoint of the step at which
+        ``hooks.should_stop()`` said so, or after a periodic checkpoint when
+        ``hooks.yield_at_checkpoint()`` did."""
         history = self.loss_history.setdefault(stage.name, [])
         seconds_before = self.train_seconds
         metrics = None
@@ -728,6 +734,8 @@ class _Run:
                 ckpt_metrics = self.checkpoint(stage, global_step, step + 1, evaluate=evaluate)
                 if last:
                     metrics = ckpt_metrics
+                elif not stop:  # a periodic checkpoint: every rank asks at the same step
+                    stop = self.world.agree(self.hooks.yield_at_checkpoint())  # [ddp] rank 0 decides
             if stop:
                 raise TrainingStopped(f"stopped at step {global_step}")
             step_clock, cpu_clock = time.perf_counter(), time.process_time()

@@ -1,7 +1,8 @@
 """Why a run stopped, as exceptions, and the one place that sorts them.
 
 - Raised by ``JobRun.check()`` between steps: :class:`JobCanceled`, :class:`JobTimeout`,
-  :class:`JobInterrupted` (shutdown), and ``shared.jobstate.LeaseLost``.
+  :class:`JobInterrupted` (shutdown), and ``shared.jobstate.LeaseLost``; at a checkpoint also
+  :class:`JobPreempted`.
 - Raised by the job itself: ``worker.jobs.base.JobError`` (its own fault: final, with a code).
 - Raised by the output writer process on its way back (:func:`raise_kind`): the same kinds as
   in-process work would have raised, plus :class:`DatabaseUnreachable` and :class:`WorkerProcessDied`.
@@ -27,6 +28,11 @@ class JobTimeout(Exception):
 
 class JobInterrupted(Exception):
     """The worker is shutting down (SIGTERM): stop between steps, checkpoint, give the job back."""
+
+
+class JobPreempted(Exception):
+    """Asked to yield (``worker.runtime.preemption``) and now at a checkpoint: give the job back,
+    as for a shutdown, so that the waiting work it yields to can run."""
 
 
 class DatabaseUnreachable(Exception):
@@ -55,7 +61,7 @@ def is_transient_db_error(exc: BaseException) -> bool:
 
 
 def error_kind(exc: BaseException) -> str:
-    """One word for what ``exc`` means to the run: lease_lost, canceled, interrupted, timeout,
+    """One word for what ``exc`` means to the run: lease_lost, canceled, interrupted, preempted, timeout,
     process_died, job_error, storage_unavailable, storage_error, db_unreachable, or internal (anything
     else: a bug, logged with its traceback)."""
     if isinstance(exc, LeaseLost):
@@ -64,6 +70,8 @@ def error_kind(exc: BaseException) -> str:
         return "canceled"
     if isinstance(exc, JobInterrupted):
         return "interrupted"
+    if isinstance(exc, JobPreempted):
+        return "preempted"
     if isinstance(exc, JobTimeout):
         return "timeout"
     if isinstance(exc, (WorkerProcessDied, HelperDied)):

@@ -10,7 +10,9 @@ Design (one job at a time per worker process):
   outputs and checkpoints itself, every write fenced by the attempt.
 - The parent tells the child to stop through a shared word (job sequence number + reason):
   cancel, lease lost, worker shutdown (SIGTERM), soft time limit. The child's ``check()`` between
-  denoising / training steps sees it within a step.
+  denoising / training steps sees it within a step. One reason waits for a checkpoint: a
+  preemption (``worker.runtime.preemption``, asked at heartbeat pace), which the training loop
+  honours after its next periodic checkpoint; it is not killed after the grace.
 - If the child does not stop within ``stop_grace_s`` (the hard time limit is the soft limit plus
   that), the parent SIGKILLs it, which frees its GPU memory, records the outcome, and starts a
   fresh child for the next job. A child that dies by itself (segfault, OOM kill) spends the
@@ -39,6 +41,7 @@ from worker.runtime import metrics
 from worker.runtime.child import start_child, tune_engine
 from worker.runtime.outcome import Outcome, record_outcome
 from worker.runtime.outputs import close_writer_process
+from worker.runtime.preemption import PreemptionWatch
 from worker.runtime.run import STOP_REASONS, JobRun, claim_next_run, run_work, time_limit_s
 from worker.runtime.shutdown import shutdown_requested
 
@@ -205,11 +208,13 @@ class Executor:
             raise ExecutorDied(f"exit code {self.proc.exitcode}")
         return None
 
-    def tell_stop(self, seq: int, reason: str) -> None:
-        self.stop_word.value = (seq << 8) | _REASON_CODE[reason]
+    def tell_stop(self, seq: int, reason: str | None) -> None:
+        """Set the child's stop word for job ``seq`` (None: no reason any more, a withdrawn preemption)."""
+        self.stop_word.value = (seq << 8) | (_REASON_CODE[reason] if reason else 0)
 
-    def run(self, run: JobRun) -> Outcome:
-        """Run the claimed job in the child, supervising it; returns how it ended."""
+    def run(self, run: JobRun, preemption: PreemptionWatch | None = None) -> Outcome:
+        """Run the claimed job in the child, supervising it (and asking ``preemption`` whether it
+        should yield at its next checkpoint); returns how it ended."""
         self.start()
         self.seq += 1
         self.stop_word.value = 0
@@ -218,7 +223,7 @@ class Executor:
         except (OSError, EOFError):
             self.kill()
             return Outcome("released", reason="executor unavailable")
-        watch = _Watch(self, run, self.seq)
+        watch = _Watch(self, run, self.seq, preemption)
         while True:
             try:
                 msg = self._recv(0.2)
@@ -239,7 +244,7 @@ class _Watch:
     (the run's own, worker shutdown, the soft time limit), the grace before a kill, and what each
     way of ending means for the job."""
 
-    def __init__(self, executor: Executor, run: JobRun, seq: int):
+    def __init__(self, executor: Executor, run: JobRun, seq: int, preemption: PreemptionWatch | None = None):
         self.executor, self.run, self.seq = executor, run, seq
         self.grace = executor.settings.stop_grace_s
         self.limit = time_limit_s(executor.settings, run.job_type)
@@ -247,6 +252,7 @@ class _Watch:
         self.soft = self.hard = None  # deadlines, from the moment the child starts the job
         self.stop_reason: str | None = None
         self.stop_sent = 0.0
+        self.preemption = preemption
 
     def message(self, msg: tuple) -> Outcome | None:
         if msg[0] == "ready":
@@ -257,7 +263,8 @@ class _Watch:
             self.soft = time.monotonic() + self.limit
             self.hard = self.soft + self.grace
         elif msg[0] == "result" and msg[1] == self.seq:
-            return Outcome.from_dict(msg[2])
+            outcome = Outcome.from_dict(msg[2])
+            return self.preemption.annotate(outcome) if self.preemption is not None else outcome
         return None
 
     def tick(self, now: float) -> Outcome | None:
@@ -267,15 +274,23 @@ class _Watch:
             reason = "shutdown"
         if reason is None and self.soft is not None and now > self.soft:
             reason = "timeout"
-        if reason is not None and self.stop_reason is None:
-            log.info("job %s: asking the executor to stop (%s)", self.run.job_id, reason)
+        if reason is None and self.started and self.stop_reason in (None, "preempt") and self.preemption is not None:
+            # At the next checkpoint, not at once; withdrawn if the answer turns to no before then.
+            if self.preemption.poll() is not None:
+                reason = "preempt"
+            elif self.stop_reason == "preempt":
+                self.executor.tell_stop(self.seq, None)
+                self.stop_reason = None
+        if reason is not None and self.stop_reason in (None, "preempt") and reason != self.stop_reason:
+            log.info("job %s: asking the executor to stop (%s)", self.run.job_id,
+                     "at its next checkpoint: preempted" if reason == "preempt" else reason)
             self.executor.tell_stop(self.seq, reason)
             self.stop_reason, self.stop_sent = reason, now
         if self.hard is not None and now > self.hard:
             self.executor.kill()
             return Outcome("failed", {"code": "timeout", "message": (
                 f"the job ran past its hard time limit of {self.limit + self.grace:g} s and its process was killed")})
-        if self.stop_reason is not None and self.stop_reason != "timeout" and now - self.stop_sent > self.grace:
+        if self.stop_reason not in (None, "timeout", "preempt") and now - self.stop_sent > self.grace:
             log.warning("job %s: the executor did not stop within %g s (%s); killing it", self.run.job_id, self.grace,
                         self.stop_reason)
             self.executor.kill()
@@ -402,13 +417,15 @@ def execute_job(settings: Settings, woken_by: str, job_type: str) -> str:
         executor = pool.acquire()
         clock = time.perf_counter()
         metrics.BUSY.inc()
+        preemption = PreemptionWatch(settings, job_id, claim.attempt, job_type)
         try:
-            outcome = executor.run(run)
+            outcome = executor.run(run, preemption)
         finally:
             run.stop()
             metrics.BUSY.dec()
             pool.release(executor)
         result = record_outcome(settings, claim, job_type, outcome)
+        preemption.after_release(outcome, result)
         metrics.job_finished(job_type, result, time.perf_counter() - clock)
         log.info("job %s attempt %s: %s", job_id, claim.attempt, result)
     if not shutdown_requested() and not executor.alive():

@@ -21,6 +21,7 @@ What the job code calls (cheap; safe whether or not the server runs):
 - ``sample_gpu_memory(device)`` — after a batch / at progress reports; a no-op off CUDA.
 - ``job_timer(job_type)`` — a context manager doing ``job_finished`` for you.
 - ``queue_waited(job_type, tenant_id, priority, seconds)`` — at a job's first claim.
+- ``preempted(job_type, reason)`` — a run gave its slot back at a checkpoint (``worker.runtime.preemption``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ QUEUE_WAIT = Histogram(
     "by the worker that claims it)", ["type", "tenant", "priority"], registry=REGISTRY,
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600),
 )
+PREEMPTIONS = Counter("ldmq_worker_preemptions_total", "Runs that yielded their slot at a checkpoint to waiting "
+                      "work (worker.runtime.preemption), by type and reason (priority, fair_share)",
+                      ["type", "reason"], registry=REGISTRY)
 BUSY = Gauge("ldmq_worker_busy", "Jobs this worker is running now", registry=REGISTRY, multiprocess_mode="livesum")
 
 _server_port: int | None = None
@@ -125,6 +129,10 @@ def job_timer(job_type: str) -> Iterator[dict]:
 
 def queue_waited(job_type: str, tenant_id: str, priority: int, seconds: float) -> None:
     QUEUE_WAIT.labels(job_type, tenant_id, str(priority)).observe(max(0.0, seconds))
+
+
+def preempted(job_type: str, reason: str) -> None:
+    PREEMPTIONS.labels(job_type, reason).inc()
 
 
 def observe_step(job_type: str, seconds: float) -> None:

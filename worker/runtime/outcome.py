@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Outcome:
     """``kind``: succeeded | failed | canceled (final states); lease_lost (another run owns the
-    job: write nothing); released (give the job back now, the attempt refunded: shutdown, or the
-    database went away); crashed (the run's process died: spend the attempt, requeue or fail)."""
+    job: write nothing); released (give the job back now, the attempt refunded: shutdown, a
+    preemption at a checkpoint, or the database went away); crashed (the run's process died: spend the attempt, requeue or fail)."""
 
     kind: str
     error: dict[str, Any] | None = None
@@ -50,6 +50,8 @@ def classify(exc: BaseException | None, extra: dict[str, Any] | None = None, job
         return Outcome("canceled")
     if kind == "interrupted":
         return Outcome("released", reason="worker shutdown")
+    if kind == "preempted":
+        return Outcome("released", reason="preempted")
     if kind == "timeout":
         return Outcome("failed", {"code": "timeout", "message": str(exc)})
     if kind == "process_died":
@@ -137,7 +139,8 @@ def record_outcome(settings: Settings, claim: Claim, job_type: str, outcome: Out
             # the database was away), give it back now instead of waiting for the sweeper.
             def rel():
                 with session_scope(settings) as s:
-                    return jobstate.release(s, job_id, attempt, outcome.reason or outcome.kind, settings=settings)
+                    return jobstate.release(s, job_id, attempt, outcome.reason or outcome.kind, settings=settings,
+                                            preempted=outcome.extra.get("preempted"))
             budget = None if outcome.kind == "released" else 5.0
             try:
                 released = db_retry(settings, f"job {job_id}: release", rel, budget)

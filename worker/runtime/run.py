@@ -30,7 +30,7 @@ from shared.db import session_scope
 from shared.jobstate import Claim, LeaseLost
 from shared.settings import Settings
 from worker.runtime import metrics
-from worker.runtime.errors import JobCanceled, JobInterrupted, JobTimeout
+from worker.runtime.errors import JobCanceled, JobInterrupted, JobPreempted, JobTimeout
 from worker.runtime.outcome import Outcome, classify, record_outcome
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ def time_limit_s(settings: Settings, job_type: str) -> float:
     return float(settings.train_time_limit_s if job_type == "train" else settings.sample_time_limit_s)
 
 
-# Why a run must stop, as the executor tells its child (see worker.runtime.executor).
-STOP_REASONS = ("cancel", "lease_lost", "shutdown", "timeout")
+# Why a run must stop, as the executor tells its child (see worker.runtime.executor). "preempt" is
+# the odd one: stop at the next checkpoint, not at the next step (worker.runtime.preemption).
+STOP_REASONS = ("cancel", "lease_lost", "shutdown", "timeout", "preempt")
 
 
 class JobRun:
@@ -122,21 +123,26 @@ class JobRun:
 
     # -- checks between steps -----------------------------------------------------------------
     def stop_reason(self) -> str | None:
-        """Why this run must stop now, or None: one of ``STOP_REASONS``."""
+        """Why this run must stop, or None: one of ``STOP_REASONS`` ("preempt" only when no reason
+        to stop at once holds)."""
         if self._lost.is_set():
             return "lease_lost"
         if self._cancel.is_set():
             return "cancel"
-        if self._external_stop is not None:
-            reason = self._external_stop()
-            if reason:
-                return reason
+        external = self._external_stop() if self._external_stop is not None else None
+        if external and external != "preempt":
+            return external
         if time.monotonic() > self.deadline:
             return "timeout"
-        return None
+        return external or None
 
-    def check(self) -> None:
-        """Raise if this run must stop: lease lost, cancel requested, shutdown, or time limit passed."""
+    def yield_requested(self) -> bool:
+        """Asked to give the job back at the next checkpoint (a preemption), and nothing stronger."""
+        return self.stop_reason() == "preempt"
+
+    def check(self, *, at_checkpoint: bool = False) -> None:
+        """Raise if this run must stop: lease lost, cancel requested, shutdown, or time limit passed;
+        ``at_checkpoint`` (the run just stored a checkpoint): also when asked to yield there."""
         reason = self.stop_reason()
         if reason is None:
             return
@@ -146,6 +152,10 @@ class JobRun:
             raise JobCanceled(self.job_id)
         if reason == "shutdown":
             raise JobInterrupted(self.job_id)
+        if reason == "preempt":
+            if at_checkpoint:
+                raise JobPreempted(self.job_id)
+            return
         raise JobTimeout(f"the job ran past its time limit of {self.time_limit_s:g} s")
 
     def poll_cancel(self) -> None:
