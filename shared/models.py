@@ -291,7 +291,8 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-EVENT_TYPES = ("started", "progress", "row_done", "checkpoint", "succeeded", "failed", "canceled", "requeued")
+EVENT_TYPES = ("started", "progress", "row_done", "checkpoint", "succeeded", "failed", "canceled", "requeued",
+               "preempted")
 
 
 class JobWebhook(Base):

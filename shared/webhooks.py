@@ -31,9 +31,9 @@ SIGNATURE_HEADER = "X-Ldmq-Signature"
 TIMESTAMP_HEADER = "X-Ldmq-Timestamp"
 USER_AGENT = "ldmq-webhooks/1"
 
-# Events a webhook can subscribe to: every event type but ``requeued``, which is internal (the
-# job goes on by itself).
-WEBHOOK_EVENTS: tuple[str, ...] = tuple(e for e in EVENT_TYPES if e != "requeued")
+# Events a webhook can subscribe to: every event type but ``requeued`` and ``preempted``, which are
+# internal (the job goes on by itself).
+WEBHOOK_EVENTS: tuple[str, ...] = tuple(e for e in EVENT_TYPES if e not in ("requeued", "preempted"))
 DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("started", "succeeded", "failed", "canceled")
 
 
