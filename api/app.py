@@ -16,7 +16,7 @@ from api.auth import AuthFirst, FailureThrottle, KeyCache, TenantRate
 from api.deps import lookup_tenant
 from api.errors import error_response, install_error_handlers
 from api.ratelimit import make_buckets
-from api.routes import dashboard, datasets, jobs, models, ops, schedulers, usage, webhooks
+from api.routes import dashboard, datasets, images, jobs, models, ops, schedulers, usage, webhooks
 from api.services.estimates import default_seconds_per_step
 from api.services.stream import StreamSlots, close_streams_on_exit_signals
 from shared.settings import Settings, get_settings
@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stream_slots = StreamSlots(settings.stream_max_per_tenant)
     app.state.stream_stop = threading.Event()  # set when the process is asked to exit
     install_error_handlers(app)
-    for r in (jobs.router, models.router, datasets.router, webhooks.router, schedulers.router, usage.router, ops.router,
+    for r in (jobs.router, models.router, datasets.router, images.router, webhooks.router, schedulers.router, usage.router, ops.router,
               dashboard.router):
         app.include_router(r)
 
@@ -135,5 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        lookup=lambda key: lookup_tenant(settings, key), routes=app.router.routes,
                        rate=TenantRate(settings, buckets))
     app.add_middleware(RequestMetrics)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, limits={"/v1/datasets": settings.dataset_max_bytes})
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, limits={
+        "/v1/datasets": settings.dataset_max_bytes,
+        # The image itself is bounded by input_image_max_bytes (a 413 naming it); this leaves room for the form.
+        "/v1/images": max(settings.max_body_bytes, settings.input_image_max_bytes + 2**16)})
     return app

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from api.schemas import SEED_MAX, SamplePrompt
+from api.schemas import IMAGE_FIELDS_NEEDING_INIT, SEED_MAX, SamplePrompt
 
 REQUIRED = ("prompt",)
-OPTIONAL = ("negative_prompt", "seed", "num_images", "guidance_scale", "steps")
+# init_image / mask_image: input image ids (POST /v1/images); whether they are the tenant's is
+# checked by the submit (api.services.images), which names the row and column too.
+OPTIONAL = ("negative_prompt", "seed", "num_images", "guidance_scale", "steps", "init_image", "strength", "mask_image")
 COLUMNS = REQUIRED + OPTIONAL
 
 
@@ -136,6 +138,9 @@ def _read_row(n: int, cells: list[str], header: list[str], limits: CsvLimits
     number_values, number_problems = _number_cells(n, rec, limits)
     values.update(number_values)
     problems += number_problems
+    image_values, image_problems = _image_cells(n, rec)
+    values.update(image_values)
+    problems += image_problems
     if "prompt" not in values or problems:
         return None, problems
     try:
@@ -187,4 +192,32 @@ def _number_cells(n: int, rec: dict[str, str], limits: CsvLimits) -> tuple[dict,
             values["guidance_scale"] = g
         except ValueError:
             problems.append(_problem(n, "guidance_scale", f"guidance_scale: {raw!r} is not a number in 0..50"))
+    return values, problems
+
+
+def _image_cells(n: int, rec: dict[str, str]) -> tuple[dict, list[dict]]:
+    """``init_image``, ``strength`` (0 < s ≤ 1) and ``mask_image`` of row ``n``, blank cells left
+    out; strength or mask_image without init_image is a problem of their column."""
+    values: dict = {}
+    problems: list[dict] = []
+    for col in ("init_image", "mask_image"):
+        raw = rec.get(col, "").strip()
+        if raw:
+            if len(raw) > 64:
+                problems.append(_problem(n, col, f"{col}: an image id is at most 64 characters"))
+            else:
+                values[col] = raw
+    raw = rec.get("strength", "")
+    if raw.strip():
+        try:
+            s = float(raw)
+            if not (0 < s <= 1):
+                raise ValueError
+            values["strength"] = s
+        except ValueError:
+            problems.append(_problem(n, "strength", f"strength: {raw!r} is not a number in (0, 1]"))
+    if not rec.get("init_image", "").strip():
+        for col in IMAGE_FIELDS_NEEDING_INIT:
+            if rec.get(col, "").strip():
+                problems.append(_problem(n, col, f"{col} needs init_image (an input image id from POST /v1/images)"))
     return values, problems

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.catalog import (
-    DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, PRIORITY_HELP, PRIORITY_MAX, PRIORITY_MIN, OutputFormat, SchedulerName,
+    DEFAULT_STRENGTH, DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, PRIORITY_HELP, PRIORITY_MAX, PRIORITY_MIN, OutputFormat, SchedulerName,
 )
 from shared.models import JobStatus, JobType
 from shared.sampling_defaults import GLOBAL_DEFAULTS, GUIDANCE_MAX, SamplingDefaults
@@ -19,6 +19,8 @@ from shared.webhooks import DEFAULT_WEBHOOK_EVENTS, SIGNATURE_HEADER, TIMESTAMP_
 JOB_STATUSES = tuple(s.value for s in JobStatus)
 JOB_TYPES = tuple(t.value for t in JobType)
 SEED_MAX = 2**31 - 1
+# A prompt's fields that only mean something with an init_image.
+IMAGE_FIELDS_NEEDING_INIT = ("strength", "mask_image")
 
 
 def _no_control_chars(v: str) -> str:
@@ -40,6 +42,20 @@ class SamplePrompt(Strict):
     num_images: int = Field(default=1, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0, le=50)
     steps: int | None = Field(default=None, ge=1)
+    init_image: str | None = Field(default=None, min_length=1, max_length=64, description=(
+        "An input image id (POST /v1/images): image-to-image from it, or inpainting with mask_image."))
+    strength: float | None = Field(default=None, gt=0, le=1, description=(
+        f"How much of the init image is redrawn, in (0, 1]: sampling starts at t ≈ strength·T and runs "
+        f"⌊strength·steps⌋ steps; default {DEFAULT_STRENGTH} with an init_image. Needs init_image."))
+    mask_image: str | None = Field(default=None, min_length=1, max_length=64, description=(
+        "An input image id: inpainting; white (≥ 50% grey) is redrawn, black kept. Needs init_image."))
+
+    @model_validator(mode="after")
+    def _image_fields_need_init(self) -> "SamplePrompt":
+        for name in IMAGE_FIELDS_NEEDING_INIT:
+            if getattr(self, name) is not None and self.init_image is None:
+                raise ValueError(f"{name} needs init_image (an input image id from POST /v1/images)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -358,6 +374,18 @@ class WebhookSecretOut(BaseModel):
     signed_payload: str = "<X-Ldmq-Timestamp>.<raw request body>"
     previous_valid_until: datetime | None = Field(default=None, description=(
         "After a rotation: until then deliveries also carry a signature made with the previous secret."))
+
+
+class ImageOut(BaseModel):
+    """An uploaded input image (an init image or a mask)."""
+
+    id: str
+    width: int
+    height: int
+    format: str = Field(description="PNG or JPEG, as read from the bytes")
+    bytes: int
+    sha256: str
+    created_at: datetime
 
 
 class DatasetOut(BaseModel):

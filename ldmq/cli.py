@@ -497,6 +497,22 @@ def _datasets_upload(c, args) -> int:
     return 0
 
 
+def _images_upload(c, args) -> int:
+    img = c.upload_image(args.file)
+
+    def human():
+        print(f"image {Path(args.file).name}: {img['width']}x{img['height']} {img.get('format', '')}", file=sys.stderr)
+        print(img["id"])
+
+    _out(args, img, human)
+    return 0
+
+
+def _images_get(c, args) -> int:
+    _out(args, c.image(args.id))
+    return 0
+
+
 def _datasets_list(c, args) -> int:
     items = c.datasets()
 
@@ -693,6 +709,22 @@ def _add_train_parser(sub) -> None:
               "ldmq train estimate --dataset builtin:digits --steps 500 --json", parents=[conn, params])
     p.set_defaults(jobs_fn=_train_estimate)
     t.set_defaults(fn=cmd_jobs)
+
+
+def _add_images_parser(sub) -> None:
+    conn = _conn_parser()
+    im = sub.add_parser("images", help="upload input images (image-to-image, inpainting masks) over the REST API")
+    isub = im.add_subparsers(dest="images_cmd", required=True)
+    p = _leaf(isub, "upload", "upload an input image (PNG or JPEG): an init image, or a mask (white is redrawn); "
+              "prints its id last", ["INIT=$(ldmq images upload ./cat.png | tail -n1)",
+                                     "ldmq images upload ./mask.png --json"], parents=[conn],
+              more="Use the id as a prompt's init_image or mask_image (CSV columns init_image, strength, mask_image).")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_images_upload)
+    p = _leaf(isub, "get", "print an input image's size, format and checksum", "ldmq images get 7d3e...",
+              parents=[conn])
+    p.add_argument("id")
+    p.set_defaults(fn=cmd_jobs, jobs_fn=_images_get)
 
 
 def _add_datasets_parser(sub) -> None:
@@ -960,6 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_models_parser(sub)
     _add_datasets_parser(sub)
+    _add_images_parser(sub)
 
     d = _leaf(sub, "demo", "train on builtin:digits, then generate a batch (no servers needed)", "ldmq demo --quick")
     d.add_argument("--quick", action="store_true", help="a short training run (a smoke test, poor images)")

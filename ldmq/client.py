@@ -347,6 +347,20 @@ class Client:
     def datasets(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/datasets")["items"]
 
+    # -- input images (image-to-image, inpainting) ------------------------------------------------
+    def upload_image(self, path: str | os.PathLike | bytes) -> dict[str, Any]:
+        """Upload an input image (a PNG or JPEG: an init image, or an inpainting mask, white where
+        the image is redrawn); returns ``{"id", "width", "height", ...}``. Use the id as a prompt's
+        ``init_image`` or ``mask_image`` (with ``strength``)."""
+        if isinstance(path, (bytes, bytearray)):
+            name, data = "image", bytes(path)
+        else:
+            name, data = Path(path).name, Path(path).read_bytes()
+        return self._request("POST", "/v1/images", files={"file": (name, data, "application/octet-stream")})
+
+    def image(self, image_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/images/{image_id}")
+
     def dataset(self, dataset_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/datasets/{dataset_id}")
 
@@ -390,6 +404,7 @@ class Client:
     def reproduce(self, png: str | os.PathLike | bytes, *, idempotency_key: str | None = None) -> Job:
         """Submit the image a PNG made by ldmq again: a one-image sample job with its model, prompt,
         negative prompt, seed, steps, guidance, sampler and size (read from its ``ldmq`` chunk).
+        An image made from an init image (and a mask) names the same input image ids and strength.
         ValueError if the PNG carries no parameters, or if the model's files are no longer those
         that made it (their content hash differs)."""
         p = png_parameters(png)
@@ -400,6 +415,9 @@ class Client:
         prompt = {"prompt": p["prompt"], "seed": p["seed"], "num_images": 1}
         if p.get("negative_prompt"):
             prompt["negative_prompt"] = p["negative_prompt"]
+        for f in ("init_image", "strength", "mask_image"):  # an image made from input images: the same ones
+            if p.get(f) is not None:
+                prompt[f] = p[f]
         return self.submit_sample(p["model_id"], [prompt], idempotency_key=idempotency_key, scheduler=p["scheduler"],
                                   steps=p["steps"], guidance_scale=p["guidance_scale"], width=p["width"],
                                   height=p["height"])

@@ -69,3 +69,9 @@ def uses_guidance(guidance_scale: float) -> bool:
     the conditional one, so diffusers skips the unconditional half; above 1 it concatenates both
     halves into one U-Net call of twice the batch: twice the U-Net work per step."""
     return guidance_scale > 1
+
+# Image-to-image and inpainting (a prompt's init_image, strength, mask_image): the strength a row
+# with an init image uses when it states none. strength s starts the sampler at t ≈ s·T from
+# q(x_t | x_0) of the init image and runs ⌊s·steps⌋ of its steps (docs/model.md); 0.8 is diffusers'
+# StableDiffusionImg2ImgPipeline default: most of the layout kept, the details redrawn.
+DEFAULT_STRENGTH = 0.8

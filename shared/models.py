@@ -235,6 +235,11 @@ class JobRow(Base):
     num_images: Mapped[int] = mapped_column(Integer, default=1)
     guidance_scale: Mapped[float | None] = mapped_column(Float)
     steps: Mapped[int | None] = mapped_column(Integer)
+    # Image-to-image / inpainting: input image ids (``InputImage``, the job's tenant's, checked at
+    # submit) and the strength used (the default filled in when the request left it out).
+    init_image: Mapped[str | None] = mapped_column(String(32))
+    strength: Mapped[float | None] = mapped_column(Float)
+    mask_image: Mapped[str | None] = mapped_column(String(32))
 
     job: Mapped[Job] = relationship(back_populates="rows")
 
@@ -371,6 +376,25 @@ class Dataset(Base):
     key: Mapped[str] = mapped_column(Text)
     num_images: Mapped[int] = mapped_column(Integer)
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class InputImage(Base):
+    """An uploaded input image (an init image for image-to-image, or an inpainting mask): a PNG or
+    JPEG checked from its bytes, stored once as sent under the tenant's prefix, referenced by id from
+    prompt rows (``JobRow.init_image`` / ``mask_image``)."""
+
+    __tablename__ = "input_images"
+    __table_args__ = (Index("ix_input_images_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(8))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=1000, ge=1, description=(
         "The most network evaluations one image may cost: its steps, or more with langevin-pc's corrector."))
     max_image_size: int = Field(default=1024, ge=8)
+    input_image_max_bytes: int = Field(default=8 * 2**20, ge=1024, description=(
+        "The largest input image upload (POST /v1/images: an init image or a mask), in bytes; beyond: 413."))
+    input_image_max_pixels: int = Field(default=2048 * 2048, ge=64, description=(
+        "The most pixels (width x height) an input image may declare; checked from its header before it is "
+        "decoded (a decompression bomb of a few KB can declare gigapixels). Beyond: 413. Jobs resize inputs to "
+        "their own width x height, which max_image_size already bounds."))
     model_import_sources: str = Field(default="", description=(
         "Comma-separated s3://bucket/prefix/ locations a tenant may import pipelines from, besides its "
         "own prefix in ldmq's storage (e.g. an operator's shared model library)."))

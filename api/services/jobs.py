@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from api.csvrows import CsvError, CsvLimits, parse_prompts_csv
 from api.errors import ApiError, cap_details, not_found
-from api.services import estimates, quotas
+from api.services import estimates, images, quotas
 from api.schemas import (
     JOB_STATUSES,
     JOB_TYPES,
@@ -43,7 +43,7 @@ from api.schemas import (
 )
 from shared import jobstate, sampling_defaults, scheduler, usage
 from shared.adapters import base_of
-from shared.catalog import BUILTIN_DATASETS, network_evaluations
+from shared.catalog import BUILTIN_DATASETS, DEFAULT_STRENGTH, network_evaluations
 from shared.db import after_commit
 from shared.models import (
     EVENT_TYPES,
@@ -244,6 +244,8 @@ def _sample_problems(settings: Settings, req: SampleRequest, used: dict[str, Any
             problems.append({"row": i, "column": "num_images", "message": f"num_images {p.num_images} is over the limit {settings.max_images_per_row}"})
         if p.steps is not None and (over := _over_max_steps(settings, used["scheduler"], p.steps)):
             problems.append({"row": i, "column": "steps", "message": over})
+        if bad := _strength_problem(p, p.steps if p.steps is not None else used["steps"]):
+            problems.append({"row": i, "column": "strength", "message": bad})
     if over := _over_max_steps(settings, used["scheduler"], used["steps"]):
         whose = "" if sources["steps"] == "request" else f" (the {sources['steps']} default: pass steps)"
         problems.append({"field": "steps", "message": over + whose})
@@ -270,16 +272,34 @@ def _over_max_steps(settings: Settings, scheduler: str, steps: int) -> str | Non
     return f"steps {steps} of {scheduler} cost {nfe} network evaluations; the limit is {settings.max_steps}"
 
 
-def _check_sample(settings: Settings, req: SampleRequest, model: Model) -> dict[str, Any]:
-    """The request checked against the settings, with the scheduler, steps and guidance it leaves out
-    taken from the model's sampling defaults (else the global ones); returns the body as the job
-    records it (its ``params`` and request hash are built from it)."""
+IMAGE_PROMPT_FIELDS = ("init_image", "strength", "mask_image")
+
+
+def _check_sample(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest, model: Model
+                  ) -> dict[str, Any]:
+    """The request checked against the settings and the tenant's input images, with the scheduler,
+    steps and guidance it leaves out taken from the model's sampling defaults (else the global
+    ones); returns the body as the job records it (its ``params`` and request hash are built from it)."""
     used, sources = sampling_defaults.resolve(
         {f: getattr(req, f) for f in sampling_defaults.FIELDS}, model.config)
-    problems = _sample_problems(settings, req, used, sources)
+    problems = _sample_problems(settings, req, used, sources) + images.prompt_image_problems(session, tenant, req.prompts)
     if problems:
         raise ApiError(422, "invalid_request", "the sample request is invalid", cap_details(problems))
-    return {**req.model_dump(mode="json"), **used}
+    body = {**req.model_dump(mode="json"), **used}
+    # A prompt without image fields hashes as it did before they existed (an Idempotency-Key stays valid).
+    body["prompts"] = [{k: v for k, v in p.items() if not (k in IMAGE_PROMPT_FIELDS and v is None)}
+                       for p in body["prompts"]]
+    return body
+
+
+
+def _strength_problem(p: SamplePrompt, steps: int) -> str | None:
+    """Image-to-image runs ⌊strength·steps⌋ of the sampler's steps: at least one."""
+    strength = p.strength if p.strength is not None else DEFAULT_STRENGTH
+    if p.init_image is None or int(steps * strength) >= 1:
+        return None
+    return (f"strength {strength:g} × steps {steps} leaves no denoising step (image-to-image runs "
+            f"⌊strength·steps⌋ steps): raise strength or steps")
 
 
 def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, req: SampleRequest, *,
@@ -289,7 +309,7 @@ def create_sample_job(session: Session, settings: Settings, tenant: TenantRef, r
     a body that leaves them out and one that states the same values are the same request (and a key
     used before models had defaults still matches). A CSV upload is hashed as sent (``digest``)."""
     model = get_model(session, tenant, req.model)
-    body = _check_sample(settings, req, model)
+    body = _check_sample(session, settings, tenant, req, model)
     total = sum(p.num_images for p in req.prompts)
 
     # A PNG request at priority 0 hashes as it did before output_format and priority existed (an
@@ -356,7 +376,7 @@ def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req
     evaluations counted), storing and enqueueing nothing; ``quota`` says whether the tenant's
     queued-images quota would refuse it now (a submit checks again: the queue moves)."""
     model = get_model(session, tenant, req.model)
-    body = _check_sample(settings, req, model)
+    body = _check_sample(session, settings, tenant, req, model)
     images = sum(p.num_images for p in req.prompts)
     row_steps = [(p.num_images, p.steps if p.steps is not None else body["steps"]) for p in req.prompts]
     steps = sum(n * k for n, k in row_steps)
@@ -382,8 +402,11 @@ def estimate_train(session: Session, settings: Settings, tenant: TenantRef, req:
 def _row(i: int, p: SamplePrompt) -> JobRow:
     # Seeds are fixed at submit time, so a re-run (or a retry after a crash) gives the same pixels.
     seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+    # With an init image the row records the strength it uses (the default when the request left it out).
+    strength = (p.strength if p.strength is not None else DEFAULT_STRENGTH) if p.init_image else None
     return JobRow(row=i, prompt=p.prompt, negative_prompt=p.negative_prompt, seed=seed,
-                  num_images=p.num_images, guidance_scale=p.guidance_scale, steps=p.steps)
+                  num_images=p.num_images, guidance_scale=p.guidance_scale, steps=p.steps,
+                  init_image=p.init_image, strength=strength, mask_image=p.mask_image)
 
 
 def check_train_bounds(settings: Settings, params: TrainParams) -> None:

@@ -28,6 +28,7 @@ from shared.storage.file import FileStorage
 from shared.storage.keys import (
     checkpoint_prefix,
     dataset_key,
+    input_image_key,
     job_prefix,
     manifest_key,
     model_prefix,
@@ -39,7 +40,7 @@ from shared.storage.s3 import S3Storage
 
 __all__ = [
     "ChecksumMismatch", "FileStorage", "ObjectExists", "ObjectNotFound", "ObjectTooLarge", "S3Storage", "Storage", "StorageError",
-    "StorageUnavailable", "UnsafeKey", "checkpoint_prefix", "content_sha256", "dataset_key", "get_storage", "job_prefix", "manifest_key",
+    "StorageUnavailable", "UnsafeKey", "checkpoint_prefix", "content_sha256", "dataset_key", "get_storage", "input_image_key", "job_prefix", "manifest_key",
     "model_prefix", "output_key", "sample_key", "sha256_hex", "shard_key", "storage_from_url",
 ]
 

@@ -34,5 +34,10 @@ def dataset_key(tenant_id: str, dataset_id: str, filename: str) -> str:
     return f"{tenant_id}/datasets/{dataset_id}/{filename}"
 
 
+def input_image_key(tenant_id: str, image_id: str) -> str:
+    """An uploaded input image (an init image or a mask, ``POST /v1/images``), its bytes as sent."""
+    return f"{tenant_id}/images/{image_id}"
+
+
 def checkpoint_prefix(tenant_id: str, job_id: str, step: int) -> str:
     return f"{job_prefix(tenant_id, job_id)}/checkpoints/step-{step:08d}"

@@ -1,6 +1,6 @@
 """A sample job's manifest: every output with its prompt, seed and checksum and how to make it
-again (model id and content hash, sampler, steps, guidance, size, dtype, device, versions), as JSON
-and CSV. The run-wide fields (``provenance.run_params``) are those of the run that writes the
+again (model id and content hash, sampler, steps, guidance, size, dtype, device, versions, and the
+init_image, strength and mask_image of an image made from an init image), as JSON and CSV. The run-wide fields (``provenance.run_params``) are those of the run that writes the
 manifest; each PNG's own ``ldmq`` text chunk records those of the run that made it.
 
 A WebDataset job (``output_format: webdataset``) lists the same images, each with ``key`` = its
@@ -19,10 +19,11 @@ from shared.db import session_scope
 from shared.models import Job
 from shared.settings import Settings
 from shared.storage import get_storage, manifest_key, sample_key
-from worker.jobs.provenance import row_steps_guidance
+from worker.jobs.provenance import IMAGE_FIELDS, row_image_fields, row_steps_guidance
 
 FIELDS = ["row", "index", "seed", "prompt", "negative_prompt", "key", "width", "height", "sha256",
-          "model_id", "model_sha256", "scheduler", "steps", "guidance_scale", "dtype", "device", "versions"]
+          "model_id", "model_sha256", "scheduler", "steps", "guidance_scale", *IMAGE_FIELDS, "dtype", "device",
+          "versions"]
 
 
 def _neutralise(cell):
@@ -53,7 +54,8 @@ def write_manifest(settings: Settings, tenant_id: str, job_id: str, run: dict[st
                             "negative_prompt": r.negative_prompt, "key": o.key, "width": o.width, "height": o.height,
                             "sha256": o.sha256, "model_id": run["model_id"], "model_sha256": run["model_sha256"],
                             "scheduler": run["scheduler"], "steps": steps, "guidance_scale": guidance,
-                            "dtype": run["dtype"], "device": run["device"], "versions": run["versions"]})
+                            "dtype": run["dtype"], "device": run["device"], "versions": run["versions"],
+                            **row_image_fields(r)})
             if webdataset:
                 entries[-1]["member"] = f"{sample_key(o.row, o.index)}.png"
     body = {"job_id": job_id, "output_format": params.get("output_format", "png"), "outputs": entries}

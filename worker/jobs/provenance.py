@@ -1,7 +1,7 @@
 """What makes an image again: the parameters each PNG and the manifest record.
 
 Every image records the model (id and content hash), the sampler, steps, guidance, prompt,
-negative prompt, seed, size, the dtype and kind of device it was computed on, and the torch,
+negative prompt, seed, size, its input images and strength when it was made from an init image, the dtype and kind of device it was computed on, and the torch,
 diffusers and ldmq versions. Each PNG carries them in two text chunks:
 
 - ``parameters``: the line format image tools read (AUTOMATIC1111's): the prompt, a
@@ -77,11 +77,21 @@ def row_steps_guidance(job_params: dict[str, Any], row) -> tuple[int, float]:
             row.guidance_scale if row.guidance_scale is not None else job_params["guidance_scale"])
 
 
+# A row's image-to-image / inpainting fields, recorded only when it has an init image (a text
+# image's record stays as it was).
+IMAGE_FIELDS = ("init_image", "strength", "mask_image")
+
+
+def row_image_fields(row) -> dict[str, Any]:
+    """``init_image``, ``strength`` and ``mask_image`` of a row (or an Item) that starts from an init image, else {}."""
+    return {} if row.init_image is None else {f: getattr(row, f) for f in IMAGE_FIELDS}
+
+
 def image_params(run: dict[str, Any], job_id: str, item: Item, width: int, height: int) -> dict[str, Any]:
     """Everything about one image (the ``ldmq`` chunk's JSON)."""
     return {"job_id": job_id, "row": item.row, "index": item.index, "prompt": item.prompt,
             "negative_prompt": item.negative_prompt, "seed": item.seed, "steps": item.steps,
-            "guidance_scale": item.guidance_scale, "width": width, "height": height, **run}
+            "guidance_scale": item.guidance_scale, "width": width, "height": height, **row_image_fields(item), **run}
 
 
 def parameters_text(p: dict[str, Any]) -> str:
@@ -93,6 +103,10 @@ def parameters_text(p: dict[str, Any]) -> str:
     lines.append(f"Steps: {p['steps']}, Sampler: {sampler}, CFG scale: {p['guidance_scale']:g}, Seed: {p['seed']}, "
                  f"Size: {p['width']}x{p['height']}, Model hash: {p['model_sha256'][:10]}, Model: {p['model_id']}, "
                  f"Version: ldmq {p['versions']['ldmq']}")
+    if p.get("init_image"):  # A1111's name for it; the ids are ldmq's own
+        lines[-1] += f", Denoising strength: {p['strength']:g}, Init image: {p['init_image']}"
+        if p.get("mask_image"):
+            lines[-1] += f", Mask image: {p['mask_image']}"
     return "\n".join(lines)
 
 

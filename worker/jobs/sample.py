@@ -8,7 +8,8 @@ to the output writer.
   (the last batch is padded): a row of a batch does not depend on the other rows, and with the
   batch size fixed the kernels are the same, so each image is bit-identical to what it would be
   alone for its seed, whatever it is batched with (tests/worker/test_sampling.py proves it).
-- Rows are packed into model batches across the whole job, grouped by (steps, guidance). The
+- Rows are packed into model batches across the whole job, grouped by (steps, guidance, mode,
+  strength): text, image-to-image and inpainting items never share a batch. The
   batch size is set per model or per worker, or found from free memory (``auto_batch_size``).
 - On a CPU, two batches are computed side by side (``ModelStreams``, ``plan_streams``): a small
   model's kernels use two cores better as two single-threaded batches than as one batch split
@@ -47,10 +48,12 @@ from shared.pipelines import PipelineRejected
 from shared.settings import Settings
 from shared.storage import get_storage
 from worker.jobs.base import JobError, Run
+from worker.jobs.inputs import InputImages
 from worker.jobs.manifest import write_manifest
 from worker.jobs.provenance import image_params, png_text, row_steps_guidance, run_params
 from shared import estimates
 from worker.jobs.shards import ShardPlan, plan_shards
+from worker.model.img2img import denoising_steps
 from worker.model.pipelines import PipelineCache, device_kind, pipeline_view, resolve_device
 from worker.model.sampling import (
     CPU_AUTO_BATCH,
@@ -76,7 +79,7 @@ def plan_items(job: Job, rows: list[JobRow], done: set[tuple[int, int]], work: i
             if (r.row, i) in done:
                 continue
             items.append(Item(r.row, i, (r.seed + i) % SEED_MOD, r.prompt, r.negative_prompt or "", guidance, steps,
-                              work))
+                              work, r.init_image, r.strength, r.mask_image))
     return items
 
 
@@ -222,7 +225,8 @@ def _auto_size(pipe, model: Model, lead: JobWork, scheduler: str, embeddings: Em
     if not lead.items:
         return CPU_AUTO_BATCH  # nothing left to make: any size will do
     # Guidance on, whatever the first row asks: packed rows may use it, and it doubles the U-Net's batch.
-    first = replace(lead.items[0], steps=1, guidance_scale=max(lead.items[0].guidance_scale, 2.0))
+    first = replace(lead.items[0], steps=1, guidance_scale=max(lead.items[0].guidance_scale, 2.0),
+                    init_image=None, strength=None, mask_image=None)  # text: no input image to fetch
 
     def probe(n: int) -> None:
         generate(pipeline_view(pipe, scheduler), [first], batch_size=n, width=width, height=height, device=device,
@@ -246,6 +250,7 @@ class _Setup:
     threads: int
     embeddings: EmbeddingCache
     common: dict
+    inputs: InputImages  # image-to-image and inpainting inputs, fetched once per run
 
 
 def _set_up(settings: Settings, lead: JobWork, model: Model) -> _Setup:
@@ -260,7 +265,8 @@ def _set_up(settings: Settings, lead: JobWork, model: Model) -> _Setup:
     common = run_params(settings, model, scheduler=scheduler, pipe=pipe, device=device)  # what every PNG records
     size = batch_size_for(settings, model) or _auto_size(pipe, model, lead, scheduler, embeddings, device=device,
                                                         width=width, height=height, streams=n_streams)
-    return _Setup(pipe, device, width, height, scheduler, size, n_streams, threads, embeddings, common)
+    return _Setup(pipe, device, width, height, scheduler, size, n_streams, threads, embeddings, common,
+                  InputImages(settings))
 
 
 def run_sample(settings: Settings, run: Run) -> dict:
@@ -345,10 +351,12 @@ def _make_images(run: Run, works: list[JobWork], setup: _Setup, stopped: set[int
             run.check()
 
         arrays = generate(view, batch, batch_size=setup.size, width=setup.width, height=setup.height,
-                          device=setup.device, embeddings=setup.embeddings, on_step=on_step)
+                          device=setup.device, embeddings=setup.embeddings, on_step=on_step,
+                          load_image=lambda it, image_id: setup.inputs.get(works[it.work].tenant_id, image_id))
         wall = time.perf_counter() - clock["batch"]
         run.images_made(len(batch), wall)
-        timings.append((uses_guidance(batch[0].guidance_scale), batch[0].steps, wall))  # list.append: thread-safe
+        timings.append((uses_guidance(batch[0].guidance_scale), denoising_steps(batch[0].steps, batch[0].strength),
+                        wall))  # list.append: thread-safe
         return arrays
 
     n_batches = 0

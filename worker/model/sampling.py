@@ -28,6 +28,7 @@ from itertools import groupby
 
 from shared.catalog import uses_guidance
 from worker.model.ancestral import run_pipeline
+from worker.model.img2img import TEXT, image_to_image_call, mode_of
 from worker.model.pipelines import pipeline_view
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,26 @@ class Item:
     guidance_scale: float
     steps: int
     work: int = 0
+    # Image-to-image / inpainting (``worker.model.img2img``): input image ids and the strength.
+    init_image: str | None = None
+    strength: float | None = None
+    mask_image: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return mode_of(self.init_image, self.mask_image)
+
+
+def batch_key(it: Item) -> tuple:
+    """What the items of one model batch share: steps and guidance, and the mode (text,
+    image-to-image, inpainting) and strength (where the denoising starts)."""
+    return it.steps, it.guidance_scale, it.mode, -1.0 if it.strength is None else it.strength
 
 
 def batches(items: list[Item], size: int) -> list[list[Item]]:
-    """Group items that share (steps, guidance) and cut them into model batches."""
+    """Group items that share their :func:`batch_key` and cut them into model batches."""
     out: list[list[Item]] = []
-    key = lambda it: (it.steps, it.guidance_scale)  # noqa: E731
+    key = batch_key
     for _, group in groupby(sorted(items, key=lambda it: (key(it), it.work, it.row, it.index)), key=key):
         group = list(group)
         out.extend(group[i:i + size] for i in range(0, len(group), size))
@@ -90,8 +105,10 @@ class EmbeddingCache:
 
 
 def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: int, device: str,
-             embeddings: EmbeddingCache, on_step=None):
-    """One pipeline call for ``batch`` padded to ``batch_size``; returns float arrays (H, W, 3) in [0, 1]."""
+             embeddings: EmbeddingCache, on_step=None, load_image=None):
+    """One pipeline call for ``batch`` (items of one :func:`batch_key`) padded to ``batch_size``;
+    returns float arrays (H, W, 3) in [0, 1]. ``load_image(item, image_id)``: the decoded input
+    image (a ``PIL.Image``) of an image-to-image or inpainting item."""
     import torch
 
     padded = batch + [batch[-1]] * (batch_size - len(batch))
@@ -100,9 +117,17 @@ def generate(pipe, batch: list[Item], *, batch_size: int, width: int, height: in
     prompt_embeds = embeddings.get_many([it.prompt for it in padded])
     negative = embeddings.get_many([it.negative_prompt for it in padded]) if cfg else None
 
+    call = run_pipeline  # the pipeline, or Algorithm 2 for ddpm
+    images = {}
+    if batch[0].mode != TEXT:  # from an init image (and a mask): the same parts, a loop of its own
+        call = image_to_image_call
+        images = {"strength": batch[0].strength,
+                  "init_images": [load_image(it, it.init_image) for it in padded],
+                  "mask_images": None if batch[0].mask_image is None else [load_image(it, it.mask_image) for it in padded]}
     with torch.inference_mode():
-        out = run_pipeline(  # the pipeline, or Algorithm 2 for ddpm
+        out = call(
             pipe,
+            **images,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
             num_inference_steps=batch[0].steps,
