@@ -412,3 +412,45 @@ def test_cli_submits_webdataset_and_download_fetches_its_shards(api, settings, t
     storage.put_bytes(key, b"tampered")
     with pytest.raises(ApiError, match="do not match"):
         api.download(job_id, tmp_path / "dl2")
+
+
+def test_images_upload_and_reproducing_an_inpainted_png(api, settings, tmp_path, monkeypatch, capsys,
+                                                        keep_root_logging):
+    """`ldmq images upload FILE` prints the id; an image made from it (inpainting) records its inputs
+    and strength, and `ldmq jobs reproduce` submits them again: the same pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmq.client import png_parameters
+    from worker.jobs.sample import run_sample
+    from worker.runtime.run import run_job
+
+    Image.new("RGB", (32, 32), "orange").save(tmp_path / "init.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", format="JPEG")
+    rc, out, err = run_cli(monkeypatch, capsys, api, "images", "upload", str(tmp_path / "init.png"))
+    assert rc == 0, err
+    init = out.strip().splitlines()[-1]
+    assert api.image(init)["width"] == 32 and "32x32 PNG" in err
+    rc, out, err = run_cli(monkeypatch, capsys, api, "images", "upload", str(tmp_path / "mask.jpg"), "--json")
+    assert rc == 0, err
+    mask_id = json.loads(out)["id"]
+    (tmp_path / "notes.png").write_text("not an image")
+    rc, out, err = run_cli(monkeypatch, capsys, api, "images", "upload", str(tmp_path / "notes.png"))
+    assert rc == 1 and "invalid_image" in err
+
+    def make(job_id, dest):
+        assert run_job(settings, job_id, "sample", lambda r: run_sample(settings, r)) == "succeeded"
+        return api.download(job_id, tmp_path / dest)
+
+    job = api.submit_sample(api.model_id, [{"prompt": "a cat", "seed": 5, "init_image": init, "strength": 0.75,
+                                            "mask_image": mask_id}], steps=4, scheduler="ddim")
+    [original] = make(job.id, "orig")
+    p = png_parameters(original)
+    assert (p["init_image"], p["strength"], p["mask_image"]) == (init, 0.75, mask_id)
+    rc, out, err = run_cli(monkeypatch, capsys, api, "jobs", "reproduce", str(original))
+    assert rc == 0, err
+    [copy] = make(out.strip().splitlines()[-1], "again")
+    assert (np.asarray(Image.open(copy)) == np.asarray(Image.open(original))).all()
+    assert png_parameters(copy)["mask_image"] == mask_id
