@@ -56,3 +56,16 @@ def test_num_images_over_limit_and_seed_range():
 def test_control_characters_are_a_cell_problem():
     got = problems(b"prompt,negative_prompt\nfine,ok\nbad\x00nul,ok\nok,bad\x07bell\n")
     assert {(p["row"], p["column"]) for p in got} == {(2, "prompt"), (3, "negative_prompt")}
+
+
+def test_image_columns():
+    rows = parse_prompts_csv(b"prompt,init_image,strength,mask_image\na,,,\nb,img1,0.3,\nc,img1,,img2\n")
+    assert [(r.init_image, r.strength, r.mask_image) for r in rows] == [
+        (None, None, None), ("img1", 0.3, None), ("img1", None, "img2")]  # the default is the submit's
+
+
+def test_image_column_errors_name_row_and_column():
+    data = b"prompt,init_image,strength,mask_image\na,img,0,\nb,img,1.01,\nc,,0.5,\nd,,,m\ne,img,x,\n"
+    assert {(p["row"], p["column"]) for p in problems(data)} == {
+        (1, "strength"), (2, "strength"), (3, "strength"), (4, "mask_image"), (5, "strength")}
+    assert "needs init_image" in str(problems(b"prompt,mask_image\nd,m\n"))
