@@ -162,3 +162,11 @@ def test_batches_never_mix_modes_or_strengths():
                                             ("a", 0.5, "m"), (None, None, None), ("b", 0.5, None)], start=1)]
     got = [[(it.row, it.mode) for it in b] for b in batches(items, 8)]
     assert sorted(got) == sorted([[(1, TEXT), (5, TEXT)], [(2, IMG2IMG), (6, IMG2IMG)], [(3, IMG2IMG)], [(4, INPAINT)]])
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK"])
+def test_init_images_of_any_mode_are_read_as_rgb(tiny, mode):
+    IMAGES["any"] = init_image().convert(mode)
+    IMAGES["rgb"] = IMAGES["any"].convert("RGB")
+    got, expected = (make(tiny, [Item(1, 0, 1, "x", "", 1.0, 4, init_image=i, strength=0.5)])[0] for i in ("any", "rgb"))
+    assert got.shape == (32, 32, 3) and np.array_equal(got, expected)

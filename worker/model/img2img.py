@@ -60,8 +60,9 @@ def _mask_processor(pipe):
 
 
 def encode_images(pipe, images, *, width: int, height: int, generator: list, device) -> torch.Tensor:
-    """z_0 of each image: resized to width × height, encoded one at a time, a posterior draw from
-    its generator, times the VAE's scaling factor."""
+    """z_0 of each image: as RGB (a grey, palette or RGBA upload too), resized to width × height,
+    encoded one at a time, a posterior draw from its generator, times the VAE's scaling factor."""
+    images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
     x = pipe.image_processor.preprocess(images, height=height, width=width).to(device=device, dtype=pipe.vae.dtype)
     latents = [pipe.vae.encode(x[i:i + 1]).latent_dist.sample(generator=generator[i]) for i in range(len(images))]
     return torch.cat(latents) * pipe.vae.config.scaling_factor
