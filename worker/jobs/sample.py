@@ -79,7 +79,7 @@ def plan_items(job: Job, rows: list[JobRow], done: set[tuple[int, int]], work: i
             if (r.row, i) in done:
                 continue
             items.append(Item(r.row, i, (r.seed + i) % SEED_MOD, r.prompt, r.negative_prompt or "", guidance, steps,
-                              work, r.init_image, r.strength, r.mask_image))
+                              work, init_image=r.init_image, strength=r.strength, mask_image=r.mask_image))
     return items
 
 
