@@ -98,3 +98,30 @@ def test_an_input_image_of_another_tenant_never_reaches_a_job(client, settings, 
     with session_scope(settings) as s:
         j = s.get(Job, job)
         assert "input_image_not_found" in json.dumps(j.error) and theirs in json.dumps(j.error)
+
+
+def test_a_retry_makes_only_the_missing_img2img_images_and_the_same_pixels(client, settings, tiny_model):
+    """Exactly once: rows an earlier attempt recorded are skipped; the rest come out as a fresh job's."""
+    from datetime import timedelta
+
+    from shared import jobstate
+    from shared.db import session_scope
+    from shared.models import Job, utcnow
+
+    _, key, model_id = tiny_model
+    init = upload(client, key, Image.new("RGB", (32, 32), "purple"))
+    prompts = [{"prompt": f"p{i}", "seed": i, "init_image": init, "strength": 0.5} for i in range(3)]
+    fresh = submit(client, key, model_id, prompts, steps=4)
+    assert run(settings, fresh) == "succeeded"
+    retried = submit(client, key, model_id, prompts, steps=4)
+    with session_scope(settings) as s:
+        c = jobstate.claim(s, retried, "dead-worker", 1)
+        jobstate.record_output(s, retried, c.attempt, row=2, index=0, seed=1, key="x", width=32, height=32,
+                               sha256="0" * 64)
+        s.get(Job, retried).lease_expires_at = utcnow() - timedelta(seconds=5)
+    assert run(settings, retried) == "succeeded"
+    got = {(r, i): k for r, i, _, k, _ in outputs(settings, retried)}
+    assert sorted(got) == [(1, 0), (2, 0), (3, 0)] and got[2, 0] == "x"  # row 2 not made again
+    want = {(r, i): k for r, i, _, k, _ in outputs(settings, fresh)}
+    for row in (1, 3):
+        assert np.array_equal(decoded(settings, got[row, 0]), decoded(settings, want[row, 0]))
