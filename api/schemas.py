@@ -50,6 +50,13 @@ class SamplePrompt(Strict):
     mask_image: str | None = Field(default=None, min_length=1, max_length=64, description=(
         "An input image id: inpainting; white (≥ 50% grey) is redrawn, black kept. Needs init_image."))
 
+    def used_strength(self) -> float | None:
+        """The strength the row uses (what the job's row records): its own, else the default with an
+        init image; None without one."""
+        if self.init_image is None:
+            return None
+        return self.strength if self.strength is not None else DEFAULT_STRENGTH
+
     @model_validator(mode="after")
     def _image_fields_need_init(self) -> "SamplePrompt":
         for name in IMAGE_FIELDS_NEEDING_INIT:

@@ -75,3 +75,10 @@ def uses_guidance(guidance_scale: float) -> bool:
 # q(x_t | x_0) of the init image and runs ⌊s·steps⌋ of its steps (docs/model.md); 0.8 is diffusers'
 # StableDiffusionImg2ImgPipeline default: most of the layout kept, the details redrawn.
 DEFAULT_STRENGTH = 0.8
+
+
+def denoising_steps(steps: int, strength: float | None) -> int:
+    """The sampler steps an image runs: all of ``steps`` from noise (``strength`` None), the last
+    ⌊strength · steps⌋ from an init image. The worker runs that many, the submit refuses 0 and the
+    estimates count them."""
+    return steps if strength is None else min(int(steps * strength), steps)

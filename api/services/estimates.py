@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas import SampleRequest, TrainEstimate
 from shared import estimates
-from shared.catalog import network_evaluations, uses_guidance
+from shared.catalog import denoising_steps, network_evaluations, uses_guidance
 from shared.models import Job, JobRow, JobType, Model
 from shared.sampling_defaults import GLOBAL_DEFAULTS
 from shared.train_schema import TrainParams
@@ -114,10 +114,11 @@ def sample_seconds(session: Session, model: Model, groups: Counter, size: str | 
 def sample_groups(req: SampleRequest, used: dict[str, Any]) -> Counter:
     """{(network evaluations, guidance_scale): images} of a request whose job-wide scheduler, steps
     and guidance resolved to ``used`` (the request's, else the model's defaults); a row's own steps
-    and guidance win. langevin-pc's corrector evaluations count as steps (each is a U-Net pass)."""
+    and guidance win; a row from an init image runs ⌊strength · steps⌋ of them. langevin-pc's
+    corrector evaluations count as steps (each is a U-Net pass)."""
     groups: Counter = Counter()
     for p in req.prompts:
-        steps = p.steps if p.steps is not None else used["steps"]
+        steps = denoising_steps(p.steps if p.steps is not None else used["steps"], p.used_strength())
         g = p.guidance_scale if p.guidance_scale is not None else used["guidance_scale"]
         groups[(network_evaluations(used["scheduler"], steps), g)] += p.num_images
     return groups
@@ -174,11 +175,12 @@ def job_estimated_seconds(session: Session, job: Job) -> float | None:
     if model is None:
         return None
     groups: Counter = Counter()
-    rows = session.execute(select(JobRow.steps, JobRow.guidance_scale, func.sum(JobRow.num_images))
-                           .where(JobRow.job_id == job.id).group_by(JobRow.steps, JobRow.guidance_scale))
+    rows = session.execute(select(JobRow.steps, JobRow.guidance_scale, JobRow.strength, func.sum(JobRow.num_images))
+                           .where(JobRow.job_id == job.id)
+                           .group_by(JobRow.steps, JobRow.guidance_scale, JobRow.strength))
     used = {f: job.params.get(f, GLOBAL_DEFAULTS[f]) for f in ("scheduler", "steps", "guidance_scale")}
-    for steps, g, n in rows:  # one row per (steps, guidance) override: a few, however long the CSV
-        steps = steps if steps is not None else used["steps"]
+    for steps, g, strength, n in rows:  # one row per (steps, guidance, strength) override: a few, however long the CSV
+        steps = denoising_steps(steps if steps is not None else used["steps"], strength)
         groups[(network_evaluations(used["scheduler"], steps),
                 g if g is not None else used["guidance_scale"])] += int(n)
     size = sample_size(model, job.params.get("width"), job.params.get("height"))

@@ -43,7 +43,7 @@ from api.schemas import (
 )
 from shared import jobstate, sampling_defaults, scheduler, usage
 from shared.adapters import base_of
-from shared.catalog import BUILTIN_DATASETS, DEFAULT_STRENGTH, network_evaluations
+from shared.catalog import BUILTIN_DATASETS, denoising_steps, network_evaluations
 from shared.db import after_commit
 from shared.models import (
     EVENT_TYPES,
@@ -295,8 +295,8 @@ def _check_sample(session: Session, settings: Settings, tenant: TenantRef, req: 
 
 def _strength_problem(p: SamplePrompt, steps: int) -> str | None:
     """Image-to-image runs ⌊strength·steps⌋ of the sampler's steps: at least one."""
-    strength = p.strength if p.strength is not None else DEFAULT_STRENGTH
-    if p.init_image is None or int(steps * strength) >= 1:
+    strength = p.used_strength()
+    if strength is None or denoising_steps(steps, strength) >= 1:
         return None
     return (f"strength {strength:g} × steps {steps} leaves no denoising step (image-to-image runs "
             f"⌊strength·steps⌋ steps): raise strength or steps")
@@ -378,7 +378,8 @@ def estimate_sample(session: Session, settings: Settings, tenant: TenantRef, req
     model = get_model(session, tenant, req.model)
     body = _check_sample(session, settings, tenant, req, model)
     images = sum(p.num_images for p in req.prompts)
-    row_steps = [(p.num_images, p.steps if p.steps is not None else body["steps"]) for p in req.prompts]
+    row_steps = [(p.num_images, denoising_steps(p.steps if p.steps is not None else body["steps"], p.used_strength()))
+                 for p in req.prompts]
     steps = sum(n * k for n, k in row_steps)
     nfe = sum(n * network_evaluations(body["scheduler"], k) for n, k in row_steps)
     est = estimates.sample_seconds(session, model, estimates.sample_groups(req, body),
@@ -402,11 +403,9 @@ def estimate_train(session: Session, settings: Settings, tenant: TenantRef, req:
 def _row(i: int, p: SamplePrompt) -> JobRow:
     # Seeds are fixed at submit time, so a re-run (or a retry after a crash) gives the same pixels.
     seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-    # With an init image the row records the strength it uses (the default when the request left it out).
-    strength = (p.strength if p.strength is not None else DEFAULT_STRENGTH) if p.init_image else None
     return JobRow(row=i, prompt=p.prompt, negative_prompt=p.negative_prompt, seed=seed,
                   num_images=p.num_images, guidance_scale=p.guidance_scale, steps=p.steps,
-                  init_image=p.init_image, strength=strength, mask_image=p.mask_image)
+                  init_image=p.init_image, strength=p.used_strength(), mask_image=p.mask_image)
 
 
 def check_train_bounds(settings: Settings, params: TrainParams) -> None:

@@ -149,3 +149,22 @@ def test_csv_columns_and_their_errors(client, settings, tiny_model, make_tenant)
     assert r.status_code == 422, r.text
     got = {(d.get("row"), d.get("column")) for d in r.json()["error"]["details"]}
     assert got == {(1, "init_image"), (2, "mask_image")}
+
+
+def test_estimates_count_the_steps_an_init_image_row_runs(client, settings, tiny_model):
+    from api.services.estimates import job_estimated_seconds
+
+    _, key, model_id = tiny_model
+    init = upload(client, key, png()).json()["id"]
+    prompts = [{"prompt": "t", "num_images": 2}, {"prompt": "i", "init_image": init, "strength": 0.25, "num_images": 3},
+               {"prompt": "d", "init_image": init}]  # the default 0.8: ⌊0.8 × 8⌋ = 6
+    body = {"model": model_id, "prompts": prompts, "steps": 8, "scheduler": "ddim"}
+    r = client.post("/v1/jobs/sample?dry_run=true", headers=auth(key), json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["denoising_steps"] == 2 * 8 + 3 * 2 + 6
+    job = client.post("/v1/jobs/sample", headers=auth(key), json=body).json()
+    text_only = client.post("/v1/jobs/sample", headers=auth(key),
+                            json={**body, "prompts": [{"prompt": "t", "num_images": 6}]}).json()
+    with session_scope(settings) as s:
+        mixed, full = (job_estimated_seconds(s, s.get(Job, j["id"])) for j in (job, text_only))
+    assert mixed == pytest.approx(full * (2 * 8 + 3 * 2 + 6) / (6 * 8), rel=1e-6)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import select
 
 from shared.adapters import ADAPTER_WEIGHTS, base_of
-from shared.catalog import DEFAULT_SCHEDULER, uses_guidance
+from shared.catalog import DEFAULT_SCHEDULER, denoising_steps, uses_guidance
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model
 from shared.pipelines import PipelineRejected
@@ -53,7 +53,6 @@ from worker.jobs.manifest import write_manifest
 from worker.jobs.provenance import image_params, png_text, row_steps_guidance, run_params
 from shared import estimates
 from worker.jobs.shards import ShardPlan, plan_shards
-from worker.model.img2img import denoising_steps
 from worker.model.pipelines import PipelineCache, device_kind, pipeline_view, resolve_device
 from worker.model.sampling import (
     CPU_AUTO_BATCH,

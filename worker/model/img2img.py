@@ -35,6 +35,8 @@ from types import SimpleNamespace
 
 import torch
 
+from shared.catalog import denoising_steps
+
 # What an image to make is: a text prompt alone, image-to-image, inpainting. Items of one model
 # batch share their mode and strength (strength sets where the batch's denoising starts).
 TEXT, IMG2IMG, INPAINT = "text", "img2img", "inpaint"
@@ -44,11 +46,6 @@ def mode_of(init_image: str | None, mask_image: str | None) -> str:
     if init_image is None:
         return TEXT
     return INPAINT if mask_image is not None else IMG2IMG
-
-
-def denoising_steps(steps: int, strength: float | None) -> int:
-    """How many of ``steps`` an image runs: all for text, ⌊strength · steps⌋ from an init image."""
-    return steps if strength is None else min(int(steps * strength), steps)
 
 
 def _mask_processor(pipe):
