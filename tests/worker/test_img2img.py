@@ -170,3 +170,25 @@ def test_init_images_of_any_mode_are_read_as_rgb(tiny, mode):
     IMAGES["rgb"] = IMAGES["any"].convert("RGB")
     got, expected = (make(tiny, [Item(1, 0, 1, "x", "", 1.0, 4, init_image=i, strength=0.5)])[0] for i in ("any", "rgb"))
     assert got.shape == (32, 32, 3) and np.array_equal(got, expected)
+
+
+def test_models_with_two_latent_channels_inpaint_where_diffusers_pipeline_refuses(tmp_path):
+    """ldmq's trained models have 2 latent channels (a U-Net of 2 in and out); diffusers'
+    StableDiffusionInpaintPipeline takes only 4 or 9, which is why the loop is ldmq's own."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from worker.model.tiny_pipeline import build_tiny_pipeline
+
+    pipe = load_pipeline_dir(build_tiny_pipeline(tmp_path / "two", latent_channels=2))
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 2
+    pe = EmbeddingCache(pipe, "cpu").get_many(["a cat"])
+    small_init, small_mask = init_image().resize((32, 32)), right_half_mask().resize((32, 32))
+    with pytest.raises(ValueError, match="4 or 9 input channels"):
+        StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)(
+            prompt_embeds=pe, image=small_init, mask_image=small_mask, num_inference_steps=2, width=32, height=32)
+    z = image_to_image_call(pipeline_view(pipe, "ddim"), init_images=[small_init], mask_images=[small_mask],
+                            strength=1.0, prompt_embeds=pe, num_inference_steps=4, guidance_scale=2.0,
+                            generator=gens(), width=32, height=32, output_type="latent").images
+    z0 = encode_images(pipe, [small_init], width=32, height=32, generator=gens(), device="cpu")
+    assert z.shape == z0.shape == (1, 2, 8, 8)
+    assert torch.equal(z[..., :4], z0[..., :4]) and not torch.allclose(z[..., 4:], z0[..., 4:])

@@ -16,7 +16,9 @@ TEXT_ENCODERS = ("tiny", "minilm")
 
 
 def build_tiny_pipeline(out_dir: Path, *, text_encoder: str = "tiny", seed: int = 0, image_size: int = 32,
-                        max_length: int = 16):
+                        max_length: int = 16, latent_channels: int = 4):
+    """``latent_channels``: 4 as Stable Diffusion; ldmq's trained models have 2 by default
+    (``shared.train_schema``), with a U-Net of as many channels."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import BertConfig, BertModel
@@ -35,12 +37,13 @@ def build_tiny_pipeline(out_dir: Path, *, text_encoder: str = "tiny", seed: int 
         encoder.config.use_attention_mask = True
     cross_dim = encoder.config.hidden_size if text_encoder == "tiny" else EMBED_DIM
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=image_size,
+        latent_channels=latent_channels,
     )
     unet = UNet2DConditionModel(
-        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=image_size // 4, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_dim,
         attention_head_dim=8, norm_num_groups=8,
