@@ -168,3 +168,11 @@ def test_estimates_count_the_steps_an_init_image_row_runs(client, settings, tiny
     with session_scope(settings) as s:
         mixed, full = (job_estimated_seconds(s, s.get(Job, j["id"])) for j in (job, text_only))
     assert mixed == pytest.approx(full * (2 * 8 + 3 * 2 + 6) / (6 * 8), rel=1e-6)
+
+
+def test_an_upload_without_a_key_is_refused_before_its_body(client, settings, make_tenant):
+    r = client.post("/v1/images", files={"file": ("x.png", png(), "image/png")})
+    assert r.status_code == 401
+    r = client.post("/v1/images", headers={"Authorization": "Bearer ldmq_nope"}, files={"file": ("x.png", png(), "image/png")})
+    assert r.status_code == 401
+    assert not list(get_storage(settings).list(""))  # nothing stored anywhere
