@@ -277,6 +277,9 @@ class OutputOut(BaseModel):
     width: int
     height: int
     member: str | None = Field(default=None, description="webdataset: the PNG's name inside its shard.")
+    init_image: str | None = Field(default=None, description="The row's init image id (image-to-image, inpainting).")
+    strength: float | None = Field(default=None, description="The strength the row used (with init_image).")
+    mask_image: str | None = Field(default=None, description="The row's mask image id (inpainting).")
 
 
 class ShardOut(BaseModel):

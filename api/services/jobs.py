@@ -533,7 +533,8 @@ def list_outputs(session: Session, settings: Settings, storage: Storage, tenant:
             continue
         items.append(OutputOut(row=out.row, prompt=row.prompt, seed=out.seed, index=out.index, key=out.key,
                                url=url(out.key), width=out.width, height=out.height,
-                               member=f"{sample_key(out.row, out.index)}.png" if webdataset else None))
+                               member=f"{sample_key(out.row, out.index)}.png" if webdataset else None,
+                               init_image=row.init_image, strength=row.strength, mask_image=row.mask_image))
     shards = [ShardOut(shard=sh.shard, key=sh.key, url=url(sh.key), sha256=sh.sha256, bytes=sh.bytes, images=sh.images)
               for sh in jobstate.shards_of(session, job.id) if sh.key.startswith(prefix)]
     manifest = None

@@ -67,6 +67,9 @@ def test_a_job_mixing_text_img2img_and_inpainting(client, settings, tiny_model, 
     assert [(e["row"], e.get("init_image"), e.get("strength"), e.get("mask_image")) for e in manifest] == [
         (1, None, None, None), (2, init, 0.5, None), (2, init, 0.5, None), (3, init, 0.8, mask), (4, init, 0.8, None),
         (5, init, 0.8, None)]
+    listed = client.get(f"/v1/jobs/{job}/outputs", headers=auth(key)).json()["items"]
+    assert [(o["row"], o["init_image"], o["strength"], o["mask_image"]) for o in listed] == [
+        (e["row"], e.get("init_image"), e.get("strength"), e.get("mask_image")) for e in manifest]
     csv_header = st.get_bytes(manifest_key(tid, job).replace(".json", ".csv")).decode().splitlines()[0]
     assert "init_image,strength,mask_image" in csv_header
 
