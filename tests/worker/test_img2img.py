@@ -192,3 +192,19 @@ def test_models_with_two_latent_channels_inpaint_where_diffusers_pipeline_refuse
     z0 = encode_images(pipe, [small_init], width=32, height=32, generator=gens(), device="cpu")
     assert z.shape == z0.shape == (1, 2, 8, 8)
     assert torch.equal(z[..., :4], z0[..., :4]) and not torch.allclose(z[..., 4:], z0[..., 4:])
+
+
+@pytest.mark.parametrize("scheduler", ["dpm-solver++", "ddpm", "langevin-pc"])
+def test_a_view_that_ran_img2img_makes_the_same_text_images(tiny, scheduler):
+    """A model stream's view runs batches of every mode in turn: an image-to-image batch (which
+    starts its scheduler part-way) leaves nothing behind for the next text batch."""
+    pipe, emb = tiny
+    text = [Item(1, 0, 4, "a cat", "", 2.0, 4)]
+
+    def run(view, batch):
+        return generate(view, batch, batch_size=2, width=32, height=32, device="cpu", embeddings=emb, load_image=load)
+
+    fresh = run(pipeline_view(pipe, scheduler), text)[0]
+    used = pipeline_view(pipe, scheduler)
+    run(used, [Item(2, 0, 5, "a dog", "", 2.0, 4, init_image="a", strength=0.5)])
+    assert np.array_equal(run(used, text)[0], fresh)
