@@ -208,3 +208,15 @@ def test_a_view_that_ran_img2img_makes_the_same_text_images(tiny, scheduler):
     used = pipeline_view(pipe, scheduler)
     run(used, [Item(2, 0, 5, "a dog", "", 2.0, 4, init_image="a", strength=0.5)])
     assert np.array_equal(run(used, text)[0], fresh)
+
+
+def test_an_inpainting_unet_of_other_channels_is_refused_by_name(tiny):
+    from types import SimpleNamespace
+
+    pipe, emb = tiny
+    view = pipeline_view(pipe, "ddim")
+    view.unet = torch.nn.Module()
+    view.unet.config = SimpleNamespace(in_channels=9, time_cond_proj_dim=None)
+    with pytest.raises(ValueError, match="takes 9"):
+        image_to_image_call(view, init_images=[IMAGES["a"]], strength=0.5, prompt_embeds=emb.get_many(["x"]),
+                            num_inference_steps=4, guidance_scale=1.0, generator=gens(), width=32, height=32)

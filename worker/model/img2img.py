@@ -92,6 +92,12 @@ def image_to_image_call(pipe, *, init_images, mask_images=None, strength: float,
     unknown = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds"}
     if unknown:
         raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)}: valid are latents, prompt_embeds")
+    unet_cfg, latent_channels = pipe.unet.config, pipe.vae.config.latent_channels
+    if unet_cfg.in_channels != latent_channels:  # e.g. Stable Diffusion's 9-channel inpainting U-Net
+        raise ValueError(f"image-to-image needs a U-Net of the latents' {latent_channels} channels; this model's "
+                         f"takes {unet_cfg.in_channels} (an inpainting U-Net is not supported)")
+    if unet_cfg.time_cond_proj_dim is not None:
+        raise ValueError("image-to-image does not drive a U-Net with a guidance embedding (time_cond_proj_dim)")
     device = pipe._execution_device
     # What the pipeline's properties (do_classifier_free_guidance, guidance_scale, ...) read, as its
     # __call__ sets them: the step callback's corrector evaluates the U-Net through them.
