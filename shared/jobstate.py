@@ -13,7 +13,10 @@ has claimed the job.
 
 A woken worker takes the best ready job by policy (:func:`claim_next`, the statement lives in
 ``shared.scheduler``); :func:`claim` takes one named job (a sample run packing a companion job
-into its batches, tools and tests). Both set the lease and bump the token in one UPDATE. Every
+into its batches, tools and tests). Both set the lease and bump the token in one UPDATE; for a
+tenant with a ``max_running`` a recount under a per-tenant lock follows, and a claim that would
+run the tenant over its cap raises :class:`TenantAtCap` for the owner to roll back
+(``shared.scheduler.hold_cap`` says why a statement alone cannot hold the cap). Every
 run's time is charged to its tenant's fair-share usage at each heartbeat and at its end.
 """
 
@@ -30,6 +33,7 @@ from sqlalchemy.orm import Session, aliased
 from shared import scheduler
 from shared.db import insert_for
 from shared.models import FINAL_STATUSES, Job, JobEvent, JobOutput, JobRow, JobShard, JobStatus, Tenant, utcnow
+from shared.scheduler import TenantAtCap as TenantAtCap  # what claim and claim_next raise
 from shared.settings import Settings
 
 _FINAL = [s.value for s in FINAL_STATUSES]
@@ -65,6 +69,9 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
     tenant runs fewer than its ``max_running`` jobs.
 
     Returns the claim (with its fencing token) or None when another run holds the job or it is final.
+    Raises :class:`TenantAtCap` when another worker's claim for the tenant committed first and
+    this one would run it over ``max_running`` (``shared.scheduler.hold_cap``): the owner rolls
+    the transaction back, which undoes the claim.
     """
     now = now or utcnow()
     expires = now + timedelta(seconds=lease_s)
@@ -88,13 +95,14 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
             started_at=_coalesce_started(now),
             charged_s=now.timestamp(),
         )
-        .returning(Job.attempts, Job.tenant_id, Job.priority, Job.created_at)
+        .returning(Job.attempts, Job.tenant_id, Job.priority, Job.created_at, _cap())
         .execution_options(synchronize_session=False)
     )
     row = session.execute(stmt).one_or_none()
     if row is None:
         return None
-    attempt, tenant_id, priority, created_at = row
+    attempt, tenant_id, priority, created_at, cap = row
+    scheduler.hold_cap(session, tenant_id, cap, now)
     return _started(session, job_id, attempt, owner, expires, tenant_id, priority, created_at, now)
 
 
@@ -106,8 +114,12 @@ def _below_max_running(now: datetime):
                .where(live.tenant_id == Job.tenant_id, live.status == JobStatus.running.value,
                       live.lease_expires_at >= now)
                .scalar_subquery())
-    cap = select(Tenant.max_running).where(Tenant.id == Job.tenant_id).scalar_subquery()
+    cap = _cap()
     return or_(cap.is_(None), running < cap)
+
+
+def _cap():
+    return select(Tenant.max_running).where(Tenant.id == Job.tenant_id).scalar_subquery()
 
 
 def claim_next(session: Session, settings: Settings, job_type: str, owner: str, lease_s: float,
@@ -115,7 +127,9 @@ def claim_next(session: Session, settings: Settings, job_type: str, owner: str, 
     """Take the best ready job of ``job_type`` by the scheduling policy (``shared.scheduler``): an
     expired lease of an eligible tenant first, else the best-ranked tenant's first job by priority,
     age and aging. One UPDATE with ``FOR UPDATE SKIP LOCKED`` inside, so concurrent workers take
-    different jobs without waiting for each other. None when nothing is claimable."""
+    different jobs without waiting for each other. None when nothing is claimable. Raises
+    :class:`TenantAtCap` as :func:`claim` does; the owner rolls back and claims again (the next
+    statement sees that tenant at its cap and passes it over: ``worker.runtime.run.claim_next_run``)."""
     now = now or utcnow()
     picked = scheduler.pick_and_claim(session, settings, job_type, owner, lease_s, now)
     if picked is None:

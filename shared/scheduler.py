@@ -74,6 +74,8 @@ _SET = """status = 'running', attempts = attempts + 1, lease_owner = :owner, lea
        started_at = coalesce(started_at, :now), charged_s = :now_s"""
 
 _RETURNING = "RETURNING id, attempts, tenant_id, priority, created_at"
+# PostgreSQL also returns the tenant's cap, so that :func:`hold_cap` runs only for capped tenants.
+_PG_RETURNING = _RETURNING + ", (SELECT t.max_running FROM tenants t WHERE t.id = {table}.tenant_id)"
 
 _PG_CLAIM = """
 WITH {ranks},
@@ -120,8 +122,10 @@ WHERE id = (
 def claim_sql(dialect: str, table: str = "jobs") -> str:
     """The claim statement for ``dialect`` over ``table`` (``jobs``; a future ``pieces`` table)."""
     ranks = _RANK_CTES.format(table=table, decayed=_DECAYED)
-    template = _PG_CLAIM if dialect == "postgresql" else _LITE_CLAIM
-    return template.format(ranks=ranks, table=table, set=_SET, claimable=_CLAIMABLE, returning=_RETURNING)
+    pg = dialect == "postgresql"
+    returning = _PG_RETURNING.format(table=table) if pg else _RETURNING
+    return (_PG_CLAIM if pg else _LITE_CLAIM).format(ranks=ranks, table=table, set=_SET, claimable=_CLAIMABLE,
+                                                    returning=returning)
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,48 @@ def pick_and_claim(session: Session, settings: Settings, job_type: str, owner: s
     row = session.execute(stmt, claim_params(settings, job_type, owner, now, lease_s)).first()
     if row is None:
         return None
+    hold_cap(session, row[2], row[5] if dialect == "postgresql" else None, now)
     return Picked(row[0], row[1], row[2], row[3], row[4])
+
+
+# -- max_running under concurrent claims --------------------------------------------------------
+
+CAP_LOCK_SPACE = 15001  # the first key of the tenant-cap advisory locks (the second: hashtext(tenant id))
+
+
+class TenantAtCap(Exception):
+    """A claim just made would run its tenant over ``max_running`` (another worker's claim for the
+    tenant committed first). Raised inside the claim's transaction, which the session's owner
+    rolls back: that undoes the claim as if it never happened (no attempt spent, no event)."""
+
+
+def hold_cap(session: Session, tenant_id: str, cap: int | None, now: datetime, table: str = "jobs") -> None:
+    """Make sure the claim this transaction just made keeps its tenant within ``max_running``
+    (``cap``; None: no cap, nothing to do). Raises :class:`TenantAtCap` if it does not.
+
+    Why a second look: the claim statement counts the tenant's live running jobs in its READ
+    COMMITTED snapshot, taken when it starts, so two workers' claims for the same tenant that run
+    at once each see the other's not yet committed claim as absent, and both start a job: a tenant
+    at ``max_running`` - 1 ran ``max_running`` + 1 (``test_max_running_holds_when_two_claims_overlap``).
+    Here, after the claim named its tenant, the transaction takes an advisory lock on the tenant
+    (held to its end) and counts again in a new statement, whose snapshot is taken after the lock
+    is granted: every other claim for the tenant has either committed by then (it is counted) or
+    waits for this lock (it counts this one). The claims of one capped tenant are serialised from
+    their recount to their commit (a few statements); claims of other tenants, and every claim of
+    a tenant without a cap, never take the lock and pay nothing (the cap comes back with the
+    claim's ``RETURNING``). A transaction holds at most one such lock (one claim per
+    transaction), so they cannot deadlock. Two statements more per capped claim, about 0.2 ms.
+
+    PostgreSQL only: SQLite has one writer at a time, and a claim's transaction starts with its
+    write, so its count always includes every committed claim and nothing can be in flight."""
+    if cap is None or session.get_bind().dialect.name != "postgresql":
+        return
+    session.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:tenant))"),
+                    {"space": CAP_LOCK_SPACE, "tenant": tenant_id})
+    live = session.scalar(text(f"SELECT count(*) FROM {table} WHERE tenant_id = :tenant AND status = 'running'"
+                               " AND lease_expires_at >= :now"), {"tenant": tenant_id, "now": now})
+    if live > cap:  # ours is counted (its lease runs from now)
+        raise TenantAtCap(tenant_id)
 
 
 def _dt_type():

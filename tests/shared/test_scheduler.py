@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from shared import jobstate, scheduler
 from shared.db import session_scope
@@ -357,3 +357,62 @@ def test_preemption_on_sqlite(tmp_path, make_tenant, settings):
     other = submit(lite, "b" * 32, age_s=3 * AFTER, type_="train")  # an idle tenant goes first
     got = should_yield(lite, job, attempt)
     assert (got.waiting_job_id, got.reason) == (other, "fair_share")
+
+
+def _held_or_done(settings, thread: threading.Thread, deadline_s: float = 30.0) -> None:
+    """Wait until ``thread``'s claim has ended or waits on a lock held by another session (what a
+    second claim for a tenant at its cap does while the first one's transaction is open)."""
+    import time
+
+    from sqlalchemy import text
+
+    end = time.monotonic() + deadline_s
+    while thread.is_alive() and time.monotonic() < end:
+        with session_scope(settings) as s:
+            if s.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+                return
+        thread.join(0.02)
+    assert time.monotonic() < end, "the second claim neither ended nor waited"
+
+
+@pytest.mark.parametrize("by_id", [False, True], ids=["claim_next", "claim_by_id"])
+def test_max_running_holds_when_two_claims_overlap(settings, tenant, by_id):
+    """Two workers' claims for a tenant at ``max_running`` - 1 overlap: the first one's transaction
+    is still open when the second one counts the tenant's running jobs (READ COMMITTED: its
+    statement cannot see the first claim). The second must not start a job over the cap."""
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: claims never overlap")
+    from shared.db import abort, finish, new_session
+
+    capped = tenant(max_running=1)
+    first_id = submit(settings, capped, age_s=10)
+    second_id = submit(settings, capped)
+    first = new_session(settings)
+    try:
+        c1 = jobstate.claim_next(first, settings, "sample", "w1", 30)
+        assert c1.job_id == first_id
+        got: dict = {}
+
+        def second() -> None:
+            try:
+                with session_scope(settings) as s:
+                    got["claim"] = (jobstate.claim(s, second_id, "w2", 30) if by_id
+                                    else jobstate.claim_next(s, settings, "sample", "w2", 30))
+            except jobstate.TenantAtCap as exc:
+                got["claim"] = exc
+
+        th = threading.Thread(target=second)
+        th.start()
+        _held_or_done(settings, th)
+    except BaseException:
+        abort(first)
+        raise
+    finish(first)
+    th.join(30)
+    assert not th.is_alive()
+    assert got["claim"] is None or isinstance(got["claim"], jobstate.TenantAtCap), got
+    with session_scope(settings) as s:
+        running = s.scalars(select(Job.id).where(Job.tenant_id == capped, Job.status == "running")).all()
+        assert running == [first_id]
+        assert s.get(Job, second_id).attempts == 0  # the undone claim left no trace
+    assert claim_next(settings) is None  # a later claim sees the tenant at its cap
