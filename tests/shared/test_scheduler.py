@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from shared import jobstate, scheduler
 from shared.db import session_scope
@@ -416,3 +416,29 @@ def test_max_running_holds_when_two_claims_overlap(settings, tenant, by_id):
         assert running == [first_id]
         assert s.get(Job, second_id).attempts == 0  # the undone claim left no trace
     assert claim_next(settings) is None  # a later claim sees the tenant at its cap
+
+
+def test_racing_workers_never_run_a_tenant_over_max_running(settings, tenant):
+    """Many workers woken at once, each claiming through the worker's path (its own session, the
+    retry after a lost race): the capped tenant runs exactly its cap, and the workers that lost its
+    slots take the other tenant's work instead of idling."""
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: claims never overlap")
+    from tests.conftest import race
+    from worker.runtime.run import claim_next_run
+
+    capped = tenant(max_running=2)  # ranked first: no usage and weight 100
+    with session_scope(settings) as s:
+        s.execute(update(Tenant).where(Tenant.id == capped).values(weight=100.0))
+    other = tenant(usage_s=1e3)
+    for i in range(12):
+        submit(settings, capped, age_s=i)
+    for i in range(12):
+        submit(settings, other, age_s=i)
+    runs = race(12, lambda: claim_next_run(settings, "sample", owner="racer"))
+    assert all(r is not None for r in runs)
+    with session_scope(settings) as s:
+        running = dict(s.execute(select(Job.tenant_id, func.count()).where(Job.status == "running")
+                                 .group_by(Job.tenant_id)).all())
+        assert running == {capped: 2, other: 10}
+        assert s.scalar(select(func.count()).where(Job.tenant_id == capped, Job.attempts > 0)) == 2  # none undone left a trace
