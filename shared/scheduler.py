@@ -10,7 +10,9 @@ takes the best ready job of that type from PostgreSQL, whatever job the message 
    time at every heartbeat and at the run's end (:func:`charge`) into ``tenant_usage``, one row a
    tenant, kept decayed by half every ``sched_half_life_s`` (exponential decay: the charge is
    ``u·2^(-(now-t)/h) + Δ``, so the row never needs a sweep). Tenants whose live running jobs
-   reach ``max_running`` are skipped.
+   reach ``max_running`` are skipped; a claim for a tenant with a ``max_running`` is then checked
+   again under a per-tenant lock (:func:`hold_cap`), since concurrent statements cannot see each
+   other's claims.
 2. **Within a tenant, priority then age, with aging:** ``jobs.sched_key`` (``shared.models.sched_key``),
    read from the partial index ``ix_jobs_claim (tenant_id, type, sched_key) WHERE status='queued'``.
 3. **Recovery first:** a job of an eligible tenant whose lease expired (its worker died) is
@@ -185,7 +187,11 @@ def hold_cap(session: Session, tenant_id: str, cap: int | None, now: datetime, t
     their recount to their commit (a few statements); claims of other tenants, and every claim of
     a tenant without a cap, never take the lock and pay nothing (the cap comes back with the
     claim's ``RETURNING``). A transaction holds at most one such lock (one claim per
-    transaction), so they cannot deadlock. Two statements more per capped claim, about 0.2 ms.
+    transaction), so they cannot deadlock. Cost: two statements more per claim of a capped tenant,
+    a claim transaction's median 5.1 → 5.7 ms and 4.9 → 5.5 ms in two runs of 350 claims on this
+    2-core VM (shared with other work); an uncapped tenant's claim 5.1 / 4.9 ms against 5.1 / 4.6 ms
+    before this check, within the noise (its only addition: the cap, one primary-key probe in
+    ``RETURNING``).
 
     PostgreSQL only: SQLite has one writer at a time, and a claim's transaction starts with its
     write, so its count always includes every committed claim and nothing can be in flight."""

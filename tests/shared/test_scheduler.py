@@ -369,7 +369,8 @@ def _held_or_done(settings, thread: threading.Thread, deadline_s: float = 30.0) 
     end = time.monotonic() + deadline_s
     while thread.is_alive() and time.monotonic() < end:
         with session_scope(settings) as s:
-            if s.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+            if s.scalar(text("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                             " WHERE NOT l.granted AND d.datname = current_database()")):
                 return
         thread.join(0.02)
     assert time.monotonic() < end, "the second claim neither ended nor waited"
