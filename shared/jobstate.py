@@ -17,7 +17,8 @@ into its batches, tools and tests). Both set the lease and bump the token in one
 tenant with a ``max_running`` a recount under a per-tenant lock follows, and a claim that would
 run the tenant over its cap raises :class:`TenantAtCap` for the owner to roll back
 (``shared.scheduler.hold_cap`` says why a statement alone cannot hold the cap). Every
-run's time is charged to its tenant's fair-share usage at each heartbeat and at its end.
+run's time is charged to its tenant's fair-share usage at each heartbeat and at its end, at the
+run's ``charge_share`` (1, or a packed job's share of a batch run: :func:`share_charge`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
             lease_expires_at=expires,
             started_at=_coalesce_started(now),
             charged_s=now.timestamp(),
+            charge_share=1.0,
         )
         .returning(Job.attempts, Job.tenant_id, Job.priority, Job.created_at, _cap())
         .execution_options(synchronize_session=False)
@@ -149,15 +151,38 @@ def _started(session: Session, job_id: str, attempt: int, owner: str, expires: d
 
 
 def _take_charge(session: Session, job_id: str, attempt: int, now: datetime) -> tuple[str, float] | None:
-    """The run's time since its last charge, taken (its cursor moved on, fenced and conditional,
-    so a heartbeat and an end racing for the same interval charge it once): (tenant, seconds)."""
-    row = session.execute(select(Job.tenant_id, Job.charged_s).where(_fenced(job_id, attempt))).first()
+    """The run's time since its last charge at its ``charge_share``, taken (its cursor moved on,
+    fenced and conditional, so a heartbeat and an end racing for the same interval charge it
+    once): (tenant, seconds)."""
+    row = session.execute(select(Job.tenant_id, Job.charged_s, Job.charge_share)
+                          .where(_fenced(job_id, attempt))).first()
     if row is None or row.charged_s is None:
         return None
     now_s = now.timestamp()
     res = session.execute(update(Job).where(_fenced(job_id, attempt), Job.charged_s == row.charged_s)
                           .values(charged_s=now_s).execution_options(synchronize_session=False))
-    return (row.tenant_id, now_s - row.charged_s) if res.rowcount == 1 else None
+    return (row.tenant_id, (now_s - row.charged_s) * row.charge_share) if res.rowcount == 1 else None
+
+
+def share_charge(session: Session, runs: list[tuple[str, int, int]], settings: Settings | None = None,
+                 now: datetime | None = None) -> None:
+    """Runs that share one device batch from now on (a sample run and the jobs packed into its
+    batches): ``(job_id, attempt, images)`` each. Each is charged ``images / all images`` of the
+    time from now, so together they are charged the run's time once, not once each (three jobs
+    packed together were charged three times the worker's time), split as the images are. Each
+    run's time so far is charged first at its old share (the lead ran alone until now).
+
+    The share is fixed for the rest of the run: a packed job that leaves early (canceled, lease
+    lost) takes its share with it, and the others are not charged more for the time left (under
+    charging by that share, never over). A claim sets the share back to 1."""
+    total = sum(images for _, _, images in runs)
+    if len(runs) < 2 or total <= 0:
+        return
+    now = now or utcnow()
+    for job_id, attempt, images in runs:
+        _book(session, settings, _take_charge(session, job_id, attempt, now), now)
+        session.execute(update(Job).where(_fenced(job_id, attempt)).values(charge_share=images / total)
+                        .execution_options(synchronize_session=False))
 
 
 def _book(session: Session, settings: Settings | None, taken: tuple[str, float] | None, now: datetime) -> None:

@@ -7,9 +7,10 @@ takes the best ready job of that type from PostgreSQL, whatever job the message 
 1. **Across tenants, weighted fair share over recent usage.** A tenant's standing is
    ``(decayed GPU-seconds + seconds its running jobs have run since last charged + running jobs ×
    sched_running_charge_s) / weight``; lowest first. Usage is charged from the lease holder's run
-   time at every heartbeat and at the run's end (:func:`charge`) into ``tenant_usage``, one row a
-   tenant, kept decayed by half every ``sched_half_life_s`` (exponential decay: the charge is
-   ``u·2^(-(now-t)/h) + Δ``, so the row never needs a sweep). Tenants whose live running jobs
+   time (times its ``charge_share``: jobs packed into one run's batches split its time by images,
+   ``shared.jobstate.share_charge``) at every heartbeat and at the run's end (:func:`charge`) into
+   ``tenant_usage``, one row a tenant, kept decayed by half every ``sched_half_life_s``
+   (exponential decay: the charge is ``u·2^(-(now-t)/h) + Δ``, so the row never needs a sweep). Tenants whose live running jobs
    reach ``max_running`` are skipped; a claim for a tenant with a ``max_running`` is then checked
    again under a per-tenant lock (:func:`hold_cap`), since concurrent statements cannot see each
    other's claims.
@@ -27,7 +28,7 @@ fencing token) in the same statement, so a claim is still one conditional write.
 with 10⁶ queued jobs over 4 tenants and 256 running: ~1 ms (docs/benchmarks.md, "scheduler").
 
 **Reuse for pieces of a job** (issue 15 item 2, not built here): a ``pieces`` table with
-``(tenant_id, type, sched_key, status, attempts, lease_*, charged_s)`` and the same partial index
+``(tenant_id, type, sched_key, status, attempts, lease_*, charged_s, charge_share)`` and the same partial index
 is claimed by the same statement with the table name swapped (:func:`claim_sql` takes it): the
 tenant ranking reads running rows of whatever table holds the leases, and a piece inherits its
 job's ``sched_key`` so a job's pieces stay together in its tenant's order.
@@ -52,11 +53,14 @@ from shared.settings import Settings
 _DECAYED = """coalesce(u.usage_s * power(0.5, (CASE WHEN :now_s > u.updated_s THEN :now_s - u.updated_s ELSE 0 END)
                                              / :half_life), 0)"""
 
+# A running job's time since its last charge, at its share (what the charge will book).
+_INFLIGHT = "sum((:now_s - coalesce(charged_s, :now_s)) * charge_share)"
+
 # The tenants' standing. ``live``: running jobs whose lease holds (an expired one is a dead
 # worker's: not running, and re-claimable). Decay: 0.5 ^ (Δt / half-life), Δt ≥ 0 against skew.
 _RANK_CTES = """
 live AS (
-    SELECT tenant_id, count(*) AS n, sum(:now_s - coalesce(charged_s, :now_s)) AS inflight
+    SELECT tenant_id, count(*) AS n, {inflight} AS inflight
     FROM {table}
     WHERE status = 'running' AND lease_expires_at >= :now
     GROUP BY tenant_id
@@ -73,7 +77,7 @@ ranked AS (
 _CLAIMABLE = "attempts < max_attempts AND NOT cancel_requested"
 
 _SET = """status = 'running', attempts = attempts + 1, lease_owner = :owner, lease_expires_at = :expires,
-       started_at = coalesce(started_at, :now), charged_s = :now_s"""
+       started_at = coalesce(started_at, :now), charged_s = :now_s, charge_share = 1"""
 
 _RETURNING = "RETURNING id, attempts, tenant_id, priority, created_at"
 # PostgreSQL also returns the tenant's cap, so that :func:`hold_cap` runs only for capped tenants.
@@ -123,7 +127,7 @@ WHERE id = (
 
 def claim_sql(dialect: str, table: str = "jobs") -> str:
     """The claim statement for ``dialect`` over ``table`` (``jobs``; a future ``pieces`` table)."""
-    ranks = _RANK_CTES.format(table=table, decayed=_DECAYED)
+    ranks = _RANK_CTES.format(table=table, decayed=_DECAYED, inflight=_INFLIGHT)
     pg = dialect == "postgresql"
     returning = _PG_RETURNING.format(table=table) if pg else _RETURNING
     return (_PG_CLAIM if pg else _LITE_CLAIM).format(ranks=ranks, table=table, set=_SET, claimable=_CLAIMABLE,
@@ -250,7 +254,7 @@ def decayed(usage_s: float, updated_s: float, now_s: float, half_life_s: float) 
 def standings(session: Session, settings: Settings, now: datetime) -> dict[str, float]:
     """Every eligible tenant's score as the claim sees it (lower goes first): for tests, the bench
     and operators' questions ("why did B run before A?")."""
-    sql = f"WITH {_RANK_CTES.format(table='jobs', decayed=_DECAYED)} SELECT tenant_id, score FROM ranked"
+    sql = f"WITH {_RANK_CTES.format(table='jobs', decayed=_DECAYED, inflight=_INFLIGHT)} SELECT tenant_id, score FROM ranked"
     stmt = _typed(text(sql), session.get_bind().dialect.name, "now")
     rows = session.execute(stmt, {"now": now, "now_s": _epoch(now), "half_life": float(settings.sched_half_life_s),
                                   "reserve": float(settings.sched_running_charge_s)}).all()
@@ -275,7 +279,7 @@ me AS (
 ),
 live AS (
     SELECT tenant_id, count(*) AS n, sum(CASE WHEN id = :job THEN 0 ELSE 1 END) AS n_other,
-           sum(:now_s - coalesce(charged_s, :now_s)) AS inflight
+           {inflight} AS inflight
     FROM jobs
     WHERE status = 'running' AND lease_expires_at >= :now
     GROUP BY tenant_id
@@ -384,7 +388,7 @@ def preemption(session: Session, settings: Settings, job_id: str, attempt: int, 
     if not after_s or ran_s < after_s:
         return None
     dialect = session.get_bind().dialect.name
-    sql = "WITH " + _PREEMPT_CTES.format(decayed=_DECAYED) + "," + (
+    sql = "WITH " + _PREEMPT_CTES.format(decayed=_DECAYED, inflight=_INFLIGHT) + "," + (
         _PG_BEST if dialect == "postgresql" else _LITE_BEST) + _PREEMPT_SELECT
     stmt = _typed(text(sql), dialect, "now").columns(w_since=_dt_type())
     row = session.execute(stmt, {"job": job_id, "attempt": attempt, "type": job_type, "now": now,

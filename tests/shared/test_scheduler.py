@@ -443,3 +443,30 @@ def test_racing_workers_never_run_a_tenant_over_max_running(settings, tenant):
                                  .group_by(Job.tenant_id)).all())
         assert running == {capped: 2, other: 10}
         assert s.scalar(select(func.count()).where(Job.tenant_id == capped, Job.attempts > 0)) == 2  # none undone left a trace
+
+
+def test_jobs_sharing_one_batch_run_are_charged_its_time_once_split_by_images(settings, tenant):
+    """A sample run packing another tenant's job into its batches: together they are charged the
+    run's time once (3:1 by images), in the ledger and in the claim's in-flight term."""
+    lead_t, packed_t = tenant(), tenant()
+    lead_id, packed_id = submit(settings, lead_t), submit(settings, packed_t)
+    now = utcnow()
+    with session_scope(settings) as s:
+        lead = jobstate.claim(s, lead_id, "w", 60, now=now)
+        packed = jobstate.claim(s, packed_id, "w", 60, now=now)
+        jobstate.share_charge(s, [(lead_id, lead.attempt, 3), (packed_id, packed.attempt, 1)], settings, now=now)
+    with session_scope(settings) as s:  # 8 s into the shared run: 6 s and 2 s in flight (+ the reserve)
+        score = scheduler.standings(s, settings, now + timedelta(seconds=8))
+        reserve = settings.sched_running_charge_s
+        assert (score[lead_t], score[packed_t]) == (pytest.approx(6 + reserve), pytest.approx(2 + reserve))
+    for job_id, c in ((lead_id, lead), (packed_id, packed)):
+        with session_scope(settings) as s:
+            jobstate.heartbeat(s, job_id, c.attempt, 60, now=now + timedelta(seconds=8), settings=settings)
+    with session_scope(settings) as s:
+        assert s.get(TenantUsage, lead_t).usage_s == pytest.approx(6.0, abs=0.01)
+        assert s.get(TenantUsage, packed_t).usage_s == pytest.approx(2.0, abs=0.01)
+    with session_scope(settings) as s:  # a claim of its own charges a job in full again
+        jobstate.release(s, packed_id, packed.attempt, settings=settings)
+    with session_scope(settings) as s:
+        again = jobstate.claim(s, packed_id, "w", 60)
+        assert s.get(Job, packed_id).charge_share == 1.0 and again is not None
