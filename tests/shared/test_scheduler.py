@@ -237,6 +237,10 @@ def test_the_same_policy_on_sqlite(tmp_path, make_tenant, settings):
     with session_scope(lite) as s:
         jobstate.heartbeat(s, again.job_id, again.attempt, 30, now=now + timedelta(seconds=20), settings=lite)
         assert s.get(TenantUsage, "b" * 32).usage_s == pytest.approx(10.0, abs=0.01)
+    by_id = submit(lite, "a" * 32)  # a claim by id (a co-batched companion), the cap read with it
+    with session_scope(lite) as s:
+        s.execute(update(Tenant).where(Tenant.id == "a" * 32).values(max_running=2))
+        assert jobstate.claim(s, by_id, "w", 30).attempt == 1
 
 
 # -- preemption at checkpoints (scheduler.preemption) ---------------------------------------------
