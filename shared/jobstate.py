@@ -13,8 +13,12 @@ has claimed the job.
 
 A woken worker takes the best ready job by policy (:func:`claim_next`, the statement lives in
 ``shared.scheduler``); :func:`claim` takes one named job (a sample run packing a companion job
-into its batches, tools and tests). Both set the lease and bump the token in one UPDATE. Every
-run's time is charged to its tenant's fair-share usage at each heartbeat and at its end.
+into its batches, tools and tests). Both set the lease and bump the token in one UPDATE; for a
+tenant with a ``max_running`` a recount under a per-tenant lock follows, and a claim that would
+run the tenant over its cap raises :class:`TenantAtCap` for the owner to roll back
+(``shared.scheduler.hold_cap`` says why a statement alone cannot hold the cap). Every
+run's time is charged to its tenant's fair-share usage at each heartbeat and at its end, at the
+run's ``charge_share`` (1, or a packed job's share of a batch run: :func:`share_charge`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from sqlalchemy.orm import Session, aliased
 from shared import scheduler
 from shared.db import insert_for
 from shared.models import FINAL_STATUSES, Job, JobEvent, JobOutput, JobRow, JobShard, JobStatus, Tenant, utcnow
+from shared.scheduler import TenantAtCap as TenantAtCap  # what claim and claim_next raise
 from shared.settings import Settings
 
 _FINAL = [s.value for s in FINAL_STATUSES]
@@ -65,6 +70,9 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
     tenant runs fewer than its ``max_running`` jobs.
 
     Returns the claim (with its fencing token) or None when another run holds the job or it is final.
+    Raises :class:`TenantAtCap` when another worker's claim for the tenant committed first and
+    this one would run it over ``max_running`` (``shared.scheduler.hold_cap``): the owner rolls
+    the transaction back, which undoes the claim.
     """
     now = now or utcnow()
     expires = now + timedelta(seconds=lease_s)
@@ -87,14 +95,16 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
             lease_expires_at=expires,
             started_at=_coalesce_started(now),
             charged_s=now.timestamp(),
+            charge_share=1.0,
         )
-        .returning(Job.attempts, Job.tenant_id, Job.priority, Job.created_at)
+        .returning(Job.attempts, Job.tenant_id, Job.priority, Job.created_at, _cap())
         .execution_options(synchronize_session=False)
     )
     row = session.execute(stmt).one_or_none()
     if row is None:
         return None
-    attempt, tenant_id, priority, created_at = row
+    attempt, tenant_id, priority, created_at, cap = row
+    scheduler.hold_cap(session, tenant_id, cap, now)
     return _started(session, job_id, attempt, owner, expires, tenant_id, priority, created_at, now)
 
 
@@ -106,8 +116,12 @@ def _below_max_running(now: datetime):
                .where(live.tenant_id == Job.tenant_id, live.status == JobStatus.running.value,
                       live.lease_expires_at >= now)
                .scalar_subquery())
-    cap = select(Tenant.max_running).where(Tenant.id == Job.tenant_id).scalar_subquery()
+    cap = _cap()
     return or_(cap.is_(None), running < cap)
+
+
+def _cap():
+    return select(Tenant.max_running).where(Tenant.id == Job.tenant_id).scalar_subquery()
 
 
 def claim_next(session: Session, settings: Settings, job_type: str, owner: str, lease_s: float,
@@ -115,7 +129,9 @@ def claim_next(session: Session, settings: Settings, job_type: str, owner: str, 
     """Take the best ready job of ``job_type`` by the scheduling policy (``shared.scheduler``): an
     expired lease of an eligible tenant first, else the best-ranked tenant's first job by priority,
     age and aging. One UPDATE with ``FOR UPDATE SKIP LOCKED`` inside, so concurrent workers take
-    different jobs without waiting for each other. None when nothing is claimable."""
+    different jobs without waiting for each other. None when nothing is claimable. Raises
+    :class:`TenantAtCap` as :func:`claim` does; the owner rolls back and claims again (the next
+    statement sees that tenant at its cap and passes it over: ``worker.runtime.run.claim_next_run``)."""
     now = now or utcnow()
     picked = scheduler.pick_and_claim(session, settings, job_type, owner, lease_s, now)
     if picked is None:
@@ -135,15 +151,38 @@ def _started(session: Session, job_id: str, attempt: int, owner: str, expires: d
 
 
 def _take_charge(session: Session, job_id: str, attempt: int, now: datetime) -> tuple[str, float] | None:
-    """The run's time since its last charge, taken (its cursor moved on, fenced and conditional,
-    so a heartbeat and an end racing for the same interval charge it once): (tenant, seconds)."""
-    row = session.execute(select(Job.tenant_id, Job.charged_s).where(_fenced(job_id, attempt))).first()
+    """The run's time since its last charge at its ``charge_share``, taken (its cursor moved on,
+    fenced and conditional, so a heartbeat and an end racing for the same interval charge it
+    once): (tenant, seconds)."""
+    row = session.execute(select(Job.tenant_id, Job.charged_s, Job.charge_share)
+                          .where(_fenced(job_id, attempt))).first()
     if row is None or row.charged_s is None:
         return None
     now_s = now.timestamp()
     res = session.execute(update(Job).where(_fenced(job_id, attempt), Job.charged_s == row.charged_s)
                           .values(charged_s=now_s).execution_options(synchronize_session=False))
-    return (row.tenant_id, now_s - row.charged_s) if res.rowcount == 1 else None
+    return (row.tenant_id, (now_s - row.charged_s) * row.charge_share) if res.rowcount == 1 else None
+
+
+def share_charge(session: Session, runs: list[tuple[str, int, int]], settings: Settings | None = None,
+                 now: datetime | None = None) -> None:
+    """Runs that share one device batch from now on (a sample run and the jobs packed into its
+    batches): ``(job_id, attempt, images)`` each. Each is charged ``images / all images`` of the
+    time from now, so together they are charged the run's time once, not once each (three jobs
+    packed together were charged three times the worker's time), split as the images are. Each
+    run's time so far is charged first at its old share (the lead ran alone until now).
+
+    The share is fixed for the rest of the run: a packed job that leaves early (canceled, lease
+    lost) takes its share with it, and the others are not charged more for the time left (under
+    charging by that share, never over). A claim sets the share back to 1."""
+    total = sum(images for _, _, images in runs)
+    if len(runs) < 2 or total <= 0:
+        return
+    now = now or utcnow()
+    for job_id, attempt, images in runs:
+        _book(session, settings, _take_charge(session, job_id, attempt, now), now)
+        session.execute(update(Job).where(_fenced(job_id, attempt)).values(charge_share=images / total)
+                        .execution_options(synchronize_session=False))
 
 
 def _book(session: Session, settings: Settings | None, taken: tuple[str, float] | None, now: datetime) -> None:

@@ -189,6 +189,9 @@ class Job(Base):
     # Epoch seconds up to which the run holding the job has been charged to its tenant's fair-share
     # usage (shared.scheduler.charge): set by the claim, moved on by each heartbeat and the end.
     charged_s: Mapped[float | None] = mapped_column(Float)
+    # The part of that time its tenant is charged: 1 for a run of its own; a sample job packed
+    # with others into one run's batches gets its share of the images (shared.jobstate.share_charge).
+    charge_share: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
 
     # Leases and fencing: ``attempts`` is bumped by every claim and is the fencing token.
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -7,10 +7,13 @@ takes the best ready job of that type from PostgreSQL, whatever job the message 
 1. **Across tenants, weighted fair share over recent usage.** A tenant's standing is
    ``(decayed GPU-seconds + seconds its running jobs have run since last charged + running jobs ×
    sched_running_charge_s) / weight``; lowest first. Usage is charged from the lease holder's run
-   time at every heartbeat and at the run's end (:func:`charge`) into ``tenant_usage``, one row a
-   tenant, kept decayed by half every ``sched_half_life_s`` (exponential decay: the charge is
-   ``u·2^(-(now-t)/h) + Δ``, so the row never needs a sweep). Tenants whose live running jobs
-   reach ``max_running`` are skipped.
+   time (times its ``charge_share``: jobs packed into one run's batches split its time by images,
+   ``shared.jobstate.share_charge``) at every heartbeat and at the run's end (:func:`charge`) into
+   ``tenant_usage``, one row a tenant, kept decayed by half every ``sched_half_life_s``
+   (exponential decay: the charge is ``u·2^(-(now-t)/h) + Δ``, so the row never needs a sweep). Tenants whose live running jobs
+   reach ``max_running`` are skipped; a claim for a tenant with a ``max_running`` is then checked
+   again under a per-tenant lock (:func:`hold_cap`), since concurrent statements cannot see each
+   other's claims.
 2. **Within a tenant, priority then age, with aging:** ``jobs.sched_key`` (``shared.models.sched_key``),
    read from the partial index ``ix_jobs_claim (tenant_id, type, sched_key) WHERE status='queued'``.
 3. **Recovery first:** a job of an eligible tenant whose lease expired (its worker died) is
@@ -25,7 +28,7 @@ fencing token) in the same statement, so a claim is still one conditional write.
 with 10⁶ queued jobs over 4 tenants and 256 running: ~1 ms (docs/benchmarks.md, "scheduler").
 
 **Reuse for pieces of a job** (issue 15 item 2, not built here): a ``pieces`` table with
-``(tenant_id, type, sched_key, status, attempts, lease_*, charged_s)`` and the same partial index
+``(tenant_id, type, sched_key, status, attempts, lease_*, charged_s, charge_share)`` and the same partial index
 is claimed by the same statement with the table name swapped (:func:`claim_sql` takes it): the
 tenant ranking reads running rows of whatever table holds the leases, and a piece inherits its
 job's ``sched_key`` so a job's pieces stay together in its tenant's order.
@@ -50,11 +53,14 @@ from shared.settings import Settings
 _DECAYED = """coalesce(u.usage_s * power(0.5, (CASE WHEN :now_s > u.updated_s THEN :now_s - u.updated_s ELSE 0 END)
                                              / :half_life), 0)"""
 
+# A running job's time since its last charge, at its share (what the charge will book).
+_INFLIGHT = "sum((:now_s - coalesce(charged_s, :now_s)) * charge_share)"
+
 # The tenants' standing. ``live``: running jobs whose lease holds (an expired one is a dead
 # worker's: not running, and re-claimable). Decay: 0.5 ^ (Δt / half-life), Δt ≥ 0 against skew.
 _RANK_CTES = """
 live AS (
-    SELECT tenant_id, count(*) AS n, sum(:now_s - coalesce(charged_s, :now_s)) AS inflight
+    SELECT tenant_id, count(*) AS n, {inflight} AS inflight
     FROM {table}
     WHERE status = 'running' AND lease_expires_at >= :now
     GROUP BY tenant_id
@@ -71,9 +77,11 @@ ranked AS (
 _CLAIMABLE = "attempts < max_attempts AND NOT cancel_requested"
 
 _SET = """status = 'running', attempts = attempts + 1, lease_owner = :owner, lease_expires_at = :expires,
-       started_at = coalesce(started_at, :now), charged_s = :now_s"""
+       started_at = coalesce(started_at, :now), charged_s = :now_s, charge_share = 1"""
 
 _RETURNING = "RETURNING id, attempts, tenant_id, priority, created_at"
+# PostgreSQL also returns the tenant's cap, so that :func:`hold_cap` runs only for capped tenants.
+_PG_RETURNING = _RETURNING + ", (SELECT t.max_running FROM tenants t WHERE t.id = {table}.tenant_id)"
 
 _PG_CLAIM = """
 WITH {ranks},
@@ -119,9 +127,11 @@ WHERE id = (
 
 def claim_sql(dialect: str, table: str = "jobs") -> str:
     """The claim statement for ``dialect`` over ``table`` (``jobs``; a future ``pieces`` table)."""
-    ranks = _RANK_CTES.format(table=table, decayed=_DECAYED)
-    template = _PG_CLAIM if dialect == "postgresql" else _LITE_CLAIM
-    return template.format(ranks=ranks, table=table, set=_SET, claimable=_CLAIMABLE, returning=_RETURNING)
+    ranks = _RANK_CTES.format(table=table, decayed=_DECAYED, inflight=_INFLIGHT)
+    pg = dialect == "postgresql"
+    returning = _PG_RETURNING.format(table=table) if pg else _RETURNING
+    return (_PG_CLAIM if pg else _LITE_CLAIM).format(ranks=ranks, table=table, set=_SET, claimable=_CLAIMABLE,
+                                                    returning=returning)
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,53 @@ def pick_and_claim(session: Session, settings: Settings, job_type: str, owner: s
     row = session.execute(stmt, claim_params(settings, job_type, owner, now, lease_s)).first()
     if row is None:
         return None
+    hold_cap(session, row[2], row[5] if dialect == "postgresql" else None, now)
     return Picked(row[0], row[1], row[2], row[3], row[4])
+
+
+# -- max_running under concurrent claims --------------------------------------------------------
+
+CAP_LOCK_SPACE = 15001  # the first key of the tenant-cap advisory locks (the second: hashtext(tenant id))
+
+
+class TenantAtCap(Exception):
+    """A claim just made would run its tenant over ``max_running`` (another worker's claim for the
+    tenant committed first). Raised inside the claim's transaction, which the session's owner
+    rolls back: that undoes the claim as if it never happened (no attempt spent, no event)."""
+
+
+def hold_cap(session: Session, tenant_id: str, cap: int | None, now: datetime, table: str = "jobs") -> None:
+    """Make sure the claim this transaction just made keeps its tenant within ``max_running``
+    (``cap``; None: no cap, nothing to do). Raises :class:`TenantAtCap` if it does not.
+
+    Why a second look: the claim statement counts the tenant's live running jobs in its READ
+    COMMITTED snapshot, taken when it starts, so two workers' claims for the same tenant that run
+    at once each see the other's not yet committed claim as absent, and both start a job: a tenant
+    at ``max_running`` - 1 ran ``max_running`` + 1 (``test_max_running_holds_when_two_claims_overlap``).
+    Here, after the claim named its tenant, the transaction takes an advisory lock on the tenant
+    (held to its end) and counts again in a new statement, whose snapshot is taken after the lock
+    is granted: every other claim for the tenant has either committed by then (it is counted) or
+    waits for this lock (it counts this one). The claims of one capped tenant are serialised from
+    their recount to their commit (a few statements); claims of other tenants, and every claim of
+    a tenant without a cap, never take the lock and pay nothing (the cap comes back with the
+    claim's ``RETURNING``). A transaction holds at most one such lock (one claim per
+    transaction), so they cannot deadlock. Cost: two statements more per claim of a capped tenant,
+    a claim transaction's median 5.1 → 5.7 ms and 4.9 → 5.5 ms in two runs of 350 claims on this
+    2-core VM (shared with other work); an uncapped tenant's claim 5.1 / 4.9 ms against 5.1 / 4.6 ms
+    before this check, within the noise (its only addition: the cap, one primary-key probe in
+    ``RETURNING``, 0.007 ms of the statement's 0.36 ms in ``ldmq bench scheduler --quick``'s
+    EXPLAIN ANALYZE).
+
+    PostgreSQL only: SQLite has one writer at a time, and a claim's transaction starts with its
+    write, so its count always includes every committed claim and nothing can be in flight."""
+    if cap is None or session.get_bind().dialect.name != "postgresql":
+        return
+    session.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:tenant))"),
+                    {"space": CAP_LOCK_SPACE, "tenant": tenant_id})
+    live = session.scalar(text(f"SELECT count(*) FROM {table} WHERE tenant_id = :tenant AND status = 'running'"
+                               " AND lease_expires_at >= :now"), {"tenant": tenant_id, "now": now})
+    if live > cap:  # ours is counted (its lease runs from now)
+        raise TenantAtCap(tenant_id)
 
 
 def _dt_type():
@@ -199,7 +255,7 @@ def decayed(usage_s: float, updated_s: float, now_s: float, half_life_s: float) 
 def standings(session: Session, settings: Settings, now: datetime) -> dict[str, float]:
     """Every eligible tenant's score as the claim sees it (lower goes first): for tests, the bench
     and operators' questions ("why did B run before A?")."""
-    sql = f"WITH {_RANK_CTES.format(table='jobs', decayed=_DECAYED)} SELECT tenant_id, score FROM ranked"
+    sql = f"WITH {_RANK_CTES.format(table='jobs', decayed=_DECAYED, inflight=_INFLIGHT)} SELECT tenant_id, score FROM ranked"
     stmt = _typed(text(sql), session.get_bind().dialect.name, "now")
     rows = session.execute(stmt, {"now": now, "now_s": _epoch(now), "half_life": float(settings.sched_half_life_s),
                                   "reserve": float(settings.sched_running_charge_s)}).all()
@@ -224,7 +280,7 @@ me AS (
 ),
 live AS (
     SELECT tenant_id, count(*) AS n, sum(CASE WHEN id = :job THEN 0 ELSE 1 END) AS n_other,
-           sum(:now_s - coalesce(charged_s, :now_s)) AS inflight
+           {inflight} AS inflight
     FROM jobs
     WHERE status = 'running' AND lease_expires_at >= :now
     GROUP BY tenant_id
@@ -333,7 +389,7 @@ def preemption(session: Session, settings: Settings, job_id: str, attempt: int, 
     if not after_s or ran_s < after_s:
         return None
     dialect = session.get_bind().dialect.name
-    sql = "WITH " + _PREEMPT_CTES.format(decayed=_DECAYED) + "," + (
+    sql = "WITH " + _PREEMPT_CTES.format(decayed=_DECAYED, inflight=_INFLIGHT) + "," + (
         _PG_BEST if dialect == "postgresql" else _LITE_BEST) + _PREEMPT_SELECT
     stmt = _typed(text(sql), dialect, "now").columns(w_since=_dt_type())
     row = session.execute(stmt, {"job": job_id, "attempt": attempt, "type": job_type, "now": now,

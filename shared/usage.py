@@ -12,7 +12,7 @@ what each costs).
 of ``[started_at, finished_at]`` (``now`` while it runs) with the window. It is what a worker
 was held for, not what its device computed (loading a pipeline and uploads count). Jobs
 co-batched into one run share that run's worker and each counts its own wall time, so their sum
-can exceed the worker time; ``started_at`` is a job's first start, so a job that ran again after
+can exceed the worker time (the fair-share ledger splits it instead: ``shared.jobstate.share_charge``); ``started_at`` is a job's first start, so a job that ran again after
 a release or a lost lease counts from its first start, and a job queued again after running
 counts nothing until it runs again.
 """

@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from shared import jobstate, scheduler
 from shared.db import session_scope
@@ -237,6 +237,10 @@ def test_the_same_policy_on_sqlite(tmp_path, make_tenant, settings):
     with session_scope(lite) as s:
         jobstate.heartbeat(s, again.job_id, again.attempt, 30, now=now + timedelta(seconds=20), settings=lite)
         assert s.get(TenantUsage, "b" * 32).usage_s == pytest.approx(10.0, abs=0.01)
+    by_id = submit(lite, "a" * 32)  # a claim by id (a co-batched companion), the cap read with it
+    with session_scope(lite) as s:
+        s.execute(update(Tenant).where(Tenant.id == "a" * 32).values(max_running=2))
+        assert jobstate.claim(s, by_id, "w", 30).attempt == 1
 
 
 # -- preemption at checkpoints (scheduler.preemption) ---------------------------------------------
@@ -357,3 +361,116 @@ def test_preemption_on_sqlite(tmp_path, make_tenant, settings):
     other = submit(lite, "b" * 32, age_s=3 * AFTER, type_="train")  # an idle tenant goes first
     got = should_yield(lite, job, attempt)
     assert (got.waiting_job_id, got.reason) == (other, "fair_share")
+
+
+def _held_or_done(settings, thread: threading.Thread, deadline_s: float = 30.0) -> None:
+    """Wait until ``thread``'s claim has ended or waits on a lock held by another session (what a
+    second claim for a tenant at its cap does while the first one's transaction is open)."""
+    import time
+
+    from sqlalchemy import text
+
+    end = time.monotonic() + deadline_s
+    while thread.is_alive() and time.monotonic() < end:
+        with session_scope(settings) as s:
+            if s.scalar(text("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                             " WHERE NOT l.granted AND d.datname = current_database()")):
+                return
+        thread.join(0.02)
+    assert time.monotonic() < end, "the second claim neither ended nor waited"
+
+
+@pytest.mark.parametrize("by_id", [False, True], ids=["claim_next", "claim_by_id"])
+def test_max_running_holds_when_two_claims_overlap(settings, tenant, by_id):
+    """Two workers' claims for a tenant at ``max_running`` - 1 overlap: the first one's transaction
+    is still open when the second one counts the tenant's running jobs (READ COMMITTED: its
+    statement cannot see the first claim). The second must not start a job over the cap."""
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: claims never overlap")
+    from shared.db import abort, finish, new_session
+
+    capped = tenant(max_running=1)
+    first_id = submit(settings, capped, age_s=10)
+    second_id = submit(settings, capped)
+    first = new_session(settings)
+    try:
+        c1 = jobstate.claim_next(first, settings, "sample", "w1", 30)
+        assert c1.job_id == first_id
+        got: dict = {}
+
+        def second() -> None:
+            try:
+                with session_scope(settings) as s:
+                    got["claim"] = (jobstate.claim(s, second_id, "w2", 30) if by_id
+                                    else jobstate.claim_next(s, settings, "sample", "w2", 30))
+            except jobstate.TenantAtCap as exc:
+                got["claim"] = exc
+
+        th = threading.Thread(target=second)
+        th.start()
+        _held_or_done(settings, th)
+    except BaseException:
+        abort(first)
+        raise
+    finish(first)
+    th.join(30)
+    assert not th.is_alive()
+    assert got["claim"] is None or isinstance(got["claim"], jobstate.TenantAtCap), got
+    with session_scope(settings) as s:
+        running = s.scalars(select(Job.id).where(Job.tenant_id == capped, Job.status == "running")).all()
+        assert running == [first_id]
+        assert s.get(Job, second_id).attempts == 0  # the undone claim left no trace
+    assert claim_next(settings) is None  # a later claim sees the tenant at its cap
+
+
+def test_racing_workers_never_run_a_tenant_over_max_running(settings, tenant):
+    """Many workers woken at once, each claiming through the worker's path (its own session, the
+    retry after a lost race): the capped tenant runs exactly its cap, and the workers that lost its
+    slots take the other tenant's work instead of idling."""
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: claims never overlap")
+    from tests.conftest import race
+    from worker.runtime.run import claim_next_run
+
+    capped = tenant(max_running=2)  # ranked first: no usage and weight 100
+    with session_scope(settings) as s:
+        s.execute(update(Tenant).where(Tenant.id == capped).values(weight=100.0))
+    other = tenant(usage_s=1e3)
+    for i in range(12):
+        submit(settings, capped, age_s=i)
+    for i in range(12):
+        submit(settings, other, age_s=i)
+    runs = race(12, lambda: claim_next_run(settings, "sample", owner="racer"))
+    assert all(r is not None for r in runs)
+    with session_scope(settings) as s:
+        running = dict(s.execute(select(Job.tenant_id, func.count()).where(Job.status == "running")
+                                 .group_by(Job.tenant_id)).all())
+        assert running == {capped: 2, other: 10}
+        assert s.scalar(select(func.count()).where(Job.tenant_id == capped, Job.attempts > 0)) == 2  # none undone left a trace
+
+
+def test_jobs_sharing_one_batch_run_are_charged_its_time_once_split_by_images(settings, tenant):
+    """A sample run packing another tenant's job into its batches: together they are charged the
+    run's time once (3:1 by images), in the ledger and in the claim's in-flight term."""
+    lead_t, packed_t = tenant(), tenant()
+    lead_id, packed_id = submit(settings, lead_t), submit(settings, packed_t)
+    now = utcnow()
+    with session_scope(settings) as s:
+        lead = jobstate.claim(s, lead_id, "w", 60, now=now)
+        packed = jobstate.claim(s, packed_id, "w", 60, now=now)
+        jobstate.share_charge(s, [(lead_id, lead.attempt, 3), (packed_id, packed.attempt, 1)], settings, now=now)
+    with session_scope(settings) as s:  # 8 s into the shared run: 6 s and 2 s in flight (+ the reserve)
+        score = scheduler.standings(s, settings, now + timedelta(seconds=8))
+        reserve = settings.sched_running_charge_s
+        assert (score[lead_t], score[packed_t]) == (pytest.approx(6 + reserve), pytest.approx(2 + reserve))
+    for job_id, c in ((lead_id, lead), (packed_id, packed)):
+        with session_scope(settings) as s:
+            jobstate.heartbeat(s, job_id, c.attempt, 60, now=now + timedelta(seconds=8), settings=settings)
+    with session_scope(settings) as s:
+        assert s.get(TenantUsage, lead_t).usage_s == pytest.approx(6.0, abs=0.01)
+        assert s.get(TenantUsage, packed_t).usage_s == pytest.approx(2.0, abs=0.01)
+    with session_scope(settings) as s:  # a claim of its own charges a job in full again
+        jobstate.release(s, packed_id, packed.attempt, settings=settings)
+    with session_scope(settings) as s:
+        again = jobstate.claim(s, packed_id, "w", 60)
+        assert s.get(Job, packed_id).charge_share == 1.0 and again is not None

@@ -178,6 +178,7 @@ def test_queued_jobs_of_the_same_model_share_batches(client, settings, tiny_mode
         for jid in ids:
             job = s.get(Job, jid)
             assert job.status == "succeeded" and job.outputs_count == 2 and job.attempts == 1
+            assert job.charge_share == pytest.approx(1 / 3)  # one batch run, charged once: 2 of 6 images each
             types = [e.type for e in s.query(JobEvent).filter_by(job_id=jid)]
             assert types.count("succeeded") == 1
     # The packed jobs' own messages arrive later and do nothing.

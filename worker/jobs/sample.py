@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 
+from shared import jobstate
 from shared.adapters import ADAPTER_WEIGHTS, base_of
 from shared.catalog import DEFAULT_SCHEDULER, denoising_steps, uses_guidance
 from shared.db import session_scope
@@ -205,6 +206,8 @@ def claim_companions(settings: Settings, lead: JobWork, budget: int) -> list[Job
     if works:
         log.info("job %s: packing %d more job(s) into its batches: %s", lead.job.id, len(works),
                  ", ".join(w.job.id for w in works))
+        with session_scope(settings) as s:  # one device batch: charged once, split by images
+            jobstate.share_charge(s, [(w.run.job_id, w.run.attempt, len(w.items)) for w in [lead, *works]], settings)
     return works
 
 

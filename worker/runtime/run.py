@@ -233,11 +233,21 @@ def claim_run(settings: Settings, job_id: str, job_type: str, *, owner: str | No
     build its :class:`JobRun` (not started); None when it is not claimable (taken, final, out of
     attempts). ``kwargs`` go to :class:`JobRun`."""
     owner = owner or worker_identity()
-    with session_scope(settings) as s:
-        claim = jobstate.claim(s, job_id, owner, settings.lease_seconds)
+    try:
+        with session_scope(settings) as s:
+            claim = jobstate.claim(s, job_id, owner, settings.lease_seconds)
+    except jobstate.TenantAtCap:  # another worker's claim filled the tenant's slots; rolled back
+        return None
     if claim is None:
         return None
     return JobRun(settings, claim, job_type, owner, **kwargs)
+
+
+# Claims in a row that may each lose a race for a tenant's last slot (``jobstate.TenantAtCap``).
+# Each loss is to a claim that committed, and the retry skips that tenant, so only a race for
+# another capped tenant's slot can make it lose again; after these, the worker takes nothing
+# this time and the next wake-up (the sweeper's, at worst) tries again.
+CAP_RETRIES = 4
 
 
 def claim_next_run(settings: Settings, job_type: str, *, owner: str | None = None, **kwargs) -> JobRun | None:
@@ -245,8 +255,14 @@ def claim_next_run(settings: Settings, job_type: str, *, owner: str | None = Non
     one conditional UPDATE, and build its :class:`JobRun` (not started); None when nothing is
     claimable. Observes the job's queue wait (first claims) by tenant and priority."""
     owner = owner or worker_identity()
-    with session_scope(settings) as s:
-        claim = jobstate.claim_next(s, settings, job_type, owner, settings.lease_seconds)
+    claim = None
+    for _ in range(CAP_RETRIES):
+        try:
+            with session_scope(settings) as s:
+                claim = jobstate.claim_next(s, settings, job_type, owner, settings.lease_seconds)
+            break
+        except jobstate.TenantAtCap:  # rolled back; the next statement sees that tenant at its cap
+            continue
     if claim is None:
         return None
     if claim.waited_s is not None:
