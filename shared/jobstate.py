@@ -420,7 +420,7 @@ def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict[str, 
     if job is None:
         return None
     now = utcnow()
-    _book(session, settings, _take_charge(session, job_id, attempt, now), now)  # the row is locked above
+    taken = _take_charge(session, job_id, attempt, now)  # the row is locked above
     if job.attempts < job.max_attempts:
         session.execute(
             update(Job).where(_fenced(job_id, attempt))
@@ -429,6 +429,7 @@ def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict[str, 
         )
         emit(session, job_id, "requeued", {"reason": error.get("code", "crashed"), "attempt": attempt,
                                            "error": error})
+        _book(session, settings, taken, now)
         return "requeued"
     final = {"code": "attempts_exhausted",
              "message": f"the job's process died on each of its {job.attempts} attempts; "
@@ -441,6 +442,7 @@ def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict[str, 
     )
     emit(session, job_id, "failed", {"error": final})
     _piece_ended(session, parent, JobStatus.failed.value, now)
+    _book(session, settings, taken, now)  # last: the tenant's ledger row is shared by all its runs
     return "failed"
 
 
