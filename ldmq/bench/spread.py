@@ -4,7 +4,8 @@ A job of ``--images`` (768) images of the tiny model, split by the API into piec
 ``--piece-images`` (64: 12 pieces), end to end: a real ``ldmq api``, Postgres (a fresh database),
 Celery on Redis, ``ldmq worker`` processes with one model stream of one torch thread each
 (``LDMQ_SAMPLE_STREAMS=1``, ``LDMQ_WORKER_THREADS=1``, no co-batching), PNGs into moto's S3 server
-in this process. Each round times the job with one worker, then starts a second worker, warms it
+in this process, and a ``redis-server`` of its own as the broker (``--redis``: where none is
+installed). Each round times the job with one worker, then starts a second worker, warms it
 on a small spread job until both workers have run a piece of it (read from the pieces' ``started``
 events), times the job with two, and stops the second worker again. Seconds are from the submit
 to the client seeing ``succeeded``; the speed-up is one's time over two's within a round (the
@@ -27,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ldmq.bench.stack import Stack, add_arguments, s3_server, stop_all, wait_for_job
+from ldmq.bench.stack import Stack, add_arguments, private_redis, s3_server, stop_all, wait_for_job
 
-JOB_TIMEOUT_S = 1800
+JOB_TIMEOUT_S = 600  # a stuck job fails the bench instead of hanging it
 
 
 def _body(model: str, n: int, steps: int, scheduler: str, seed0: int) -> dict:
@@ -95,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one job of {args.images} images ({pieces} pieces of <= {args.piece_images}), {args.steps} steps "
           f"{args.scheduler}, batch {args.batch_size}, tiny model, CPU; workers of one thread each")
     rounds = []
-    with s3_server("bench") as endpoint, Stack(workdir, pg_admin=args.pg_admin, redis_url=args.redis,
-                                               storage_url="s3://bench/objects",
-                                               env={**env, "LDMQ_S3_ENDPOINT_URL": endpoint}) as stack:
+    with private_redis(args.redis) as broker, s3_server("bench") as endpoint, Stack(
+            workdir, pg_admin=args.pg_admin, redis_url=broker, storage_url="s3://bench/objects",
+            env={**env, "LDMQ_S3_ENDPOINT_URL": endpoint}) as stack:
         stack.flush_broker()
         key, model = stack.tenant_with_model("bench", pipe_dir)
         stack.start_api()
