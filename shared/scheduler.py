@@ -222,7 +222,8 @@ class QueuePosition:
     queued work of the type, what fair share gives it while this tenant's work ahead and the job
     itself run: ``(own images ahead + this job's) × its weight / this tenant's weight``, at most what
     it has queued. Current usage differences, running work and ``max_running`` are left out (a
-    tenant behind on usage runs sooner than this says). ``exact``: no scan was capped.
+    tenant behind on usage runs sooner than this says). A spread job ahead counts once in
+    ``jobs_ahead`` and by its queued pieces' images (``shared.pieces``). ``exact``: no scan was capped.
     ``estimated_wait_s``: images ahead × ``sched_seconds_per_image`` / the jobs of the type running
     now (at least 1, standing in for the workers); None for train jobs (no per-image figure)."""
 
