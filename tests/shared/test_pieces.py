@@ -244,3 +244,17 @@ def test_a_big_submit_is_one_job_to_the_client(settings, tiny_model):
         assert got["status"] == "queued" and got["total_items"] == 10
         assert got["queue"]["jobs_ahead"] == 0
         assert c.get(f"/v1/jobs/{small.json()['id']}", headers=headers).json()["queue"]["images_ahead"] == 10
+
+
+def test_a_released_piece_goes_back_to_the_queue_and_a_stale_one_ends_nothing(settings, spread):
+    job_id, parts = spread
+    c = claim_next(settings)
+    with session_scope(settings) as s:
+        assert jobstate.release(s, c.job_id, c.attempt, "worker shutdown")
+    assert get(settings, c.job_id).status == "queued" and get(settings, job_id).status == "running"
+    with session_scope(settings) as s:
+        again = jobstate.claim(s, c.job_id, "w2", 30)
+    assert again.attempt == 2  # the fencing token moved on: the released run's writes are refused
+    with pytest.raises(LeaseLost):
+        finish(settings, c, JobStatus.failed, error={"code": "x", "message": "stale"})
+    assert get(settings, job_id).status == "running" and not get(settings, parts[1]).cancel_requested
