@@ -39,6 +39,7 @@ class StateCollector:
         try:
             with session_scope(self.settings) as s:
                 for type_, status, n in s.execute(select(Job.type, Job.status, func.count())
+                                                  .where(Job.parent_id.is_(None))  # pieces are not jobs
                                                   .group_by(Job.type, Job.status)).all():
                     jobs.add_metric([type_, status], n)
         except Exception as exc:
@@ -89,7 +90,8 @@ class StateCollector:
             now = utcnow()
             with session_scope(self.settings) as s:
                 rows = s.execute(select(Job.type, Tenant.name, Job.priority, func.count(), func.min(Job.created_at))
-                                 .join(Tenant, Tenant.id == Job.tenant_id).where(Job.status == "queued")
+                                 .join(Tenant, Tenant.id == Job.tenant_id)
+                                 .where(Job.status == "queued", Job.parent_id.is_(None))
                                  .group_by(Job.type, Tenant.name, Job.priority)).all()
             for type_, tenant, priority, n, first in rows:
                 labels = [type_, tenant, str(priority)]

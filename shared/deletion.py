@@ -193,7 +193,7 @@ def expired_jobs(session: Session, days: float, limit: int) -> list[str]:
     """Final jobs that finished more than ``days`` ago (oldest first, at most ``limit``)."""
     cutoff = utcnow() - timedelta(days=days)
     ended = func.coalesce(Job.finished_at, Job.created_at)
-    return list(session.scalars(select(Job.id).where(Job.status.in_(FINAL), ended < cutoff)
+    return list(session.scalars(select(Job.id).where(Job.status.in_(FINAL), ended < cutoff, Job.parent_id.is_(None))
                                 .order_by(ended, Job.id).limit(limit)))
 
 

@@ -19,6 +19,28 @@ run the tenant over its cap raises :class:`TenantAtCap` for the owner to roll ba
 (``shared.scheduler.hold_cap`` says why a statement alone cannot hold the cap). Every
 run's time is charged to its tenant's fair-share usage at each heartbeat and at its end, at the
 run's ``charge_share`` (1, or a packed job's share of a batch run: :func:`share_charge`).
+
+**Spread jobs** (``shared.pieces``). A big sample job is split at submit into pieces, child rows
+of ``jobs``; the parent (``pieces`` > 0) is never claimed, each piece runs the machine above with
+its own lease and attempts. The parent's own transitions, each one conditional UPDATE:
+
+    parent queued -> running          when a piece is first claimed (or first records outputs)
+    parent queued | running -> succeeded | failed | canceled
+                                      when its last live piece reaches a final state (:func:`settle`,
+                                      in that piece's transaction): failed if any piece failed (its
+                                      error), else canceled if any was canceled, else succeeded
+    piece failed -> its queued siblings canceled, its running siblings asked to cancel (the job
+                    fails; outputs already made are kept)
+    cancel of the parent -> queued pieces canceled, running pieces asked to cancel (one UPDATE each)
+
+So a parent is final exactly when all its pieces are, and no piece writes into a job that has
+ended. Every transaction that takes a piece to a final state, or records its outputs, locks the
+parent row first (:func:`lock_parent_of`): piece endings are serialized per job, so the one that
+sees no live sibling is the last, and locks are always taken parent before piece (no deadlock
+between a piece's writes and a sibling's failure or a cancel). The claim never waits for the
+parent: it moves it to running only if no one holds it (``SKIP LOCKED``); the piece's first
+recorded batch does it otherwise. A piece's outputs, progress and ``row_done`` go to the parent,
+fenced by the piece's own attempt.
 """
 
 from __future__ import annotations
@@ -28,7 +50,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from shared import scheduler
@@ -38,6 +60,7 @@ from shared.scheduler import TenantAtCap as TenantAtCap  # what claim and claim_
 from shared.settings import Settings
 
 _FINAL = [s.value for s in FINAL_STATUSES]
+_LIVE = [JobStatus.queued.value, JobStatus.running.value]
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,7 @@ class Claim:
     tenant_id: str | None = None  # for log context
     priority: int = 0  # for the queue-wait metric
     waited_s: float | None = None  # first claim only: seconds from submit to this claim
+    parent_id: str | None = None  # a piece of a spread job: the job it belongs to
 
 
 class LeaseLost(Exception):
@@ -82,6 +106,7 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
             Job.id == job_id,
             Job.attempts < Job.max_attempts,
             Job.cancel_requested.is_(False),
+            Job.pieces == 0,  # a spread job's pieces are claimed, never the job itself
             or_(
                 Job.status == JobStatus.queued.value,
                 and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
@@ -97,15 +122,15 @@ def claim(session: Session, job_id: str, owner: str, lease_s: float, now: dateti
             charged_s=now.timestamp(),
             charge_share=1.0,
         )
-        .returning(Job.attempts, Job.tenant_id, Job.priority, Job.created_at, _cap())
+        .returning(Job.attempts, Job.tenant_id, Job.priority, Job.created_at, Job.parent_id, _cap())
         .execution_options(synchronize_session=False)
     )
     row = session.execute(stmt).one_or_none()
     if row is None:
         return None
-    attempt, tenant_id, priority, created_at, cap = row
+    attempt, tenant_id, priority, created_at, parent_id, cap = row
     scheduler.hold_cap(session, tenant_id, cap, now)
-    return _started(session, job_id, attempt, owner, expires, tenant_id, priority, created_at, now)
+    return _started(session, job_id, attempt, owner, expires, tenant_id, priority, created_at, now, parent_id)
 
 
 def _below_max_running(now: datetime):
@@ -138,16 +163,103 @@ def claim_next(session: Session, settings: Settings, job_type: str, owner: str, 
         return None
     expires = now + timedelta(seconds=lease_s)
     return _started(session, picked.job_id, picked.attempt, owner, expires, picked.tenant_id, picked.priority,
-                    picked.created_at, now)
+                    picked.created_at, now, picked.parent_id)
 
 
 def _started(session: Session, job_id: str, attempt: int, owner: str, expires: datetime, tenant_id: str,
-             priority: int, created_at: datetime | None, now: datetime) -> Claim:
+             priority: int, created_at: datetime | None, now: datetime, parent_id: str | None = None) -> Claim:
     emit(session, job_id, "started", {"attempt": attempt, "worker": owner})
+    if parent_id is not None:
+        _parent_running(session, parent_id, now, {"worker": owner, "piece": job_id}, skip_locked=True)
     if created_at is not None and created_at.tzinfo is None:  # SQLite's naive UTC text
         created_at = created_at.replace(tzinfo=timezone.utc)
     waited = (now - created_at).total_seconds() if attempt == 1 and created_at is not None else None
-    return Claim(job_id, attempt, expires, tenant_id, priority or 0, waited)
+    return Claim(job_id, attempt, expires, tenant_id, priority or 0, waited, parent_id)
+
+
+# -- spread jobs: the parent of pieces (see the module docstring and shared.pieces) ---------------
+
+def lock_parent_of(session: Session, job_id: str) -> str | None:
+    """The job ``job_id`` is a piece of, its row locked until the commit; None for a job that runs
+    whole (nothing locked). Taken first by every transaction that ends a piece or records its
+    outputs, so that a job's pieces end one after another and locks go parent before piece."""
+    parent = session.scalar(select(Job.parent_id).where(Job.id == job_id))
+    if parent is not None:
+        session.execute(select(Job.id).where(Job.id == parent).with_for_update())
+    return parent
+
+
+def _parent_running(session: Session, parent_id: str, now: datetime, data: dict[str, Any], *,
+                    skip_locked: bool = False) -> None:
+    """parent queued -> running (its ``started`` event), once. ``skip_locked``: a claim, which must
+    not wait for the parent's lock (it holds the piece's, and the parent's holder may want that);
+    when skipped, the piece's first recorded batch does it."""
+    target = aliased(Job)
+    pick = select(target.id).where(target.id == parent_id, target.status == JobStatus.queued.value)
+    if skip_locked:
+        pick = pick.with_for_update(skip_locked=True)
+    res = session.execute(update(Job).where(Job.id == pick.scalar_subquery(), Job.status == JobStatus.queued.value)
+                          .values(status=JobStatus.running.value, started_at=_coalesce_started(now))
+                          .execution_options(synchronize_session=False))
+    if res.rowcount == 1:
+        emit(session, parent_id, "started", data)
+
+
+def settle(session: Session, parent_id: str, now: datetime | None = None) -> str | None:
+    """The parent's final state once none of its pieces is live (its lock held: see
+    :func:`lock_parent_of`): failed if a piece failed (the first failed piece's error), else
+    canceled if one was canceled, else succeeded. One conditional UPDATE; returns the state set,
+    or None while a piece is still live or when the parent has ended already."""
+    now = now or utcnow()
+    c = aliased(Job)
+
+    def any_piece(*where):
+        return select(c.id).where(c.parent_id == parent_id, *where).exists()
+
+    failed, canceled = any_piece(c.status == JobStatus.failed.value), any_piece(c.status == JobStatus.canceled.value)
+    first_error = (select(c.error).where(c.parent_id == parent_id, c.status == JobStatus.failed.value)
+                   .order_by(c.item_start).limit(1).scalar_subquery())
+    status = case((failed, JobStatus.failed.value), (canceled, JobStatus.canceled.value),
+                  else_=JobStatus.succeeded.value)
+    row = session.execute(
+        update(Job)
+        .where(Job.id == parent_id, Job.status.in_(_LIVE), ~any_piece(c.status.in_(_LIVE)))
+        .values(status=status, finished_at=now, lease_owner=None, lease_expires_at=None, error=first_error,
+                progress=case((or_(failed, canceled), Job.progress), else_=1.0))
+        .returning(Job.status, Job.error, Job.model_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return None
+    final, error, model_id = row
+    emit(session, parent_id, final, {"error": error} if error else {"model_id": model_id} if model_id else {})
+    return final
+
+
+def _stop_siblings(session: Session, parent_id: str, now: datetime) -> None:
+    """A piece failed, or the job was canceled: its queued pieces end canceled, its running ones are
+    asked to stop (they poll the flag every second). One UPDATE each."""
+    ids = session.execute(
+        update(Job).where(Job.parent_id == parent_id, Job.status == JobStatus.queued.value)
+        .values(status=JobStatus.canceled.value, finished_at=now, cancel_requested=True)
+        .returning(Job.id).execution_options(synchronize_session=False)
+    ).scalars().all()
+    for piece in ids:
+        emit(session, piece, "canceled", {})
+    session.execute(
+        update(Job).where(Job.parent_id == parent_id, Job.status == JobStatus.running.value)
+        .values(cancel_requested=True).execution_options(synchronize_session=False)
+    )
+
+
+def _piece_ended(session: Session, parent_id: str | None, status: str, now: datetime) -> None:
+    """After a piece reached ``status`` (final), with its parent locked: a failure stops the
+    siblings; the last piece settles the job."""
+    if parent_id is None:
+        return
+    if status == JobStatus.failed.value:
+        _stop_siblings(session, parent_id, now)
+    settle(session, parent_id, now)
 
 
 def _take_charge(session: Session, job_id: str, attempt: int, now: datetime) -> tuple[str, float] | None:
@@ -220,13 +332,20 @@ def set_progress(session: Session, job_id: str, attempt: int, progress: float, d
                  *, event: bool = True) -> None:
     """Write the job's progress (fenced); with ``event``, also append a ``progress`` event (the
     stream, webhooks and loss curves read those): a worker passes what its :class:`ProgressEvents`
-    says, so the row is always current while the outbox grows at a bounded rate."""
+    says, so the row is always current while the outbox grows at a bounded rate. For a piece, its
+    own row takes ``progress``; its job's row takes its outputs so far (and the event)."""
+    parent = lock_parent_of(session, job_id)
     values: dict[str, Any] = {"progress": max(0.0, min(1.0, float(progress)))}
     if detail is not None:
         values["progress_detail"] = detail
     res = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values).execution_options(synchronize_session=False))
     if res.rowcount == 0:
         raise LeaseLost(job_id)
+    if parent is not None:  # the piece's own figure stays on its row; the job's is its outputs so far
+        done, total = session.execute(select(Job.outputs_count, Job.total_items).where(Job.id == parent)).one()
+        job_id, detail = parent, {"images_done": done, "images_total": total}
+        values = {"progress": min(1.0, done / max(1, total)), "progress_detail": detail}
+        session.execute(update(Job).where(Job.id == parent).values(**values).execution_options(synchronize_session=False))
     if event:
         emit(session, job_id, "progress", {"progress": values["progress"], **(detail or {})})
 
@@ -279,9 +398,11 @@ def finish(
     model_id: str | None = None,
     settings: Settings | None = None,
 ) -> None:
-    """running -> a final state, only for the run that holds the job (its last run time charged)."""
+    """running -> a final state, only for the run that holds the job (its last run time charged).
+    A piece's end may end its job (:func:`settle`)."""
     assert status in FINAL_STATUSES
     now = utcnow()
+    parent = lock_parent_of(session, job_id)
     taken = _take_charge(session, job_id, attempt, now)
     values: dict[str, Any] = {
         "status": status.value,
@@ -298,6 +419,7 @@ def finish(
     if res.rowcount == 0:
         raise LeaseLost(job_id)
     emit(session, job_id, status.value, {"error": error} if error else {"model_id": model_id} if model_id else {})
+    _piece_ended(session, parent, status.value, now)
     _book(session, settings, taken, now)
 
 
@@ -331,15 +453,16 @@ def release(session: Session, job_id: str, attempt: int, reason: str = "worker s
 def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict[str, Any],
                   settings: Settings | None = None) -> str | None:
     """The run's process died under it (crash, OOM kill): spend the attempt and requeue the job, or
-    fail it when no attempt is left (a poison job). Returns "requeued", "failed", or None when the
-    run no longer holds the job."""
+    fail it when no attempt is left (a poison job; a piece's failure fails its job). Returns
+    "requeued", "failed", or None when the run no longer holds the job."""
+    parent = lock_parent_of(session, job_id)
     job = session.execute(
         select(Job.attempts, Job.max_attempts).where(_fenced(job_id, attempt)).with_for_update()
     ).first()
     if job is None:
         return None
     now = utcnow()
-    _book(session, settings, _take_charge(session, job_id, attempt, now), now)  # the row is locked above
+    taken = _take_charge(session, job_id, attempt, now)  # the row is locked above
     if job.attempts < job.max_attempts:
         session.execute(
             update(Job).where(_fenced(job_id, attempt))
@@ -348,6 +471,7 @@ def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict[str, 
         )
         emit(session, job_id, "requeued", {"reason": error.get("code", "crashed"), "attempt": attempt,
                                            "error": error})
+        _book(session, settings, taken, now)
         return "requeued"
     final = {"code": "attempts_exhausted",
              "message": f"the job's process died on each of its {job.attempts} attempts; "
@@ -359,6 +483,8 @@ def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict[str, 
         .execution_options(synchronize_session=False)
     )
     emit(session, job_id, "failed", {"error": final})
+    _piece_ended(session, parent, JobStatus.failed.value, now)
+    _book(session, settings, taken, now)  # last: the tenant's ledger row is shared by all its runs
     return "failed"
 
 
@@ -371,7 +497,7 @@ def held_back(session: Session, tenant_id: str) -> tuple[str, str] | None:
     cap = session.scalar(select(Tenant.max_running).where(Tenant.id == tenant_id))
     if cap is None:
         return None
-    row = session.execute(select(Job.id, Job.type).where(Job.tenant_id == tenant_id,
+    row = session.execute(select(Job.id, Job.type).where(Job.tenant_id == tenant_id, Job.pieces == 0,
                                                          Job.status == JobStatus.queued.value)
                           .order_by(Job.sched_key).limit(1)).first()
     return (row[0], row[1]) if row else None
@@ -386,8 +512,16 @@ def cancel_requested(session: Session, job_id: str, attempt: int) -> bool:
 
 
 def request_cancel(session: Session, job_id: str) -> None:
-    """queued -> canceled at once; running -> flag the run, which stops between steps."""
+    """queued -> canceled at once; running -> flag the run, which stops between steps. A spread job:
+    its queued pieces are canceled, its running ones flagged, and it ends (canceled) with its last."""
     now = utcnow()
+    if session.scalar(select(Job.pieces).where(Job.id == job_id)):
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())  # parent before pieces
+        session.execute(update(Job).where(Job.id == job_id, Job.status.in_(_LIVE)).values(cancel_requested=True)
+                        .execution_options(synchronize_session=False))
+        _stop_siblings(session, job_id, now)
+        settle(session, job_id, now)
+        return
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued.value)
@@ -405,51 +539,74 @@ def request_cancel(session: Session, job_id: str) -> None:
 
 
 def fail_exhausted(session: Session, now: datetime | None = None) -> list[str]:
-    """Jobs whose lease expired with no attempts left: they killed their worker every time."""
+    """Jobs whose lease expired with no attempts left: they killed their worker every time. A piece
+    that ends so fails its job (see :func:`_each_parent_first`)."""
     now = now or utcnow()
-    stmt = (
-        update(Job)
-        .where(
-            Job.attempts >= Job.max_attempts,
-            Job.cancel_requested.is_(False),
-            or_(
-                and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
-                Job.status == JobStatus.queued.value,  # cannot be claimed any more: end it
-            ),
-        )
-        .values(
-            status=JobStatus.failed.value,
-            finished_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            error={"code": "attempts_exhausted",
-                   "message": "the job stopped its worker on every attempt (its lease expired each time)"},
-        )
-        .returning(Job.id, Job.attempts)
-        .execution_options(synchronize_session=False)
+    where = and_(
+        Job.attempts >= Job.max_attempts,
+        Job.cancel_requested.is_(False),
+        Job.pieces == 0,  # a spread job's own row has no run: its pieces end it
+        or_(
+            and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
+            Job.status == JobStatus.queued.value,  # cannot be claimed any more: end it
+        ),
     )
-    rows = list(session.execute(stmt))
-    for job_id, attempts in rows:
-        emit(session, job_id, "failed", {"error": {"code": "attempts_exhausted"}, "attempts": attempts})
-    return [r[0] for r in rows]
+    error = {"code": "attempts_exhausted",
+             "message": "the job stopped its worker on every attempt (its lease expired each time)"}
+
+    def end(scope) -> list[str]:
+        stmt = (
+            update(Job)
+            .where(where, scope)
+            .values(status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
+                    error=error)
+            .returning(Job.id, Job.attempts)
+            .execution_options(synchronize_session=False)
+        )
+        rows = list(session.execute(stmt))
+        for job_id, attempts in rows:
+            emit(session, job_id, "failed", {"error": {"code": "attempts_exhausted"}, "attempts": attempts})
+        return [r[0] for r in rows]
+
+    return _each_parent_first(session, where, end, JobStatus.failed.value, now)
 
 
 def cancel_abandoned(session: Session, now: datetime | None = None) -> list[str]:
     """Jobs asked to cancel whose run died (or that were released meanwhile): finish them as canceled."""
     now = now or utcnow()
-    stmt = (
-        update(Job)
-        .where(Job.cancel_requested.is_(True),
-               or_(and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
-                   Job.status == JobStatus.queued.value))
-        .values(status=JobStatus.canceled.value, finished_at=now, lease_owner=None, lease_expires_at=None)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    ids = list(session.execute(stmt).scalars())
-    for job_id in ids:
-        emit(session, job_id, "canceled", {})
-    return ids
+    where = and_(Job.cancel_requested.is_(True), Job.pieces == 0,
+                 or_(and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
+                     Job.status == JobStatus.queued.value))
+
+    def end(scope) -> list[str]:
+        stmt = (
+            update(Job)
+            .where(where, scope)
+            .values(status=JobStatus.canceled.value, finished_at=now, lease_owner=None, lease_expires_at=None)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+        ids = list(session.execute(stmt).scalars())
+        for job_id in ids:
+            emit(session, job_id, "canceled", {})
+        return ids
+
+    return _each_parent_first(session, where, end, JobStatus.canceled.value, now)
+
+
+def _each_parent_first(session: Session, where, end, status: str, now: datetime) -> list[str]:
+    """The sweeper's bulk endings: ``end(scope)`` (one conditional UPDATE) over the jobs that run
+    whole, then, per spread job with a piece to end, the same UPDATE over its pieces with the
+    parent locked first (the lock order of :func:`lock_parent_of`) and the job settled after."""
+    ended = end(Job.parent_id.is_(None))
+    parents = session.scalars(select(Job.parent_id).where(where, Job.parent_id.is_not(None)).distinct()).all()
+    for parent in parents:
+        session.execute(select(Job.id).where(Job.id == parent).with_for_update())
+        mine = end(Job.parent_id == parent)
+        if mine:
+            _piece_ended(session, parent, status, now)
+        ended += mine
+    return ended
 
 
 def record_output(session: Session, job_id: str, attempt: int, *, row: int, index: int, seed: int, key: str,
@@ -466,13 +623,20 @@ def record_outputs(session: Session, job_id: str, attempt: int, records: list[di
 
     ``records``: dicts of row, index, seed, key, width, height, sha256. Five statements a batch
     whatever its size (it was five an image: a quarter of a tiny model's sampling time on CPU).
+
+    ``job_id`` is the row the run holds: for a piece of a spread job the outputs, their count and
+    ``row_done`` go to its job (the parent, locked first), fenced by the piece's attempt.
     """
     if not records:
         return set()
+    parent = lock_parent_of(session, job_id)
     # Lock the job row for this transaction so the fencing check and the inserts are one step.
     locked = session.execute(select(Job.id).where(_fenced(job_id, attempt)).with_for_update()).first()
     if locked is None:
         raise LeaseLost(job_id)
+    if parent is not None:
+        _parent_running(session, parent, utcnow(), {"piece": job_id})
+        job_id = parent
     insert_fn = insert_for(session)
     now = utcnow()
     stmt = (
@@ -560,7 +724,8 @@ def sweep_candidates(session: Session, now: datetime | None = None) -> list[Swee
                 and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now,
                      Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False)),
                 and_(Job.status == JobStatus.queued.value, Job.attempts < Job.max_attempts),
-            )
+            ),
+            Job.pieces == 0,  # a spread job is woken through its pieces
         ).order_by(Job.status.desc(), Job.sched_key)
     ).all()
     return [SweepCandidate(r[0], r[1], r[2], r[3], r[4]) for r in rows]

@@ -161,6 +161,9 @@ class Job(Base):
         # shared.scheduler). Partial, so it holds only the queue, not every job ever run.
         Index("ix_jobs_claim", "tenant_id", "type", "sched_key", postgresql_where=text("status = 'queued'"),
               sqlite_where=text("status = 'queued'")),
+        # A spread job's pieces (shared.pieces); partial: most jobs are not pieces.
+        Index("ix_jobs_parent_id", "parent_id", postgresql_where=text("parent_id IS NOT NULL"),
+              sqlite_where=text("parent_id IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -200,6 +203,15 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     checkpoint_key: Mapped[str | None] = mapped_column(Text)
+
+    # Spread sample jobs (shared.pieces): a job split at submit has ``pieces`` > 0 and is never
+    # claimed itself; each piece is a child row (``parent_id``) that makes the job's images
+    # ``[item_start, item_end)`` (positions in the job's rows' images, in row order) and has its
+    # own lease, attempts and fencing token. 0 and NULLs: a job that runs whole.
+    pieces: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    item_start: Mapped[int | None] = mapped_column(Integer)
+    item_end: Mapped[int | None] = mapped_column(Integer)
 
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -27,11 +27,13 @@ the row taken is locked). The ``UPDATE`` around it sets the lease and bumps ``at
 fencing token) in the same statement, so a claim is still one conditional write. EXPLAIN ANALYZE
 with 10⁶ queued jobs over 4 tenants and 256 running: ~1 ms (docs/benchmarks.md, "scheduler").
 
-**Reuse for pieces of a job** (issue 15 item 2, not built here): a ``pieces`` table with
-``(tenant_id, type, sched_key, status, attempts, lease_*, charged_s, charge_share)`` and the same partial index
-is claimed by the same statement with the table name swapped (:func:`claim_sql` takes it): the
-tenant ranking reads running rows of whatever table holds the leases, and a piece inherits its
-job's ``sched_key`` so a job's pieces stay together in its tenant's order.
+**Pieces of a spread job** (``shared.pieces``) are child rows of ``jobs``, so this statement claims
+them as it claims any job; the parent row (``pieces`` > 0) is never claimed (``pieces = 0`` in the
+probe: a queued parent is one row the probe steps over). A piece inherits its job's
+``sched_key``, so a job's pieces stay together in its tenant's order, and the tenant ranking
+counts running pieces as running jobs (each holds a worker), which is what fair share and
+``max_running`` mean. (:func:`claim_sql` still takes a table name: a separate table was the other
+design, weighed in ``shared.pieces``.)
 
 SQLite (the embedded single-machine default) has neither ``LATERAL`` nor row locks, and one
 writer at a time: there the same policy is one ``UPDATE … WHERE id = (SELECT … ORDER BY rank,
@@ -74,12 +76,13 @@ ranked AS (
     WHERE t.weight > 0 AND (t.max_running IS NULL OR coalesce(l.n, 0) < t.max_running)
 )"""
 
-_CLAIMABLE = "attempts < max_attempts AND NOT cancel_requested"
+# ``pieces = 0``: a spread job is claimed through its pieces, never itself (shared.pieces).
+_CLAIMABLE = "attempts < max_attempts AND NOT cancel_requested AND pieces = 0"
 
 _SET = """status = 'running', attempts = attempts + 1, lease_owner = :owner, lease_expires_at = :expires,
        started_at = coalesce(started_at, :now), charged_s = :now_s, charge_share = 1"""
 
-_RETURNING = "RETURNING id, attempts, tenant_id, priority, created_at"
+_RETURNING = "RETURNING id, attempts, tenant_id, priority, created_at, parent_id"
 # PostgreSQL also returns the tenant's cap, so that :func:`hold_cap` runs only for capped tenants.
 _PG_RETURNING = _RETURNING + ", (SELECT t.max_running FROM tenants t WHERE t.id = {table}.tenant_id)"
 
@@ -98,7 +101,7 @@ pick AS (
     CROSS JOIN LATERAL (
         SELECT j.id FROM {table} j
         WHERE j.tenant_id = r.tenant_id AND j.type = :type AND j.status = 'queued'
-          AND j.attempts < j.max_attempts AND NOT j.cancel_requested
+          AND j.attempts < j.max_attempts AND NOT j.cancel_requested AND j.pieces = 0
         ORDER BY j.sched_key
         LIMIT 1 FOR UPDATE OF j SKIP LOCKED
     ) c
@@ -116,7 +119,7 @@ WITH {ranks}
 UPDATE {table} SET {set}
 WHERE id = (
     SELECT j.id FROM {table} j JOIN ranked r ON r.tenant_id = j.tenant_id
-    WHERE j.type = :type AND j.attempts < j.max_attempts AND NOT j.cancel_requested
+    WHERE j.type = :type AND j.attempts < j.max_attempts AND NOT j.cancel_requested AND j.pieces = 0
       AND (j.status = 'queued' OR (j.status = 'running' AND j.lease_expires_at < :now))
     ORDER BY CASE WHEN j.status = 'running' THEN 0 ELSE 1 END, r.score, r.tenant_id, j.sched_key
     LIMIT 1)
@@ -141,6 +144,7 @@ class Picked:
     tenant_id: str
     priority: int
     created_at: datetime
+    parent_id: str | None = None
 
 
 def _epoch(dt: datetime) -> float:
@@ -161,8 +165,8 @@ def pick_and_claim(session: Session, settings: Settings, job_type: str, owner: s
     row = session.execute(stmt, claim_params(settings, job_type, owner, now, lease_s)).first()
     if row is None:
         return None
-    hold_cap(session, row[2], row[5] if dialect == "postgresql" else None, now)
-    return Picked(row[0], row[1], row[2], row[3], row[4])
+    hold_cap(session, row[2], row[6] if dialect == "postgresql" else None, now)
+    return Picked(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
 # -- max_running under concurrent claims --------------------------------------------------------
@@ -429,7 +433,8 @@ class QueuePosition:
     queued work of the type, what fair share gives it while this tenant's work ahead and the job
     itself run: ``(own images ahead + this job's) × its weight / this tenant's weight``, at most what
     it has queued. Current usage differences, running work and ``max_running`` are left out (a
-    tenant behind on usage runs sooner than this says). ``exact``: no scan was capped.
+    tenant behind on usage runs sooner than this says). A spread job ahead counts once in
+    ``jobs_ahead`` and by its queued pieces' images (``shared.pieces``). ``exact``: no scan was capped.
     ``estimated_wait_s``: images ahead × ``sched_seconds_per_image`` / the jobs of the type running
     now (at least 1, standing in for the workers); None for train jobs (no per-image figure)."""
 
@@ -445,12 +450,15 @@ def _queued_before(session: Session, tenant_id: str, job_type: str, key: float |
 
     from shared.models import Job
 
-    q = select(Job.total_items).where(Job.tenant_id == tenant_id, Job.type == job_type, Job.status == "queued")
+    # What workers claim: jobs that run whole and pieces (a spread job counted once, by its id).
+    q = select(Job.total_items, func.coalesce(Job.parent_id, Job.id).label("job")).where(
+        Job.tenant_id == tenant_id, Job.type == job_type, Job.status == "queued", Job.pieces == 0)
     if key is not None:
         q = q.where(Job.sched_key < key)
     sub = q.order_by(Job.sched_key).limit(QUEUE_SCAN_CAP).subquery()
-    n, images = session.execute(select(func.count(), func.coalesce(func.sum(sub.c.total_items), 0))).one()
-    return int(n), int(images), n < QUEUE_SCAN_CAP
+    n, units, images = session.execute(select(func.count(func.distinct(sub.c.job)), func.count(),
+                                              func.coalesce(func.sum(sub.c.total_items), 0))).one()
+    return int(n), int(images), units < QUEUE_SCAN_CAP
 
 
 def queue_position(session: Session, settings: Settings, job, now: datetime) -> QueuePosition:

@@ -15,6 +15,10 @@ co-batched into one run share that run's worker and each counts its own wall tim
 can exceed the worker time (the fair-share ledger splits it instead: ``shared.jobstate.share_charge``); ``started_at`` is a job's first start, so a job that ran again after
 a release or a lost lease counts from its first start, and a job queued again after running
 counts nothing until it runs again.
+
+**Spread jobs** (``shared.pieces``): the job's row counts for queued work (its images not yet
+made: its pieces record their outputs on it), its pieces for GPU-seconds (each held a worker; the
+job's own span would count the same time again).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def queued_work(session: Session, tenant_id: str) -> QueuedWork:
     """The tenant's queued and running jobs and the images they have yet to make (one query)."""
     rows = session.execute(
         select(Job.status, func.count(), func.coalesce(func.sum(_images_left()), 0))
-        .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
+        .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE), Job.parent_id.is_(None))
         .group_by(Job.status)
     ).all()
     counts = {status: (int(n), int(images)) for status, n, images in rows}
@@ -85,7 +89,7 @@ def gpu_seconds(session: Session, since: datetime, now: datetime | None = None,
     end = case((Job.finished_at.is_(None), t_now), (Job.finished_at > t_now, t_now), else_=Job.finished_at)
     start = case((Job.started_at < t_since, t_since), else_=Job.started_at)
     q = (select(Job.tenant_id, func.sum(_seconds(session, end, start)))
-         .where(Job.started_at.is_not(None), Job.started_at < t_now,
+         .where(Job.started_at.is_not(None), Job.started_at < t_now, Job.pieces == 0,
                 or_(Job.finished_at > t_since, (Job.finished_at.is_(None) & (Job.status == JobStatus.running.value))))
          .group_by(Job.tenant_id))
     if tenant_ids is not None:

@@ -41,7 +41,7 @@ from api.schemas import (
     WebhookDeliveryOut,
     WebhookSpec,
 )
-from shared import jobstate, sampling_defaults, scheduler, usage
+from shared import jobstate, pieces, sampling_defaults, scheduler, usage
 from shared.adapters import base_of
 from shared.catalog import BUILTIN_DATASETS, denoising_steps, network_evaluations
 from shared.db import after_commit
@@ -138,7 +138,7 @@ def job_outs(session: Session, jobs: list[Job]) -> list[JobOut]:
 
 def get_job(session: Session, tenant: TenantRef, job_id: str) -> Job:
     job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id:
+    if job is None or job.tenant_id != tenant.id or job.parent_id is not None:  # a piece is not a job of the API
         raise not_found("job", job_id)
     return job
 
@@ -199,6 +199,8 @@ def _create_once(session: Session, settings: Settings, tenant: TenantRef, idempo
     job.enqueued_at = job.created_at = utcnow()
     # Its place in the tenant's queue: priority as a head start of sched_aging_s per level.
     job.sched_key = sched_key(job.created_at, job.priority or 0, settings.sched_aging_s)
+    # A big sample job's pieces (shared.pieces says why at submit), inserted after it below.
+    parts = pieces.split(job, settings.sample_piece_images)
     if not key:  # nothing to collide with: no savepoint (two round trips) needed
         session.add(job)
         session.flush()
@@ -213,7 +215,12 @@ def _create_once(session: Session, settings: Settings, tenant: TenantRef, idempo
             if found is None:
                 raise
             return Submitted(found, False)
-    after_commit(session, lambda: enqueue(job.id, job.type, settings))
+    if parts:
+        session.add_all(parts)
+        session.flush()
+    # One wake-up per piece (idle workers take a spread job's pieces at once), else for the job.
+    wake = [p.id for p in parts] or [job.id]
+    after_commit(session, lambda: [enqueue(i, job.type, settings) for i in wake])
     return Submitted(job, True, _add_webhook(session, job, webhook))
 
 
@@ -489,7 +496,7 @@ def list_jobs(session: Session, tenant: TenantRef, *, status: str | None, type_:
         raise ApiError(422, "invalid_request", f"unknown status {status!r}; valid: {', '.join(JOB_STATUSES)}")
     if type_ is not None and type_ not in JOB_TYPES:
         raise ApiError(422, "invalid_request", f"unknown type {type_!r}; valid: {', '.join(JOB_TYPES)}")
-    q = select(Job).where(Job.tenant_id == tenant.id)
+    q = select(Job).where(Job.tenant_id == tenant.id, Job.parent_id.is_(None))
     if status:
         q = q.where(Job.status == status)
     if type_:

@@ -14,6 +14,7 @@ figures (they are not timed tests); docs/benchmarks.md records the results and w
 - ``scheduler`` (:mod:`ldmq.bench.scheduler`): the claim path and the policy with hundreds of simulated
   workers against a real PostgreSQL (claims/s, latency, utilisation, fairness, waits under a flood)
 - ``estimate`` (:mod:`ldmq.bench.estimate`): dry-run estimates against real runs of the digits demo
+- ``spread`` (:mod:`ldmq.bench.spread`): one big sample job on two one-thread workers against one
 
 :mod:`ldmq.bench.stack` starts ldmq's processes on loopback for the benches that need a running
 system. Benchmarks import the worker's public names (``worker.model``, ``worker.jobs``) and
@@ -40,6 +41,7 @@ BENCHES = {
     "stream": "ldmq.bench.stream",
     "scheduler": "ldmq.bench.scheduler",
     "estimate": "ldmq.bench.estimate",
+    "spread": "ldmq.bench.spread",
 }
 
 

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -100,6 +101,41 @@ def wait_for_job(client, job: dict, *, interval_s: float, timeout_s: float) -> d
         time.sleep(interval_s)
         job = client.get(f"/v1/jobs/{job['id']}").json()
     return job
+
+
+@contextmanager
+def private_redis(fallback: str) -> Iterator[str]:
+    """A ``redis-server`` of this bench's own on a free loopback port (no persistence), stopped at
+    the end; ``fallback`` (a database of a shared server) where ``redis-server`` is not installed.
+    Why: test sessions on the same machine FLUSHDB a database of the shared server picked by their
+    pid (1-15), which silently drops a bench's wake-up messages and stalls its jobs."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield fallback
+        return
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ldmq-bench-redis-") as folder:
+        proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                                 "--dir", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if redis.Redis.from_url(url, socket_connect_timeout=1).ping():
+                        break
+                except redis.RedisError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the bench's redis-server did not start") from None
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 @contextmanager

@@ -13,10 +13,12 @@ from tests.faults.conftest import TRAIN, checkpoint_step, steps_of_attempt, wait
 
 pytestmark = pytest.mark.slow
 
+WHOLE = {"LDMQ_SAMPLE_PIECE_IMAGES": "0"}  # jobs are not split into pieces (tests/faults/test_piece_faults.py)
+
 
 def test_7_time_limits_end_in_failed_and_the_worker_keeps_serving(fstack):
     limit, grace = 6, 2
-    fstack.start_api()
+    fstack.start_api(WHOLE)  # a time limit is per run: these 400-image jobs must run as one
     w = fstack.start_worker("w1", extra_env={"LDMQ_SAMPLE_TIME_LIMIT_S": str(limit),
                                              "LDMQ_STOP_GRACE_S": str(grace)})
     worker_pid = w.p.pid
@@ -94,7 +96,7 @@ def test_8_sigterm_mid_training_checkpoints_requeues_at_once_and_resumes(fstack,
 
 
 def test_concurrency_two_runs_two_jobs_at_once_each_in_its_own_executor(fstack):
-    fstack.start_api()
+    fstack.start_api(WHOLE)  # two jobs, not pieces of them
     fstack.start_worker("w1", concurrency=2, extra_env={"LDMQ_COBATCH_MAX_ITEMS": "0"})  # no packing
     jobs = [fstack.submit_sample(200, steps=8) for _ in range(2)]
 

@@ -45,6 +45,7 @@ from shared.adapters import ADAPTER_WEIGHTS, base_of
 from shared.catalog import DEFAULT_SCHEDULER, denoising_steps, uses_guidance
 from shared.db import session_scope
 from shared.models import Job, JobOutput, JobRow, Model
+from shared.pieces import Piece, manifest_turn
 from shared.pipelines import PipelineRejected
 from shared.settings import Settings
 from shared.storage import get_storage
@@ -163,12 +164,17 @@ def is_webdataset(job: Job) -> bool:
 def load_work(settings: Settings, run: Run, index: int = 0) -> tuple[JobWork, Model | None]:
     with session_scope(settings) as s:
         job = s.get(Job, run.job_id)
+        piece = Piece.of(job)
+        if piece is not None:  # a piece of a spread job: the job's rows, model and outputs; the piece's images
+            job = s.get(Job, piece.parent_id)
         rows = list(s.scalars(select(JobRow).where(JobRow.job_id == job.id).order_by(JobRow.row)))
         model = s.get(Model, job.model_id) if job.model_id else None
         done = {(o.row, o.index) for o in s.scalars(select(JobOutput).where(JobOutput.job_id == job.id))}
-    items = plan_items(job, rows, done, index)
+    items, made, total = plan_items(job, rows, done, index), len(done), job.total_items or 1
+    if piece is not None:
+        items, made, total = piece.narrow(items, rows, done)
     shards = plan_shards(job.params, rows) if is_webdataset(job) else None
-    return JobWork(run, job, job.tenant_id, items, len(done), job.total_items or 1, shards), model
+    return JobWork(run, job, job.tenant_id, items, made, total, shards), model
 
 
 def batch_size_for(settings: Settings, model: Model) -> int:
@@ -285,7 +291,8 @@ def run_sample(settings: Settings, run: Run) -> dict:
     clock = time.perf_counter()
     n_batches = _make_images(run, works, setup, stopped, timings)
     record_timings(run, model.id, setup, timings, time.perf_counter() - clock)
-    write_manifest(settings, lead.tenant_id, lead.job.id, setup.common)
+    with manifest_turn(settings, run.job_id):  # pieces of one job write its manifest in turn
+        write_manifest(settings, lead.tenant_id, lead.job.id, setup.common)
     for i, w in enumerate(works[1:], start=1):
         if i in stopped:
             continue
@@ -376,7 +383,7 @@ def _make_images(run: Run, works: list[JobWork], setup: _Setup, stopped: set[int
                                   text=[png_text(image_params(setup.common, w.job.id, batch[k], setup.width,
                                                               setup.height)) for k in mine],
                                   shards=None if w.shards is None else
-                                  [w.shards[(batch[k].row, batch[k].index)] for k in mine])
+                                  [w.shards[(batch[k].row, batch[k].index)] for k in mine], run_id=w.run.job_id)
         writer.drain()
     except BaseException:
         streams.close()  # first: batches still computing stop at their next step

@@ -84,6 +84,11 @@ class Batch:
     pixels: object  # uint8 (N, H, W, 3)
     text: list[dict[str, str]] | None = None  # PNG text chunks per image (how to make it again)
     shards: list[tuple[int, int]] | None = None  # webdataset: (shard, images in that shard) per image
+    run_id: str = ""  # the row the run holds, whose attempt fences the writes: a piece of the job, or "" (the job)
+
+    @property
+    def fence_id(self) -> str:
+        return self.run_id or self.job_id
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,10 @@ def write_batch(settings: Settings, pool: ThreadPoolExecutor, b: Batch, spools: 
     records = list(pool.map(put, range(len(b.meta))))
 
     def record():
-        with session_scope(settings) as s:  # fenced by the attempt
-            jobstate.record_outputs(s, b.job_id, b.attempt, records)
+        with session_scope(settings) as s:  # fenced by the attempt (a piece's: jobstate sends them to its job)
+            jobstate.record_outputs(s, b.fence_id, b.attempt, records)
             event = progress_events is None or progress_events.due(b.job_id, force=b.made >= b.total)
-            jobstate.set_progress(s, b.job_id, b.attempt, b.made / b.total,
+            jobstate.set_progress(s, b.fence_id, b.attempt, b.made / b.total,
                                   {"images_done": b.made, "images_total": b.total}, event=event)
 
     _fenced(b, record)
@@ -300,9 +305,11 @@ class OutputWriter:
 
     def submit(self, *, job_id: str, attempt: int, tenant_id: str, lead: bool, made: int, total: int,
                meta: list[tuple[int, int, int]], arrays, text: list[dict[str, str]] | None = None,
-               shards: list[tuple[int, int]] | None = None) -> None:
+               shards: list[tuple[int, int]] | None = None, run_id: str = "") -> None:
+        """``job_id``: the job the images belong to (their keys); ``run_id``: the row whose
+        ``attempt`` fences the writes when it is not the job (a piece of a spread job)."""
         batch = Batch(self.settings_json, job_id, attempt, tenant_id, lead, made, total, meta, to_uint8(arrays), text,
-                      shards)
+                      shards, "" if run_id == job_id else run_id)
         if shards is not None:
             self.sharded.add(job_id)
         self.pending.append((self.process.send(batch), job_id))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from ldmq.bench.stack import free_port, stop_all, wait_for_job, wait_healthy
+from ldmq.bench.stack import free_port, private_redis, stop_all, wait_for_job, wait_healthy
 from tests.conftest import PG_ADMIN_URL
 
 
@@ -45,6 +46,20 @@ def test_stop_all_stops_the_whole_process_group():
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
+def test_private_redis_is_the_benchs_own_and_goes_at_the_end():
+    """A test session's FLUSHDB on the shared server cannot drop a bench's messages there."""
+    import redis
+
+    with private_redis("redis://unused/0") as url:
+        assert not url.endswith(":6379/0")
+        r = redis.Redis.from_url(url)
+        r.lpush("sample", b"wake")
+        assert r.llen("sample") == 1
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
 
 
 def test_wait_healthy_reports_an_api_that_exited_at_once():
