@@ -74,19 +74,22 @@ def test_a_spread_job_survives_a_worker_sigkilled_mid_piece(fstack):
     job = fstack.wait_final(job_id, 180)
     assert job.status == "succeeded", job.error
     fstack.assert_outputs_exactly_once(job_id, 4 * PIECE)
-    attempts = {p.id: p.attempts for p in pieces_of(fstack, job_id)}
-    assert attempts[victim_piece.id] == 2  # the killed piece ran again; the others once
-    assert all(a == 1 for pid, a in attempts.items() if pid != victim_piece.id), attempts
+    # Attempts are counted per piece: each piece's token equals the runs recorded on it, and the
+    # killed piece ran again. (Any other piece ran once, unless its own 3-s lease lapsed while a
+    # loaded machine starved its heartbeat: then it too was taken over, and counted the same way.)
+    parts = pieces_of(fstack, job_id)
+    runs = {p.id: [t for t, _ in fstack.events(p.id)].count("started") for p in parts}
+    assert {p.id: p.attempts for p in parts} == runs
+    assert runs[victim_piece.id] >= 2, runs
+    assert sum(runs.values()) < 2 * len(parts), runs  # not every piece started over
     assert all(p.status == "succeeded" for p in pieces_of(fstack, job_id))
     from shared.pieces import Piece
 
     mine = [o for o in fstack.outputs(job_id)
             if (o.row, o.index) in Piece.of(victim_piece).images(_rows(fstack, job_id))]
-    assert sum(o.attempt == 1 for o in mine) >= before and sum(o.attempt == 2 for o in mine) >= 1
+    assert sum(o.attempt == 1 for o in mine) >= before and sum(o.attempt >= 2 for o in mine) >= 1
     types = [t for t, _ in fstack.events(job_id)]  # one job to its client
     assert types.count("started") == 1 and types.count("succeeded") == 1 and "requeued" not in types
-    piece_events = [t for t, _ in fstack.events(victim_piece.id)]
-    assert piece_events.count("started") == 2  # each attempt of the piece is on its own record
 
 
 def _rows(fstack, job_id):
