@@ -43,10 +43,11 @@ def made_in(fstack, piece) -> int:
 
 
 def two_running(fstack, job_id: str):
-    """Two pieces of the job running at once under two different worker processes, both making images."""
+    """Two pieces of the job running at once under two different worker processes (one query a
+    poll: a loaded machine must not make the poller miss the overlap, which lasts a piece)."""
     running = [p for p in pieces_of(fstack, job_id) if p.status == "running"]
     owners = {p.lease_owner.split(":")[1] for p in running if p.lease_owner}
-    return running if len(owners) >= 2 and sum(made_in(fstack, p) > 0 for p in running) >= 2 else None
+    return running if len(owners) >= 2 else None
 
 
 def test_a_spread_job_survives_a_worker_sigkilled_mid_piece(fstack):
@@ -107,6 +108,7 @@ def test_cancel_of_a_spread_job_stops_every_running_piece_within_seconds(fstack)
     job_id = fstack.submit_sample(6 * PIECE, steps=16)
     running = wait_until(lambda: two_running(fstack, job_id), 120, "two pieces running on two workers at once",
                          interval=0.05)
+    wait_until(lambda: fstack.job(job_id).outputs_count > 0, 120, "the job's first images", interval=0.05)
     t0 = time.monotonic()
     r = fstack.http.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code in (200, 202), r.text

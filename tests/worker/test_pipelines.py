@@ -48,3 +48,47 @@ def test_the_count_cap_holds_and_one_pipeline_always_stays(stored_models, tmp_pa
     _get(cache, "m1", stored_models)
     _get(cache, "m2", stored_models)
     assert list(cache._items) == ["m2"]
+
+
+def _writer(tag: str):
+    def fetch(d):
+        (d / "unet").mkdir(parents=True, exist_ok=True)
+        (d / "unet" / "w.bin").write_text(tag)
+        (d / "model_index.json").write_text("{}")
+    return fetch
+
+
+def test_a_cached_copy_is_never_replaced_under_a_worker_that_loads_it(tmp_path):
+    """Two workers on one machine fetch the same model at once (a spread job's pieces): the one that
+    finishes first loads its copy while the other's fetch is still running; the later one must not
+    replace (delete) that copy, and leaves no temporary folder behind."""
+    from worker.model.pipelines import fetch_dir_once
+
+    local = tmp_path / "cache" / "m1"
+    seen = {}
+
+    def slow_fetch(d):  # B's fetch: A fetches and starts loading before B's files are in place
+        _writer("B")(d)
+        seen["a"] = fetch_dir_once(local, _writer("A"), "model_index.json")
+        seen["a_file"] = (seen["a"] / "unet" / "w.bin").open()  # A is reading its weights
+
+    got = fetch_dir_once(local, slow_fetch, "model_index.json")
+    assert got == seen["a"] == local
+    assert (local / "unet" / "w.bin").read_text() == "A"  # the copy A loads stayed in place
+    assert seen["a_file"].read() == "A"
+    seen["a_file"].close()
+    assert sorted(p.name for p in local.parent.iterdir()) == ["m1"]  # B's temporary copy is gone
+
+
+def test_a_half_fetched_folder_is_replaced_and_a_whole_one_reused(tmp_path):
+    from worker.model.pipelines import fetch_dir_once
+
+    local = tmp_path / "m2"
+    (local / "unet").mkdir(parents=True)  # a fetch that died before writing its marker
+    assert fetch_dir_once(local, _writer("new"), "model_index.json") == local
+    assert (local / "unet" / "w.bin").read_text() == "new"
+
+    def must_not_fetch(_d):
+        raise AssertionError("a whole copy is fetched again")
+
+    assert fetch_dir_once(local, must_not_fetch, "model_index.json") == local

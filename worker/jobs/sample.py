@@ -55,7 +55,7 @@ from worker.jobs.manifest import write_manifest
 from worker.jobs.provenance import image_params, png_text, row_steps_guidance, run_params
 from shared import estimates
 from worker.jobs.shards import ShardPlan, plan_shards
-from worker.model.pipelines import PipelineCache, device_kind, pipeline_view, resolve_device
+from worker.model.pipelines import PipelineCache, device_kind, fetch_dir_once, pipeline_view, resolve_device
 from worker.model.sampling import (
     CPU_AUTO_BATCH,
     EmbeddingCache,
@@ -122,9 +122,8 @@ def load_pipeline(settings: Settings, model: Model, device: str):
     if base is model:
         use_adapter(pipe, None)
     else:
-        local = settings.var_dir / "cache" / "adapters" / model.id
-        if not (local / ADAPTER_WEIGHTS).exists():
-            storage.download_dir(model.key, local)
+        local = fetch_dir_once(settings.var_dir / "cache" / "adapters" / model.id,
+                               lambda d: storage.download_dir(model.key, d), ADAPTER_WEIGHTS)
         try:
             use_adapter(pipe, model.id, local)
         except PipelineRejected as exc:  # not the one safetensors file: never loaded

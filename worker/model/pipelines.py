@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -108,6 +110,33 @@ def default_cache_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
+def fetch_dir_once(local: Path, fetch: Callable[[Path], object], marker: str) -> Path:
+    """``local``, holding a whole copy of what ``fetch(dir)`` writes into a directory, fetched once
+    per machine. Workers on one machine share the cache folder, and the pieces of a spread job
+    load the same model at the same moment: one worker checking for ``marker`` while another was
+    still writing the files loaded a half-written copy (``text_encoder`` missing, seen in
+    tests/faults/test_piece_faults.py). So the files go to a private temporary sibling that is
+    renamed into place whole (``rename`` is atomic on one file system); a worker that loses the
+    race drops its copy and uses the winner's. A folder without ``marker`` (a fetch that died under
+    an older layout) is replaced."""
+    if (local / marker).exists():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+    try:
+        fetch(tmp)
+        if local.exists() and not (local / marker).exists():
+            shutil.rmtree(local, ignore_errors=True)
+        try:
+            os.rename(tmp, local)
+        except OSError:
+            if not (local / marker).exists():  # not another worker's whole copy: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
 class PipelineCache:
     """Loaded pipelines keyed by model id, least recently used evicted first: past ``capacity``
     pipelines, or once their weights take more than ``max_bytes`` (the pipeline just loaded always
@@ -133,9 +162,7 @@ class PipelineCache:
             if model_id in self._items:
                 self._items.move_to_end(model_id)
                 return self._items[model_id][0]
-            local = self.cache_dir / model_id
-            if not (local / "model_index.json").exists():
-                fetch(local)
+            local = fetch_dir_once(self.cache_dir / model_id, fetch, "model_index.json")
             pipe = load_pipeline_dir(local, device, **load_options)
             self.loads += 1
             self._items[model_id] = (pipe, pipeline_bytes(pipe))
