@@ -60,7 +60,7 @@ def test_11_concurrent_submits_with_one_idempotency_key_make_one_job(fstack, set
 from hypothesis import HealthCheck  # noqa: E402
 from hypothesis import settings as hsettings  # noqa: E402
 
-MAX_EXAMPLES = 150  # per operation: about 2,000 requests over the 19 operations
+MAX_EXAMPLES = 100  # per operation: about 1,300 requests over the 19 operations
 
 
 @pytest.fixture(scope="module")
