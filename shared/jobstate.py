@@ -313,6 +313,7 @@ def heartbeat(session: Session, job_id: str, attempt: int, lease_s: float, now: 
     """Renew the lease and charge the run time since the last beat to the tenant's fair-share usage.
     Returns whether cancel was requested; raises LeaseLost if not ours any more."""
     now = now or utcnow()
+    lock_parent_of(session, job_id)  # a piece's beat takes its job first, as a cancel does (no deadlock)
     taken = _take_charge(session, job_id, attempt, now)
     stmt = (
         update(Job)
