@@ -24,7 +24,9 @@ The statement (:data:`_PG_CLAIM`) ranks the tenants (a few rows: ``tenants`` ⋈
 ``ix_jobs_claim`` taking the first row ``FOR UPDATE SKIP LOCKED``, and stops at the first tenant
 that yields one (a nested loop under ``LIMIT 1``: the tenants after it are never probed, and only
 the row taken is locked). The ``UPDATE`` around it sets the lease and bumps ``attempts`` (the
-fencing token) in the same statement, so a claim is still one conditional write. EXPLAIN ANALYZE
+fencing token) in the same statement, so a claim is still one conditional write; its ``started``
+event is inserted by the same statement too (``started``: one round trip fewer a claim, which is
+two, the statement and the commit). EXPLAIN ANALYZE
 with 10⁶ queued jobs over 4 tenants and 256 running: ~1 ms (docs/benchmarks.md, "scheduler").
 
 **Pieces of a spread job** (``shared.pieces``) are child rows of ``jobs``, so this statement claims
@@ -84,7 +86,7 @@ _SET = """status = 'running', attempts = attempts + 1, lease_owner = :owner, lea
 
 _RETURNING = "RETURNING id, attempts, tenant_id, priority, created_at, parent_id"
 # PostgreSQL also returns the tenant's cap, so that :func:`hold_cap` runs only for capped tenants.
-_PG_RETURNING = _RETURNING + ", (SELECT t.max_running FROM tenants t WHERE t.id = {table}.tenant_id)"
+_PG_RETURNING = _RETURNING + ", (SELECT t.max_running FROM tenants t WHERE t.id = {table}.tenant_id) AS cap"
 
 _PG_CLAIM = """
 WITH {ranks},
@@ -107,11 +109,18 @@ pick AS (
     ) c
     ORDER BY r.score, r.tenant_id
     LIMIT 1
+),
+claimed AS (
+    UPDATE {table} SET {set}
+    WHERE id = coalesce((SELECT id FROM expired), (SELECT id FROM pick))
+      AND {claimable} AND (status = 'queued' OR (status = 'running' AND lease_expires_at < :now))
+    {returning}
+),
+started AS (
+    INSERT INTO job_events (job_id, type, data, created_at)
+    SELECT id, 'started', jsonb_build_object('attempt', attempts, 'worker', CAST(:owner AS text)), :now FROM claimed
 )
-UPDATE {table} SET {set}
-WHERE id = coalesce((SELECT id FROM expired), (SELECT id FROM pick))
-  AND {claimable} AND (status = 'queued' OR (status = 'running' AND lease_expires_at < :now))
-{returning}
+SELECT * FROM claimed
 """
 
 _LITE_CLAIM = """
@@ -145,6 +154,7 @@ class Picked:
     priority: int
     created_at: datetime
     parent_id: str | None = None
+    event_recorded: bool = False  # the claim statement wrote the ``started`` event (PostgreSQL)
 
 
 def _epoch(dt: datetime) -> float:
@@ -159,14 +169,16 @@ def claim_params(settings: Settings, job_type: str, owner: str, now: datetime, l
 
 def pick_and_claim(session: Session, settings: Settings, job_type: str, owner: str, lease_s: float,
                    now: datetime) -> Picked | None:
-    """Run the claim statement; the caller (``shared.jobstate.claim_next``) records the event."""
+    """Run the claim statement. On PostgreSQL it also records the claim's ``started`` event
+    (``event_recorded``); on SQLite the caller (``shared.jobstate.claim_next``) does."""
     dialect = session.get_bind().dialect.name
     stmt = _typed(text(claim_sql(dialect)), dialect, "now", "expires").columns(created_at=_dt_type())
     row = session.execute(stmt, claim_params(settings, job_type, owner, now, lease_s)).first()
     if row is None:
         return None
-    hold_cap(session, row[2], row[6] if dialect == "postgresql" else None, now)
-    return Picked(row[0], row[1], row[2], row[3], row[4], row[5])
+    pg = dialect == "postgresql"
+    hold_cap(session, row[2], row[6] if pg else None, now)
+    return Picked(row[0], row[1], row[2], row[3], row[4], row[5], event_recorded=pg)
 
 
 # -- max_running under concurrent claims --------------------------------------------------------

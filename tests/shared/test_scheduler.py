@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 
 from shared import jobstate, scheduler
 from shared.db import session_scope
-from shared.models import Job, Tenant, TenantUsage, utcnow
+from shared.models import Job, JobEvent, Tenant, TenantUsage, utcnow
 from tests.conftest import cancel_unfinished_jobs
 
 AGING = 300.0  # shared.catalog.SCHED_AGING_S_DEFAULT: the key a job gets without the API
@@ -149,6 +149,46 @@ def test_heartbeat_and_end_charge_the_run_time(settings, tenant):
         assert scheduler.standings(s, settings, utcnow())[t] == pytest.approx(10.0, abs=0.5)
 
 
+def test_each_claim_writes_one_started_event_with_its_attempt_and_worker(settings, tenant):
+    """On PostgreSQL the claim statement writes the event itself (one round trip fewer a claim)."""
+    job = submit(settings, tenant())
+    now = utcnow()
+    first = claim_next(settings, "w1", now=now, lease_s=5)
+    again = claim_next(settings, "w2", now=now + timedelta(seconds=10))  # the lease expired: re-claimed
+    assert (first.job_id, again.job_id, again.attempt) == (job, job, 2)
+    assert started_events(settings, job) == [{"attempt": 1, "worker": "w1"}, {"attempt": 2, "worker": "w2"}]
+
+
+def started_events(settings, job_id: str) -> list[dict]:
+    with session_scope(settings) as s:
+        return list(s.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "started")
+                              .order_by(JobEvent.id)))
+
+
+def test_a_beat_whose_charge_cursor_moved_renews_the_lease_without_charging_again(settings, tenant):
+    """The beat's UPDATE takes the charge only if the cursor is where it read it; if another charge
+    (a co-batching split) moved it in between, the lease is renewed and nothing is charged twice."""
+    t = tenant()
+    submit(settings, t)
+    now = utcnow()
+    c = claim_next(settings, now=now)
+    with session_scope(settings) as s:
+        run = jobstate._run_row(s, c.job_id, c.attempt)
+    with session_scope(settings) as s:  # another charge took the interval first
+        s.execute(update(Job).where(Job.id == c.job_id).values(charged_s=Job.charged_s + 5))
+    expires = now + timedelta(seconds=40)
+    with session_scope(settings) as s:
+        row, taken = jobstate._update_taking_charge(s, c.job_id, c.attempt, run, now + timedelta(seconds=10),
+                                                    {"lease_expires_at": expires}, returning=(Job.cancel_requested,))
+        assert row is not None and taken is None
+    with session_scope(settings) as s:
+        job = s.get(Job, c.job_id)
+        assert job.lease_expires_at == expires and job.charged_s == pytest.approx(now.timestamp() + 5)
+        row, taken = jobstate._update_taking_charge(s, c.job_id, c.attempt + 1, run, now, {"lease_expires_at": expires},
+                                                    returning=(Job.cancel_requested,))
+        assert (row, taken) == (None, None)  # a stale run renews nothing
+
+
 def test_a_tenant_at_max_running_is_skipped(settings, tenant):
     capped = tenant(max_running=1)
     first = submit(settings, capped, age_s=10)
@@ -234,6 +274,7 @@ def test_the_same_policy_on_sqlite(tmp_path, make_tenant, settings):
     assert claim_next(lite, now=now).job_id == a_old
     again = claim_next(lite, now=now + timedelta(seconds=10))  # b_high's lease expired: re-claimed
     assert (again.job_id, again.attempt) == (b_high, 2)
+    assert started_events(lite, b_high) == [{"attempt": 1, "worker": "w"}, {"attempt": 2, "worker": "w"}]
     with session_scope(lite) as s:
         jobstate.heartbeat(s, again.job_id, again.attempt, 30, now=now + timedelta(seconds=20), settings=lite)
         assert s.get(TenantUsage, "b" * 32).usage_s == pytest.approx(10.0, abs=0.01)
@@ -420,6 +461,7 @@ def test_max_running_holds_when_two_claims_overlap(settings, tenant, by_id):
         running = s.scalars(select(Job.id).where(Job.tenant_id == capped, Job.status == "running")).all()
         assert running == [first_id]
         assert s.get(Job, second_id).attempts == 0  # the undone claim left no trace
+    assert started_events(settings, second_id) == []  # not even its event, written by the claim statement
     assert claim_next(settings) is None  # a later claim sees the tenant at its cap
 
 
