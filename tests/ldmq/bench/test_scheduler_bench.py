@@ -32,13 +32,16 @@ def test_quick_run_prints_every_figure_and_drops_its_database(capsys):
     admin.dispose()
     assert not {d for d in after - before if d.startswith("ldmq_bench_sched_")}
 
-    scale = re.findall(r"^scale queued=(\d+) workers=(\d+): ([\d.]+) claims/s, claim p50 ([\d.]+) ms p99 ([\d.]+) ms "
-                       r"\(pool wait p99 ([\d.]+) ms; the UPDATE's round trip p50 ([\d.]+) ms p99 ([\d.]+) ms\), "
+    scale = re.findall(r"^scale queued=(\d+) workers=(\d+) \((\d+) process(?:es)?\): ([\d.]+) claims/s, claim p50 ([\d.]+) ms "
+                       r"p99 ([\d.]+) ms \(pool wait p99 ([\d.]+) ms; the claim statement's round trip p50 ([\d.]+) ms p99 ([\d.]+) ms\), "
                        r"utilisation ([\d.]+) %; a worker process of its own beside them: claim p50 ([\d.]+) ms "
-                       r"p99 ([\d.]+) ms \((\d+) claims\), the same round trips doing nothing \(SELECT 1\) "
+                       r"p99 ([\d.]+) ms \((\d+) claims; their commits alone p50 ([\d.]+) ms p99 ([\d.]+) ms\), the same round trips doing nothing \(SELECT 1\) "
                        r"p50 ([\d.]+) ms p99 ([\d.]+) ms", out, re.M)
     assert {(q, w) for q, w, *_ in scale} == {("2000", "4"), ("2000", "8"), ("5000", "4"), ("5000", "8")}, out
-    for _, _, rate, p50, p99, _, s50, s99, util, solo50, solo99, solo_n, f50, f99 in scale:
+    # --quick runs 4 simulated workers a process: 8 workers are two processes (ProcessFleet), 4 are threads of this one
+    assert {(w, procs) for _, w, procs, *_ in scale} == {("4", "1"), ("8", "2")}, out
+    for _, _, _, rate, p50, p99, _, s50, s99, util, solo50, solo99, solo_n, c50, c99, f50, f99 in scale:
+        assert 0 < float(c50) <= float(c99) <= float(solo99)  # the commit is part of the claim
         assert float(rate) > 0 and 0 < float(p50) <= float(p99) and 0 < float(util) <= 100.5
         assert int(solo_n) > 0 and 0 < float(solo50) <= float(solo99) and 0 < float(f50) <= float(f99)
         assert 0 < float(s50) <= float(s99) and float(s50) <= float(p50)  # the round trip is part of the call
