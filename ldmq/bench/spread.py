@@ -1,7 +1,9 @@
 """``ldmq bench spread``: one big sample job on two one-thread workers against one (spread jobs).
 
 A job of ``--images`` (768) images of the tiny model, split by the API into pieces of
-``--piece-images`` (64: 12 pieces), end to end: a real ``ldmq api``, Postgres (a fresh database),
+``--piece-images`` (64: 12 pieces), sampled as a bare request is (the service's default steps,
+scheduler and guidance: 20 DPM-Solver++ steps at guidance 5; ``--steps``, ``--scheduler`` and
+``--guidance-scale`` set them), end to end: a real ``ldmq api``, Postgres (a fresh database),
 Celery on Redis, ``ldmq worker`` processes with one model stream of one torch thread each
 (``LDMQ_SAMPLE_STREAMS=1``, ``LDMQ_WORKER_THREADS=1``, no co-batching), PNGs into moto's S3 server
 in this process, and a ``redis-server`` of its own as the broker (``--redis``: where none is
@@ -16,6 +18,9 @@ What bounds the ratio: two one-thread workers need two free cores *besides* what
 stack uses (the API, Postgres, Redis, the two output-writer processes encoding and uploading PNGs,
 moto and the polling client in this process); on a 2-core machine they share the cores with all
 of that, so the ratio there says more about the machine than about the spread (docs/benchmarks.md).
+At the service's defaults the model is most of an image's cost: 1.67× (median of five rounds) on
+the quiet 2-core VM; at 8 DDIM steps without guidance the rest of the stack is as much as the
+model, and two workers made 1.24×.
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ import time
 from pathlib import Path
 
 from ldmq.bench.stack import Stack, add_arguments, private_redis, s3_server, stop_all, wait_for_job
+from shared.catalog import SCHEDULERS
+from shared.sampling_defaults import GLOBAL_DEFAULTS
 
 JOB_TIMEOUT_S = 600  # a stuck job fails the bench instead of hanging it
 
 
-def _body(model: str, n: int, steps: int, scheduler: str, seed0: int) -> dict:
-    return {"model": model, "steps": steps, "scheduler": scheduler, "guidance_scale": 1.0,
+def _body(model: str, n: int, seed0: int, **sampling) -> dict:
+    """A job of ``n`` prompts; ``sampling`` (steps, scheduler, guidance_scale) only where given: a
+    field left out is the service's default, as for a user's bare request."""
+    return {"model": model, **{k: v for k, v in sampling.items() if v is not None},
             "prompts": [{"prompt": f"a drawing of a digit number {i % 10}", "seed": seed0 + i} for i in range(n)]}
 
 
@@ -74,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ldmq bench spread", description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=768)
     ap.add_argument("--piece-images", type=int, default=64, help="LDMQ_SAMPLE_PIECE_IMAGES for the API")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, help="denoising steps (default: the service's, as a bare request gets)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--scheduler", default="ddim", choices=["ddpm", "ddim", "dpm-solver++"])
+    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="(default: the service's)")
+    ap.add_argument("--guidance-scale", type=float, help="(default: the service's)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of one worker then two; the median ratio is printed")
     add_arguments(ap, redis_db=13)
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -93,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
            "LDMQ_SAMPLE_STREAMS": "1", "LDMQ_WORKER_THREADS": "1", "LDMQ_COBATCH_MAX_ITEMS": "0",
            "LDMQ_CSV_MAX_ROWS": str(max(10_000, args.images))}
     pieces = -(-args.images // args.piece_images)
-    print(f"one job of {args.images} images ({pieces} pieces of <= {args.piece_images}), {args.steps} steps "
-          f"{args.scheduler}, batch {args.batch_size}, tiny model, CPU; workers of one thread each")
+    sampling = {"steps": args.steps, "scheduler": args.scheduler, "guidance_scale": args.guidance_scale}
+    used = {**GLOBAL_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
+    print(f"one job of {args.images} images ({pieces} pieces of <= {args.piece_images}), {used['steps']} steps "
+          f"{used['scheduler']}, guidance {used['guidance_scale']:g}, batch {args.batch_size}, tiny model, CPU; "
+          f"workers of one thread each")
     rounds = []
     with private_redis(args.redis) as broker, s3_server("bench") as endpoint, Stack(
             workdir, pg_admin=args.pg_admin, redis_url=broker, storage_url="s3://bench/objects",
@@ -105,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         stack.start_worker("sample")
         db = stack.env["LDMQ_DATABASE_URL"]
         with stack.client(key, timeout_s=60) as client:
-            _run(client, _body(model, 2, args.steps, args.scheduler, 0))  # the first worker loads the model
-            big = _body(model, args.images, args.steps, args.scheduler, 1000)
+            _run(client, _body(model, 2, 0, **sampling))  # the first worker loads the model
+            big = _body(model, args.images, 1000, **sampling)
             for r in range(args.rounds):
                 one, _ = _run(client, big)
                 second = stack.start_worker("sample")
-                warm = _body(model, 4 * args.piece_images, 1, args.scheduler, 500)
+                warm = _body(model, 4 * args.piece_images, 500, **{**sampling, "steps": 1})
                 for _ in range(10):  # until the second worker has run a piece (it imports torch first)
                     _, job = _run(client, warm)
                     if len(_pieces_by_worker(db, job["id"])) >= 2:
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median(r["speedup"] for r in rounds)
     print(f"median speed-up of two workers over one: {med:.2f}x (target >= 1.5x: {'met' if med >= 1.5 else 'MISSED'})")
     if args.json:
-        args.json.write_text(json.dumps({"images": args.images, "piece_images": args.piece_images, "steps": args.steps,
+        args.json.write_text(json.dumps({"images": args.images, "piece_images": args.piece_images, **used,
                                          "batch_size": args.batch_size, "rounds": rounds, "median_speedup": med},
                                         indent=1))
     return 0
