@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--piece-s", type=float, default=2.0, help="seconds one piece of work takes (the design "
                    "range is seconds to a minute; the shorter, the more the claim path weighs)")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval while computing")
-    p.add_argument("--run-s", type=float, default=15.0, help="seconds each scale run lasts")
+    p.add_argument("--run-s", type=float, default=30.0, help="seconds each scale run lasts (30: ~500 claims of the "
+                   "probe, so that its p99 is not one short stall of the machine; 15 s windows gave ~250)")
     p.add_argument("--fair-s", type=float, default=40.0, help="seconds of the fairness part")
     p.add_argument("--fair-workers", type=int, default=64)
     p.add_argument("--flood-s", type=float, default=30.0, help="seconds of the flood part (and of its idle baseline)")
