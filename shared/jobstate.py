@@ -717,12 +717,15 @@ def record_shard(session: Session, job_id: str, attempt: int, *, shard: int, key
     """Record a WebDataset shard and the images in it (``records``, as :func:`record_outputs`
     takes them, each with the shard's ``key``), once, in one fenced step: the images and their
     shard are recorded together or not at all, so a retry's ``done`` set holds whole shards only
-    and it rebuilds exactly the shards not recorded. Returns True if this call recorded the shard."""
+    and it rebuilds exactly the shards not recorded. Returns True if this call recorded the shard.
+    ``job_id`` is the row the run holds: for a piece of a spread job the shard is its job's, as
+    its images are (:func:`record_outputs`)."""
     record_outputs(session, job_id, attempt, records)  # locks the job's row and checks the fence
+    owner = session.scalar(select(Job.parent_id).where(Job.id == job_id)) or job_id
     insert_fn = insert_for(session)
     stmt = (
         insert_fn(JobShard)
-        .values(job_id=job_id, shard=shard, key=key, sha256=sha256, bytes=size, images=len(records),
+        .values(job_id=owner, shard=shard, key=key, sha256=sha256, bytes=size, images=len(records),
                 attempt=attempt, created_at=utcnow())
         .on_conflict_do_nothing(index_elements=["job_id", "shard"])
         .returning(JobShard.shard)

@@ -31,8 +31,12 @@ second table (``claim_sql`` takes its name), but the lease, heartbeat, release, 
 cancel code would all need a second copy. As rows of ``jobs`` they are the same code; the price is
 a ``pieces = 0`` condition in the claim and ``parent_id IS NULL`` in what clients read.
 
-**Output formats.** ``webdataset`` jobs are not split: a shard's images are made and stored by one
-run (``worker.runtime.shards``), and pieces would cut shards in two.
+**Output formats.** A ``webdataset`` job is split at shard boundaries: a shard's images are made
+and stored by one run (``worker.runtime.shards``), so each piece makes whole shards, as many as
+fit in ``LDMQ_SAMPLE_PIECE_IMAGES`` and at least one (``LDMQ_WDS_SHARD_IMAGES``, 1000 by default,
+is then the piece: a million-image job is a thousand pieces). Its pieces' ``[item_start,
+item_end)`` count images in shard order (``worker.jobs.shards``: by steps and guidance, then row
+and index), not row order, and are multiples of the job's ``shard_images``.
 """
 
 from __future__ import annotations
@@ -48,26 +52,37 @@ from shared.models import Job, JobRow, JobStatus, JobType, new_id
 from shared.settings import Settings
 
 
-def plan(total: int, per_piece: int) -> list[tuple[int, int]]:
-    """The pieces ``[start, end)`` of a job of ``total`` images at most ``per_piece`` each, as even as
-    they come; [] when the job runs whole (``per_piece`` 0, or the job fits in one piece)."""
-    if per_piece <= 0 or total <= per_piece:
+def plan(total: int, per_piece: int, unit: int = 1) -> list[tuple[int, int]]:
+    """The pieces ``[start, end)`` of a job of ``total`` images, each of whole ``unit``\ s (a
+    WebDataset job's shard size; 1 for PNGs) and of at most ``per_piece`` images unless one unit is
+    more, as even as they come; [] when the job runs whole (``per_piece`` 0, or one piece holds it)."""
+    if per_piece <= 0 or unit <= 0:
         return []
-    n = -(-total // per_piece)
-    bounds = [i * total // n for i in range(n + 1)]
+    units = -(-total // unit)
+    per = max(1, per_piece // unit)
+    if units <= per:
+        return []
+    n = -(-units // per)
+    bounds = [min(total, (i * units // n) * unit) for i in range(n + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
 def splits(job: Job) -> bool:
-    """Whether a job of this kind may be split at all (sample jobs whose outputs are loose PNGs)."""
-    return job.type == JobType.sample.value and (job.params or {}).get("output_format", "png") != "webdataset"
+    """Whether a job of this kind may be split at all (sample jobs)."""
+    return job.type == JobType.sample.value
+
+
+def unit(job: Job) -> int:
+    """The images a piece of ``job`` holds a whole number of: a WebDataset job's shard size, else 1."""
+    params = job.params or {}
+    return int(params["shard_images"]) if params.get("output_format") == "webdataset" else 1
 
 
 def split(job: Job, per_piece: int) -> list[Job]:
     """The pieces of ``job`` (not yet added to a session), or [] when it runs whole. Call it once
     the job's tenant, priority, ``sched_key``, times and ``max_attempts`` are set (a piece copies
     them); it gives the job its id and its count of ``pieces``."""
-    spans = plan(job.total_items or 0, per_piece) if splits(job) else []
+    spans = plan(job.total_items or 0, per_piece, unit(job)) if splits(job) else []
     if not spans:
         return []
     job.id = job.id or new_id()
@@ -107,10 +122,12 @@ class Piece:
                 break
         return out
 
-    def narrow(self, items: list, rows: list[JobRow], done: set[tuple[int, int]]) -> tuple[list, int, int]:
+    def narrow(self, items: list, rows: list[JobRow], done: set[tuple[int, int]],
+               mine: set[tuple[int, int]] | None = None) -> tuple[list, int, int]:
         """The job's images still to make (``items``, each with ``row`` and ``index``) cut down to
-        this piece's; with the piece's images already made and its total (its progress)."""
-        mine = self.images(rows)
+        this piece's; with the piece's images already made and its total (its progress). ``mine``:
+        the piece's images when they are not :meth:`images` (a WebDataset job's, in shard order)."""
+        mine = self.images(rows) if mine is None else mine
         return [it for it in items if (it.row, it.index) in mine], len(mine & done), len(mine)
 
 

@@ -178,8 +178,9 @@ class Settings(BaseSettings):
         "seconds to a minute on a worker's device: long enough that a claim, a pipeline lookup and the "
         "piece's last partial batch are small beside it, short enough that several workers share a job and "
         "a killed worker loses little. 128: ~3 s for the tiny test model on 2 CPU cores (40 images/s), ~1 "
-        "minute for a 512-px SD model at 20 steps on one datacenter GPU. Jobs with output_format "
-        "webdataset run whole (a shard's images are made by one run). 0: never split"))
+        "minute for a 512-px SD model at 20 steps on one datacenter GPU. A job with output_format "
+        "webdataset is split at shard boundaries (a shard's images are made by one run): pieces of as many "
+        "whole shards as fit in this many images, at least one. 0: never split"))
     sample_streams: int = Field(default=0, ge=0, description=(
         "Model batches a sample run computes at once, each on its own thread; 0 = auto: 1 on a GPU, "
         "2 on a CPU with 2+ cores (side by side, a small model uses the cores better than one batch "

@@ -27,6 +27,17 @@ def test_plan_splits_evenly_and_leaves_small_jobs_whole():
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and max(e - s for s, e in spans) <= 128
 
 
+def test_a_webdataset_job_is_cut_at_its_shard_boundaries():
+    """Pieces of whole shards (``unit``): as many as fit in a piece, at least one."""
+    assert pieces.plan(7, 4, unit=3) == [(0, 3), (3, 6), (6, 7)]  # 4 images hold one shard of 3
+    assert pieces.plan(10, 6, unit=2) == [(0, 4), (4, 10)]  # 5 shards, 3 a piece at most: 2 + 3
+    assert pieces.plan(5000, 128, unit=1000) == [(i * 1000, (i + 1) * 1000) for i in range(5)]
+    assert pieces.plan(1000, 128, unit=1000) == [] and pieces.plan(6, 6, unit=3) == []
+    job = Job(type="sample", total_items=7, params={"output_format": "webdataset", "shard_images": 3})
+    assert [(p.item_start, p.item_end) for p in pieces.split(job, 4)] == [(0, 3), (3, 6), (6, 7)]
+    assert job.pieces == 3
+
+
 def test_a_piece_makes_its_span_of_the_rows_images():
     rows = [JobRow(row=1, num_images=3), JobRow(row=2, num_images=1), JobRow(row=3, num_images=4)]
     spans = pieces.plan(8, 3)

@@ -167,6 +167,56 @@ class _Row:
         self.row, self.num_images, self.steps, self.guidance_scale = row, num_images, steps, None
 
 
+def test_a_spread_job_makes_each_shard_once_whichever_piece_makes_it(client, settings, tiny_model):
+    """A WebDataset job bigger than a piece is cut at shard boundaries (shared.pieces): each piece
+    makes whole shards, stored and recorded under the job whatever order the pieces run in, and the
+    images are those the job makes run whole. The dog row has its own steps, so it is made first
+    and shard order is not row order: shard 0 is the dog's three images, shard 1 the cat's two and
+    the boat's first, shard 2 the boat's second (a piece cut by row order would make other images)."""
+    tid, key, model_id = tiny_model
+    prompts = [{**p, "steps": 1} if p["prompt"] == "a dog" else p for p in PROMPTS]
+    whole = submit(client, key, model_id, prompts, output_format="webdataset")
+    assert run(settings, whole) == "succeeded"
+    spread_settings = settings.model_copy(update={"sample_piece_images": SHARD})
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(spread_settings)) as c:
+        job_id = submit(c, key, model_id, prompts, output_format="webdataset")
+    with session_scope(settings) as s:
+        parts = [(p.id, p.item_start, p.item_end) for p in
+                 s.query(Job).filter_by(parent_id=job_id).order_by(Job.item_start)]
+    assert [(a, b) for _, a, b in parts] == [(0, 3), (3, 6), (6, 7)]  # shards of 3, 3 and 1
+    made: list[int] = []
+    for piece_id, start, _ in reversed(parts):  # the last piece first: shards are not made in order
+        assert run(spread_settings, piece_id) == "succeeded"
+        made = sorted(made + [start // SHARD])
+        assert [n for n, *_ in recorded(settings, job_id)[0]] == made  # its own shard, and only it
+    assert run(spread_settings, parts[0][0]) == "skipped"  # a piece ends once
+    with session_scope(settings) as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.outputs_count, job.progress) == ("succeeded", 7, 1.0)
+        assert s.query(JobShard).filter(JobShard.job_id.in_([p for p, *_ in parts])).count() == 0
+    shards, outs = recorded(settings, job_id)
+    assert [(n, k, images) for n, k, _, _, images, _ in shards] == [(n, shard_key(tid, job_id, n), c)
+                                                                    for n, c in ((0, 3), (1, 3), (2, 1))]
+    st = get_storage(settings)
+    assert st.list(f"{tid}/jobs/{job_id}/shards/") == [k for _, k, *_ in shards]
+    assert sorted(m for m in members(st.get_bytes(shards[0][1])) if m.endswith(".png")) == \
+        [f"{sample_key(2, i)}.png" for i in range(3)]
+    # The same images as the job run whole (same rows and seeds), shard for shard: the same members
+    # and pixels (the PNGs' text names their own job, so their bytes differ).
+    whole_shards, whole_outs = recorded(settings, whole)
+    assert [(r, i) for r, i, *_ in outs] == [(r, i) for r, i, *_ in whole_outs]
+    for (n, k, *_), (_, wk, *_) in zip(shards, whole_shards):
+        mine, theirs = members(st.get_bytes(k)), members(st.get_bytes(wk))
+        assert sorted(mine) == sorted(theirs)
+        for m in (m for m in mine if m.endswith(".png")):
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(mine[m]))),
+                                  np.asarray(Image.open(io.BytesIO(theirs[m])))), (n, m)
+
+
 def test_shard_plan_follows_the_order_images_are_made_in():
     """Rows with their own steps are made in their own batches; a shard takes images in that order,
     so the writer holds one unfinished shard per job at a time."""

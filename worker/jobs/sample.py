@@ -54,7 +54,7 @@ from worker.jobs.inputs import InputImages
 from worker.jobs.manifest import write_manifest
 from worker.jobs.provenance import image_params, png_text, row_steps_guidance, run_params
 from shared import estimates
-from worker.jobs.shards import ShardPlan, plan_shards
+from worker.jobs.shards import ShardPlan, piece_images, plan_shards
 from worker.model.pipelines import PipelineCache, device_kind, fetch_dir_once, pipeline_view, resolve_device
 from worker.model.sampling import (
     CPU_AUTO_BATCH,
@@ -170,9 +170,11 @@ def load_work(settings: Settings, run: Run, index: int = 0) -> tuple[JobWork, Mo
         model = s.get(Model, job.model_id) if job.model_id else None
         done = {(o.row, o.index) for o in s.scalars(select(JobOutput).where(JobOutput.job_id == job.id))}
     items, made, total = plan_items(job, rows, done, index), len(done), job.total_items or 1
-    if piece is not None:
-        items, made, total = piece.narrow(items, rows, done)
     shards = plan_shards(job.params, rows) if is_webdataset(job) else None
+    if piece is not None:  # a WebDataset job's piece is whole shards
+        mine = None if shards is None else piece_images(shards, int(job.params["shard_images"]), piece.start,
+                                                           piece.end)
+        items, made, total = piece.narrow(items, rows, done, mine)
     return JobWork(run, job, job.tenant_id, items, made, total, shards), model
 
 

@@ -31,3 +31,10 @@ def plan_shards(params: dict[str, Any], rows) -> ShardPlan:
         shard = n // size
         plan[(row, index)] = (shard, min(size, total - shard * size))
     return plan
+
+
+def piece_images(plan: ShardPlan, size: int, start: int, end: int) -> set[tuple[int, int]]:
+    """The images a piece ``[start, end)`` of a spread WebDataset job makes: the shards from
+    ``start / size`` to before ``end / size``, whole (``shared.pieces`` cuts such a job at multiples
+    of ``size`` counted in this module's shard order)."""
+    return {k for k, (shard, _) in plan.items() if start <= shard * size < end}

@@ -44,6 +44,7 @@ class ShardSpool:
     key: str
     count: int  # images the shard holds when complete
     records: list[dict] = field(default_factory=list)
+    run_id: str = ""  # the row whose attempt this is: a piece of the job (its shards are whole), or "" (the job)
 
     def __post_init__(self):
         self.file = tempfile.TemporaryFile(prefix="ldmq-shard-")
@@ -67,24 +68,29 @@ class ShardSpool:
 
 
 class ShardSpools:
-    """The writer process's unfinished shards, by (job, attempt, shard)."""
+    """The writer process's unfinished shards, by (job, run, attempt, shard): ``run`` is the piece
+    of a spread job the attempt belongs to ("" for a job that runs whole), since each piece counts
+    its own attempts."""
 
     def __init__(self):
-        self.open: dict[tuple[str, int, int], ShardSpool] = {}
+        self.open: dict[tuple[str, str, int, int], ShardSpool] = {}
 
-    def get(self, tenant_id: str, job_id: str, attempt: int, shard: int, count: int) -> ShardSpool:
-        k = (job_id, attempt, shard)
+    def get(self, tenant_id: str, job_id: str, attempt: int, shard: int, count: int, run_id: str = "") -> ShardSpool:
+        k = (job_id, run_id, attempt, shard)
         if k not in self.open:
-            self.drop(job_id, below=attempt)  # what an earlier attempt left unfinished is rebuilt, not reused
-            self.open[k] = ShardSpool(job_id, attempt, shard, shard_key(tenant_id, job_id, shard), count)
+            self.drop(job_id, below=attempt, run_id=run_id)  # an earlier attempt's unfinished shards are rebuilt
+            self.open[k] = ShardSpool(job_id, attempt, shard, shard_key(tenant_id, job_id, shard), count,
+                                      run_id=run_id)
         return self.open[k]
 
     def pop(self, spool: ShardSpool) -> None:
-        self.open.pop((spool.job_id, spool.attempt, spool.shard), None)
+        self.open.pop((spool.job_id, spool.run_id, spool.attempt, spool.shard), None)
 
-    def drop(self, job_id: str, below: int | None = None) -> None:
-        """Forget a job's unfinished shards (those of attempts before ``below``; all by default)."""
-        for k in [k for k in self.open if k[0] == job_id and (below is None or k[1] < below)]:
+    def drop(self, job_id: str, below: int | None = None, run_id: str = "") -> None:
+        """Forget a job's unfinished shards: all of them by default, or those of the run ``run_id``'s
+        attempts before ``below``."""
+        for k in [k for k in self.open
+                  if k[0] == job_id and (below is None or (k[1] == run_id and k[2] < below))]:
             self.open.pop(k).close()
 
 
@@ -125,7 +131,7 @@ def add_images(spools: ShardSpools, pool: ThreadPoolExecutor, b, encode) -> list
     for i, data in enumerate(pngs):
         row, index, seed = b.meta[i]
         shard, count = b.shards[i]
-        spool = spools.get(b.tenant_id, b.job_id, b.attempt, shard, count)
+        spool = spools.get(b.tenant_id, b.job_id, b.attempt, shard, count, b.run_id)
         name = sample_key(row, index)
         digest = hashlib.sha256(data).hexdigest()
         params = json.loads(b.text[i]["ldmq"]) if b.text else {"row": row, "index": index, "seed": seed}
@@ -144,14 +150,15 @@ def add_images(spools: ShardSpools, pool: ThreadPoolExecutor, b, encode) -> list
 def write_shards(settings: Settings, storage: Storage, session_scope, spools: list[ShardSpool], b, *,
                  event: bool = True) -> None:
     """Store the completed shards, then record them, their images and the job's progress in one
-    transaction fenced by the attempt (progress alone when the batch completed none)."""
+    transaction fenced by the attempt (progress alone when the batch completed none). For a piece of
+    a spread job the fence is the piece's row and attempt; the shards are its job's."""
     try:
         stored = [(s, *store_shard(storage, s)) for s in spools]
         with session_scope(settings) as s:
             for spool, digest, size in stored:
-                jobstate.record_shard(s, b.job_id, b.attempt, shard=spool.shard, key=spool.key, sha256=digest,
+                jobstate.record_shard(s, b.fence_id, b.attempt, shard=spool.shard, key=spool.key, sha256=digest,
                                       size=size, records=spool.records)
-            jobstate.set_progress(s, b.job_id, b.attempt, b.made / b.total,
+            jobstate.set_progress(s, b.fence_id, b.attempt, b.made / b.total,
                                   {"images_done": b.made, "images_total": b.total}, event=event)
     finally:
         for spool in spools:
