@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="(default: the service's)")
     ap.add_argument("--guidance-scale", type=float, help="(default: the service's)")
+    ap.add_argument("--output-format", choices=["png", "webdataset"], default="png",
+                    help="webdataset: tar shards of --piece-images images (LDMQ_WDS_SHARD_IMAGES), a piece each")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of one worker then two; the median ratio is printed")
     add_arguments(ap, redis_db=13)
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -104,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
            "LDMQ_CSV_MAX_ROWS": str(max(10_000, args.images))}
     pieces = -(-args.images // args.piece_images)
     sampling = {"steps": args.steps, "scheduler": args.scheduler, "guidance_scale": args.guidance_scale}
+    if args.output_format != "png":
+        sampling["output_format"] = args.output_format
+        env["LDMQ_WDS_SHARD_IMAGES"] = str(args.piece_images)
     used = {**GLOBAL_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
-    print(f"one job of {args.images} images ({pieces} pieces of <= {args.piece_images}), {used['steps']} steps "
+    print(f"one {args.output_format} job of {args.images} images ({pieces} pieces of <= {args.piece_images}), "
+          f"{used['steps']} steps "
           f"{used['scheduler']}, guidance {used['guidance_scale']:g}, batch {args.batch_size}, tiny model, CPU; "
           f"workers of one thread each")
     rounds = []
