@@ -274,14 +274,7 @@ def _take_charge(session: Session, job_id: str, attempt: int, now: datetime) -> 
     """The run's time since its last charge at its ``charge_share``, taken (its cursor moved on,
     fenced and conditional, so a heartbeat and an end racing for the same interval charge it
     once): (tenant, seconds)."""
-    row = session.execute(select(Job.tenant_id, Job.charged_s, Job.charge_share)
-                          .where(_fenced(job_id, attempt))).first()
-    if row is None or row.charged_s is None:
-        return None
-    now_s = now.timestamp()
-    res = session.execute(update(Job).where(_fenced(job_id, attempt), Job.charged_s == row.charged_s)
-                          .values(charged_s=now_s).execution_options(synchronize_session=False))
-    return (row.tenant_id, (now_s - row.charged_s) * row.charge_share) if res.rowcount == 1 else None
+    return _update_taking_charge(session, job_id, attempt, _run_row(session, job_id, attempt), now, {})[1]
 
 
 def _run_row(session: Session, job_id: str, attempt: int):
@@ -292,12 +285,23 @@ def _run_row(session: Session, job_id: str, attempt: int):
                            .where(_fenced(job_id, attempt))).first()
 
 
+def _hold_run(session: Session, job_id: str, attempt: int):
+    """:func:`_run_row`, its job locked first if it is a piece (locks go job before piece, as in
+    :func:`lock_parent_of`); raises LeaseLost when the run no longer holds the job."""
+    run = _run_row(session, job_id, attempt)
+    if run is None:
+        raise LeaseLost(job_id)
+    if run.parent_id is not None:
+        _lock_job(session, run.parent_id)
+    return run
+
+
 def _update_taking_charge(session: Session, job_id: str, attempt: int, run, now: datetime, values: dict[str, Any],
                           returning=None):
     """One fenced UPDATE of the run's row with ``values`` that also moves its charge cursor on from
-    what :func:`_run_row` read (``run``), conditional on it, as :func:`_take_charge` does in two
-    statements. Returns (the UPDATE's returned row, or True when nothing is returned; None when the
-    run no longer holds the job) and what it took, (tenant, seconds) or None.
+    what :func:`_run_row` read (``run``), conditional on it. Returns (the UPDATE's returned row, or
+    True when nothing is returned; None when the run no longer holds the job, or, with no
+    ``values``, when there was nothing to take) and what it took, (tenant, seconds) or None.
 
     Why one statement: a heartbeat was six round trips (its job's id, the cursor read, the cursor
     write, the lease write, the ledger, the commit) and is now four, and a run's end two fewer. On
@@ -318,7 +322,7 @@ def _update_taking_charge(session: Session, job_id: str, attempt: int, run, now:
         got = run_update({"charged_s": now_s}, Job.charged_s == run.charged_s)
         if got is not None:
             return got, (run.tenant_id, (now_s - run.charged_s) * run.charge_share)
-    return run_update({}), None
+    return (run_update({}) if values else None), None
 
 
 def share_charge(session: Session, runs: list[tuple[str, int, int]], settings: Settings | None = None,
@@ -358,11 +362,7 @@ def heartbeat(session: Session, job_id: str, attempt: int, lease_s: float, now: 
     """Renew the lease and charge the run time since the last beat to the tenant's fair-share usage.
     Returns whether cancel was requested; raises LeaseLost if not ours any more."""
     now = now or utcnow()
-    run = _run_row(session, job_id, attempt)
-    if run is None:
-        raise LeaseLost(job_id)
-    if run.parent_id is not None:  # a piece's beat takes its job first, as a cancel does (no deadlock)
-        _lock_job(session, run.parent_id)
+    run = _hold_run(session, job_id, attempt)  # a piece's beat takes its job first, as a cancel does
     row, taken = _update_taking_charge(session, job_id, attempt, run, now,
                                        {"lease_expires_at": now + timedelta(seconds=lease_s)},
                                        returning=(Job.cancel_requested,))
@@ -446,12 +446,8 @@ def finish(
     A piece's end may end its job (:func:`settle`)."""
     assert status in FINAL_STATUSES
     now = utcnow()
-    run = _run_row(session, job_id, attempt)
-    if run is None:
-        raise LeaseLost(job_id)
+    run = _hold_run(session, job_id, attempt)
     parent = run.parent_id
-    if parent is not None:  # locks go job before piece (lock_parent_of)
-        _lock_job(session, parent)
     values: dict[str, Any] = {
         "status": status.value,
         "finished_at": now,
@@ -675,8 +671,14 @@ def record_outputs(session: Session, job_id: str, attempt: int, records: list[di
     ``job_id`` is the row the run holds: for a piece of a spread job the outputs, their count and
     ``row_done`` go to its job (the parent, locked first), fenced by the piece's attempt.
     """
+    return _record_outputs(session, job_id, attempt, records)[1]
+
+
+def _record_outputs(session: Session, job_id: str, attempt: int,
+                    records: list[dict[str, Any]]) -> tuple[str, set[tuple[int, int]]]:
+    """:func:`record_outputs`, also returning the job the outputs went to (a piece's: its parent)."""
     if not records:
-        return set()
+        return job_id, set()
     parent = lock_parent_of(session, job_id)
     # Lock the job row for this transaction so the fencing check and the inserts are one step.
     locked = session.execute(select(Job.id).where(_fenced(job_id, attempt)).with_for_update()).first()
@@ -695,7 +697,7 @@ def record_outputs(session: Session, job_id: str, attempt: int, records: list[di
     )
     inserted = {(r, i) for r, i in session.execute(stmt).all()}
     if not inserted:
-        return inserted
+        return job_id, inserted
     session.execute(
         update(Job).where(Job.id == job_id).values(outputs_count=Job.outputs_count + len(inserted))
         .execution_options(synchronize_session=False)
@@ -709,7 +711,7 @@ def record_outputs(session: Session, job_id: str, attempt: int, records: list[di
     for row in rows:
         if wanted.get(row) is not None and have.get(row) == wanted[row]:
             emit(session, job_id, "row_done", {"row": row})
-    return inserted
+    return job_id, inserted
 
 
 def record_shard(session: Session, job_id: str, attempt: int, *, shard: int, key: str, sha256: str, size: int,
@@ -720,8 +722,7 @@ def record_shard(session: Session, job_id: str, attempt: int, *, shard: int, key
     and it rebuilds exactly the shards not recorded. Returns True if this call recorded the shard.
     ``job_id`` is the row the run holds: for a piece of a spread job the shard is its job's, as
     its images are (:func:`record_outputs`)."""
-    record_outputs(session, job_id, attempt, records)  # locks the job's row and checks the fence
-    owner = session.scalar(select(Job.parent_id).where(Job.id == job_id)) or job_id
+    owner, _ = _record_outputs(session, job_id, attempt, records)  # locks the job's row and checks the fence
     insert_fn = insert_for(session)
     stmt = (
         insert_fn(JobShard)

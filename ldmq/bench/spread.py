@@ -41,9 +41,9 @@ JOB_TIMEOUT_S = 600  # a stuck job fails the bench instead of hanging it
 
 
 def _body(model: str, n: int, seed0: int, **sampling) -> dict:
-    """A job of ``n`` prompts; ``sampling`` (steps, scheduler, guidance_scale) only where given: a
-    field left out is the service's default, as for a user's bare request."""
-    return {"model": model, **{k: v for k, v in sampling.items() if v is not None},
+    """A job of ``n`` prompts with the request fields ``sampling``; a field left out (steps,
+    scheduler, guidance_scale) is the service's default, as for a user's bare request."""
+    return {"model": model, **sampling,
             "prompts": [{"prompt": f"a drawing of a digit number {i % 10}", "seed": seed0 + i} for i in range(n)]}
 
 
@@ -105,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
            "LDMQ_SAMPLE_STREAMS": "1", "LDMQ_WORKER_THREADS": "1", "LDMQ_COBATCH_MAX_ITEMS": "0",
            "LDMQ_CSV_MAX_ROWS": str(max(10_000, args.images))}
     pieces = -(-args.images // args.piece_images)
-    sampling = {"steps": args.steps, "scheduler": args.scheduler, "guidance_scale": args.guidance_scale}
+    sampling = {k: v for k, v in (("steps", args.steps), ("scheduler", args.scheduler),
+                                  ("guidance_scale", args.guidance_scale)) if v is not None}
     if args.output_format != "png":
         sampling["output_format"] = args.output_format
         env["LDMQ_WDS_SHARD_IMAGES"] = str(args.piece_images)
-    used = {**GLOBAL_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
+    used = {**GLOBAL_DEFAULTS, **sampling}
     print(f"one {args.output_format} job of {args.images} images ({pieces} pieces of <= {args.piece_images}), "
           f"{used['steps']} steps "
           f"{used['scheduler']}, guidance {used['guidance_scale']:g}, batch {args.batch_size}, tiny model, CPU; "
